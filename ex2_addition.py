@@ -1,0 +1,560 @@
+"""
+ex2_addition.py: the same GPT learns integer addition, with the answer's digits written backwards.
+
+Every problem is a string like "123+456=" followed by the sum, zero-padded to digits+1 and reversed:
+"123+456=9750". Reversed, the answer comes out least significant digit first, the order in which carries
+are worked out, so each digit depends only on what the model has already written. The prompt positions are
+masked from the loss with -1 (only the answer is learned), a fixed tenth of all problems is held out, and the
+model is scored by greedy decoding and exact match on every held-out problem.
+
+Run:     python ex2_addition.py                     (CPU, about a minute and a half)
+Ask:     python ex2_addition.py --prompt 123+456    (answers from the saved checkpoint)
+Parent:  ex1_gpt.py (diff -u ex1_gpt.py ex2_addition.py)
+Result:  100% exact match on all 100,000 held-out 3-digit problems (see README, Results).
+"""
+
+import argparse
+import csv
+import inspect
+import math
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
+VOCAB = "0123456789+="  # a digit's token id is the digit itself
+MAX_PROBLEMS = 10**6  # with more possible problems than this (digits > 3), a random sample of this many is used
+
+
+@dataclass
+class Config:
+    # I/O
+    out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
+    digits: int = 3  # digits in each operand
+    resume: bool = False  # continue training from out_dir/ckpt.pt
+    eval_interval: int = 500  # evaluate and checkpoint every this many iterations
+    eval_iters: int = 10  # batches per split in each evaluation
+    log_interval: int = 100  # print and log the training loss every this many iterations
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "gpt-ladder"  # wandb project name
+    # model
+    n_layer: int = 2  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 64  # embedding width
+    dropout: float = 0.0  # dropout probability
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    flash: bool = True  # fused scaled_dot_product_attention instead of the explicit softmax(QK^T)V
+    # training
+    seed: int = 1337  # seeds the weights, the batches, dropout and sampling
+    batch_size: int = 256  # sequences per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_iters: int = 2000  # optimizer steps
+    learning_rate: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # learning rate at the end of the cosine decay
+    warmup_iters: int = 100  # linear warmup steps
+    lr_decay_iters: int = 0  # cosine decay length; 0 means max_iters
+    weight_decay: float = 0.1  # AdamW weight decay, applied to matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
+    # system
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model (worth it on a GPU)
+    # sampling
+    prompt: str = ""  # if set, skip training: load out_dir/ckpt.pt and answer this problem, e.g. 123+456
+
+    @property
+    def block_size(self):  # the model reads a problem without its last answer digit
+        return 3 * self.digits + 2
+
+
+def die(msg):
+    """A user error: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.error = lambda msg: die(f"{msg} (see --help)")
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
+    for f in fields(Config):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
+    cfg = Config(**vars(parser.parse_args(argv)))
+    checks = [
+        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head and --batch_size must be at least 1"),
+        (1 <= cfg.digits <= 9, f"--digits {cfg.digits} must be between 1 and 9"),
+        (cfg.n_embd % cfg.n_head == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}"),
+        (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
+        (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
+        (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
+        (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            die(msg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+class CharTokenizer:
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    def encode(self, s):
+        bad = sorted(set(s) - self.stoi.keys())
+        if bad:
+            die(f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its training text")
+        return [self.stoi[c] for c in s]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+def is_held_out(ids):
+    """A fixed tenth of all problems, picked by a hash of the problem id: membership needs no table."""
+    h = ids * -7046029254386353131  # multiply by 2^64 / golden ratio (wrapping): scatters the bits
+    h = h ^ (h >> 29)
+    return (h >> 32) % 10 == 0
+
+
+def make_problems(ids, digits):
+    """Problem ids (a * 10^digits + b) -> token rows: a, '+', b, '=', then a + b reversed, zero-padded."""
+    a, b = ids // 10**digits, ids % 10**digits
+    most_first = 10 ** torch.arange(digits - 1, -1, -1)
+    least_first = 10 ** torch.arange(digits + 1)
+    plus, equals = torch.full_like(a, VOCAB.index("+"))[:, None], torch.full_like(a, VOCAB.index("="))[:, None]
+    return torch.cat([a[:, None] // most_first % 10, plus, b[:, None] // most_first % 10, equals, (a + b)[:, None] // least_first % 10], dim=1)
+
+
+class DataLoader:
+    """Every problem (or a sample of MAX_PROBLEMS), split by is_held_out; batches are random problems."""
+
+    def __init__(self, cfg, device):
+        n = 10 ** (2 * cfg.digits)
+        ids = torch.arange(n) if n <= MAX_PROBLEMS else torch.randint(n, (MAX_PROBLEMS,), generator=torch.Generator().manual_seed(0))
+        held_out = is_held_out(ids)
+        self.splits = {"train": make_problems(ids[~held_out], cfg.digits), "val": make_problems(ids[held_out], cfg.digits)}
+        self.cfg, self.device = cfg, device
+        self.answer_start = 2 * cfg.digits + 2  # index of the first answer token
+
+    def get_batch(self, split, generator):
+        data = self.splits[split]
+        xy = data[torch.randint(len(data), (self.cfg.batch_size,), generator=generator)]
+        x, y = xy[:, :-1], xy[:, 1:].clone()
+        y[:, : self.answer_start - 1] = -1  # the prompt is given, not predicted: no loss there
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+class CausalSelfAttention(nn.Module):
+    """All heads in one module: one projection makes q, k, v for every head at once."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dropout, self.flash = cfg.n_head, cfg.dropout, cfg.flash
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        # lower-triangular mask: position t may attend to positions 0..t
+        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+            att = att.masked_fill(~self.mask[:T, :T], float("-inf"))
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = att @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm: normalise the input of each sublayer, keep the residual stream untouched."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(vocab_size, cfg.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # learned position embeddings
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        assert T <= self.cfg.block_size, f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}"
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizer(self, cfg, device_type):
+        # weight decay on matrices (Linear weights, embeddings); not on biases and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+
+    def estimate_mfu(self, tokens_per_sec, device):
+        """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s (PaLM, appendix B)."""
+        L, H, Q, T = self.cfg.n_layer, self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head, self.cfg.block_size
+        flops_per_token = 6 * self.num_params() + 12 * L * H * Q * T
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12)
+        return flops_per_token * tokens_per_sec / peak
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
+        """Append max_new_tokens tokens to idx (B, T), each sampled from the model's next-token distribution."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.cfg.block_size :])  # the model sees at most block_size tokens
+            logits = logits[:, -1, :]
+            if temperature == 0:  # greedy
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = float("-inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def setup_device(cfg):
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    if cfg.dtype == "auto":
+        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = getattr(torch, cfg.dtype)
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    return device, autocast
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model, loader, cfg, autocast):
+    """Mean loss over eval_iters batches per split; the same batches every time, so evaluations compare."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = torch.zeros(cfg.eval_iters)
+        for k in range(cfg.eval_iters):
+            x, y = loader.get_batch(split, gen)
+            with autocast:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def load_checkpoint(path, device):
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}; train first (python {SCRIPT}.py) or point --out_dir at a folder holding ckpt.pt")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+        die(f"{path} was written by {found}, not {SCRIPT}; use that script, or another --out_dir")
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class CSVLog:
+    """out_dir/log.csv: one row per log line (batch loss) and per evaluation (train and val estimates, accuracy)."""
+
+    columns = ["iter", "train_loss", "val_loss", "val_acc", "lr", "ms_per_iter"]
+
+    def __init__(self, path, start_iter):
+        rows = []
+        if start_iter > 0 and os.path.exists(path):  # resuming: drop rows past the checkpoint
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iter"]) < start_iter]
+        self.f = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.f, self.columns)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+
+    def write(self, **row):
+        self.writer.writerow(row)
+        self.f.flush()
+
+
+def train(cfg, model, loader, tok, device, autocast, ckpt=None):
+    raw_model = model
+    optimizer = model.configure_optimizer(cfg, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    gen = torch.Generator().manual_seed(cfg.seed)  # drives the training batches
+    iter_num, best_val = 0, float("inf")
+    if ckpt is not None:  # --resume: restore everything that shapes the next step
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["batch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        print(f"resuming from iter {iter_num} (best val {best_val:.4f})")
+    if cfg.compile:
+        print("compiling the model (takes a minute)...")
+        model = torch.compile(model)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    log = CSVLog(os.path.join(cfg.out_dir, "log.csv"), iter_num)
+    if cfg.wandb:
+        import wandb
+
+        wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    print(f"tokens per iteration: {tokens_per_iter:,}")
+
+    t0, t_start, dts = time.time(), time.time(), []
+    for it in range(iter_num, cfg.max_iters + 1):
+        lr = get_lr(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            losses = estimate_loss(model, loader, cfg, autocast)
+            acc, _ = accuracy(model, loader.splits["val"][:1000], tok, cfg, device, autocast)  # a quick look
+            print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | val acc {100 * acc:.1f}% (1000 problems) | {time.time() - t_start:.1f} s")
+            log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", val_acc=f"{acc:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
+            if cfg.wandb:
+                wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "val/acc": acc, "lr": lr})
+            if losses["val"] < best_val:
+                best_val = losses["val"]
+                state = {
+                    "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
+                    "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                }  # fmt: skip
+                save_checkpoint(ckpt_path, state)
+                print(f"saved {ckpt_path}")
+            t0 = time.time()  # keep evaluation out of the per-iteration timing
+        if it == cfg.max_iters:
+            break
+
+        for micro in range(cfg.gradient_accumulation_steps):
+            x, y = loader.get_batch("train", gen)  # on a GPU this overlaps with the previous step's kernels
+            with autocast:
+                _, loss = model(x, y)
+                loss = loss / cfg.gradient_accumulation_steps  # the sum over micro-batches is the mean
+            scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        dts.append(dt)
+        if it % cfg.log_interval == 0:
+            lossf = loss.item() * cfg.gradient_accumulation_steps  # .item() waits for the GPU: only when logging
+            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {tokens_per_iter / dt / 1000:.1f}k tok/s"
+            if device.type == "cuda":
+                line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / dt, device):.1f}%"
+            print(line)
+            log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", val_acc="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
+    if dts:
+        median = sorted(dts)[len(dts) // 2] * 1000
+        print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
+    log.f.close()
+    return best_val
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and main
+
+
+def answer(tokens, tok):
+    """Answer tokens, least significant digit first -> the integer they spell."""
+    return int(tok.decode(tokens.flip(0).tolist()))
+
+
+@torch.no_grad()
+def accuracy(model, problems, tok, cfg, device, autocast, show=0):
+    """Greedy-decode the answer of every problem, in batches; exact-match accuracy and up to `show` mistakes."""
+    model.eval()
+    start, correct, mistakes = 2 * cfg.digits + 2, 0, []
+    for batch in problems.split(4096):
+        batch = batch.to(device)
+        with autocast:
+            out = model.generate(batch[:, :start], cfg.digits + 1, temperature=0)
+        ok = (out[:, start:] == batch[:, start:]).all(dim=1)
+        correct += ok.sum().item()
+        for row, pred in zip(batch[~ok], out[~ok]):
+            if len(mistakes) < show:
+                mistakes.append(f"{tok.decode(row[: start - 1].tolist())}={answer(row[start:], tok)} (model: {answer(pred[start:], tok)})")
+    model.train()
+    return correct / len(problems), mistakes
+
+
+def sample(model, tok, cfg, device, autocast, prompt):
+    """Answer one problem typed as 123+456, by greedy decoding."""
+    m = re.fullmatch(rf"(\d{{1,{cfg.digits}}})\+(\d{{1,{cfg.digits}}})", prompt.strip())
+    if not m:
+        die(f"--prompt {prompt!r} must look like 123+456, each number with at most {cfg.digits} digits (the model's --digits)")
+    problem = make_problems(torch.tensor([int(m[1]) * 10**cfg.digits + int(m[2])]), cfg.digits).to(device)
+    start = 2 * cfg.digits + 2
+    model.eval()
+    with autocast:
+        out = model.generate(problem[:, :start], cfg.digits + 1, temperature=0)
+    print(f"{int(m[1])}+{int(m[2])}={answer(out[0, start:], tok)}")
+
+
+def report(model, loader, tok, cfg, device, autocast):
+    """Exact match over every held-out problem and over as many training problems, with a few mistakes."""
+    t = time.time()
+    val_acc, mistakes = accuracy(model, loader.splits["val"], tok, cfg, device, autocast, show=5)
+    n = len(loader.splits["val"])
+    train_acc, _ = accuracy(model, loader.splits["train"][torch.randperm(len(loader.splits["train"]))[:n]], tok, cfg, device, autocast)
+    print(f"held-out exact match: {100 * val_acc:.3f}% of {n:,} problems | train: {100 * train_acc:.3f}% of {n:,} | {time.time() - t:.1f} s")
+    for line in mistakes:
+        print(f"  mistake: {line}")
+    return val_acc, train_acc
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    device, autocast = setup_device(cfg)
+    torch.manual_seed(cfg.seed)
+    tok = CharTokenizer(VOCAB)
+
+    if cfg.prompt:  # answering only: everything needed is in the checkpoint
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        cfg.digits = ckpt["config"]["digits"]
+        model = GPT(Config(**ckpt["config"]), len(tok.chars)).to(device)
+        model.load_state_dict(ckpt["model"])
+        sample(model, tok, cfg, device, autocast, cfg.prompt)
+        return
+
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        saved = Config(**ckpt["config"])
+        for name in ("n_layer", "n_head", "n_embd", "digits", "bias"):  # the architecture comes from the checkpoint
+            setattr(cfg, name, getattr(saved, name))
+    loader = DataLoader(cfg, device)
+    print(f"{len(loader.splits['train']):,} training problems, {len(loader.splits['val']):,} held out, e.g. {tok.decode(loader.splits['val'][0].tolist())}")
+
+    model = GPT(cfg, len(tok.chars)).to(device)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    print(f"{model.num_params() / 1e6:.2f}M parameters, device {device}, dtype {cfg.dtype}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:
+        train(cfg, model, loader, tok, device, autocast, ckpt)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the best checkpoint so far is in {cfg.out_dir}", file=sys.stderr)
+        sys.exit(130)
+    report(model, loader, tok, cfg, device, autocast)
+
+
+if __name__ == "__main__":
+    main()
