@@ -100,6 +100,7 @@ def test_user_errors(tmp_path, text_file, capsys):
     assert "no such file" in user_error(capsys, ex1.main, TINY + ["--data", str(tmp_path / "missing.txt")])
     assert "divisible" in user_error(capsys, ex1.main, TINY + ["--n_embd", "30", "--n_head", "4"])
     assert "--dropout" in user_error(capsys, ex1.main, TINY + ["--dropout", "1.5"])
+    assert "at least 1" in user_error(capsys, ex1.main, TINY + ["--n_head", "0"])
     assert "invalid int" in user_error(capsys, ex1.main, ["--n_layer", "four"])
     assert "no checkpoint" in user_error(capsys, ex1.main, ["--out_dir", str(tmp_path), "--prompt", "hi"])
     out = str(tmp_path / "o")
