@@ -1,0 +1,682 @@
+"""
+ex4_mqa_swiglu.py: the same character GPT with multi-query / grouped-query attention, SwiGLU, rotary position
+embeddings, sliding-window attention and a key/value cache for generation.
+
+Each technique has its own switch, so they can be turned on one at a time and compared:
+  --n_kv_head K   K key/value heads, each shared by a group of n_head/K query heads: 1 is multi-query attention
+                  (the default), n_head is ex1's multi-head attention, anything in between is grouped-query.
+  --mlp swiglu    down(silu(gate(x)) * up(x)) with a hidden width of 8/3 n_embd (same parameters as 4x GELU).
+  --rope          rotate queries and keys by their position (RoPE) instead of adding a learned position table.
+  --window W      each token sees itself and the W-1 tokens before it; a band mask, or (when T >= 4W) a blocked
+                  computation whose time and memory grow as T*W instead of T*T.
+Generation keeps a key/value cache of n_kv_head heads (a rolling buffer of W positions with a window), so with
+--rope and a window it can run past block_size.
+
+Run:     python ex4_mqa_swiglu.py                   (MQA + SwiGLU + RoPE, 700 iterations at lr 3e-3 on the CPU)
+One at a time (ex1's architecture, then add a switch):
+         python ex4_mqa_swiglu.py --n_kv_head 4 --mlp gelu --no-rope [--n_kv_head 1 | --mlp swiglu | --rope | --window 32]
+Sample:  python ex4_mqa_swiglu.py --prompt "ROMEO:" --num_samples 3 [--no-kv_cache to recompute every step]
+Bench:   python benchmarks/bench_ex4.py --help     (attention time/memory, KV cache, training curves against ex1)
+Parent:  ex1_gpt.py (diff -u ex1_gpt.py ex4_mqa_swiglu.py)
+Result:  val loss 1.863 after 700 iterations (python ex4_mqa_swiglu.py; ex1 reaches 1.896 in 2000), 0.69M parameters;
+         times against ex1 in README, Results (python benchmarks/bench_ex4.py train).
+"""
+
+import argparse
+import csv
+import inspect
+import math
+import os
+import re
+import sys
+import time
+import urllib.request
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+@dataclass
+class Config:
+    # I/O
+    out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
+    data: str = ""  # a local UTF-8 text file to train on; empty: TinyShakespeare, downloaded into data/
+    resume: bool = False  # continue training from out_dir/ckpt.pt
+    eval_interval: int = 250  # evaluate and checkpoint every this many iterations
+    eval_iters: int = 200  # batches per split in each evaluation
+    log_interval: int = 10  # print and log the training loss every this many iterations
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "gpt-ladder"  # wandb project name
+    # model
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # embedding width
+    block_size: int = 64  # context length in tokens
+    dropout: float = 0.0  # dropout probability (0.2 is a good value for the larger GPU model)
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    flash: bool = True  # fused scaled_dot_product_attention instead of the explicit softmax(QK^T)V
+    n_kv_head: int = 1  # key/value heads, each shared by n_head/n_kv_head query heads: 1 is MQA, n_head is MHA
+    mlp: str = "swiglu"  # feed-forward: gelu (ex1's) or swiglu (gated SiLU, hidden width 8/3 n_embd)
+    rope: bool = True  # rotary position embeddings on queries and keys instead of the learned position table
+    window: int = 0  # sliding-window attention: each token sees itself and the window-1 tokens before it; 0 is full causal
+    window_impl: str = "auto"  # how a window is computed: mask, blocked, or auto (blocked when T >= 4 * window)
+    # training
+    seed: int = 1337  # seeds the weights, the batches, dropout and sampling
+    batch_size: int = 12  # sequences per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_iters: int = 700  # optimizer steps
+    learning_rate: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # learning rate at the end of the cosine decay
+    warmup_iters: int = 100  # linear warmup steps
+    lr_decay_iters: int = 0  # cosine decay length; 0 means max_iters
+    weight_decay: float = 0.1  # AdamW weight decay, applied to matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2 (0.99 since there are few tokens per step)
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
+    # system
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model (worth it on a GPU)
+    # sampling
+    prompt: str = ""  # if set, skip training: load out_dir/ckpt.pt and continue this text
+    num_samples: int = 1  # samples to draw
+    max_new_tokens: int = 500  # tokens per sample
+    temperature: float = 0.8  # <1 sharper, >1 more random
+    top_k: int = 200  # sample only among the k most likely tokens; 0 for all
+    kv_cache: bool = True  # generate with a key/value cache; --no-kv_cache recomputes the whole context every step
+
+
+def die(msg):
+    """A user error: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.error = lambda msg: die(f"{msg} (see --help)")
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
+    for f in fields(Config):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
+    cfg = Config(**vars(parser.parse_args(argv)))
+    checks = [
+        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --block_size and --batch_size must be at least 1"),
+        (cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}"),
+        (cfg.n_kv_head >= 1 and cfg.n_head % cfg.n_kv_head == 0, f"--n_head {cfg.n_head} must be divisible by --n_kv_head {cfg.n_kv_head} (1 for MQA, {cfg.n_head} for MHA)"),
+        (not cfg.rope or cfg.n_head < 1 or cfg.n_embd // cfg.n_head % 2 == 0, f"--rope needs an even head size, not n_embd/n_head = {cfg.n_embd // cfg.n_head}; use --no-rope or change --n_embd"),
+        (cfg.window >= 0, f"--window {cfg.window} must be >= 0 (0 for full causal attention)"),
+        (cfg.mlp in ("gelu", "swiglu"), f"--mlp {cfg.mlp} is not one of gelu, swiglu"),
+        (cfg.window_impl in ("auto", "mask", "blocked"), f"--window_impl {cfg.window_impl} is not one of auto, mask, blocked"),
+        (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
+        (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
+        (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
+        (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
+        (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            die(msg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def download(url, path):
+    """Fetch url into path with a progress line; a half-finished download never takes path's name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading {url} -> {path}")
+    tmp = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            total, done = int(r.headers.get("Content-Length") or 0), 0
+            while chunk := r.read(1 << 16):
+                f.write(chunk)
+                done += len(chunk)
+                print(f"\r  {done / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB" if total else ""), end="", flush=True)
+        print()
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local text file")
+
+
+def load_text(cfg):
+    path = cfg.data or os.path.join(DATA_DIR, "tinyshakespeare.txt")
+    if cfg.data and not os.path.isfile(path):
+        die(f"--data {path}: no such file")
+    if not cfg.data and not os.path.isfile(path):
+        download(DATA_URL, path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        die(f"{path} is not UTF-8 text")
+    if len(text) < 2 * (cfg.block_size + 1):
+        die(f"{path} has {len(text)} characters, too few for --block_size {cfg.block_size}")
+    return text
+
+
+class CharTokenizer:
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    def encode(self, s):
+        bad = sorted(set(s) - self.stoi.keys())
+        if bad:
+            die(f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its training text")
+        return [self.stoi[c] for c in s]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+class DataLoader:
+    """The corpus as one tensor of token ids; 90% train, 10% val; batches start at random offsets."""
+
+    def __init__(self, ids, cfg, device):
+        n = int(0.9 * len(ids))
+        self.splits = {"train": ids[:n], "val": ids[n:]}
+        self.cfg, self.device = cfg, device
+        self.offsets = torch.arange(cfg.block_size + 1)
+
+    def get_batch(self, split, generator):
+        data = self.splits[split]
+        ix = torch.randint(len(data) - self.cfg.block_size, (self.cfg.batch_size, 1), generator=generator)
+        xy = data[ix + self.offsets]  # (B, T+1) gathered in one indexing op
+        x, y = xy[:, :-1], xy[:, 1:]
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+def window_mask(q_pos, k_pos, window):
+    """(..., Tq, Tk) boolean mask, True where the query at q_pos may look at the key at k_pos: itself and earlier
+    keys, only the window-1 before it when window > 0, never a negative position (padding, an empty cache slot)."""
+    q_pos, k_pos = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
+    ok = (k_pos <= q_pos) & (k_pos >= 0)
+    return ok & (k_pos > q_pos - window) if window else ok
+
+
+def attention(q, k, v, mask=None, flash=True, dropout_p=0.0):
+    """softmax(q k^T / sqrt(hs)) v for q (..., n_head, Tq, hs) and k, v (..., n_kv_head, Tk, hs): each key/value head
+    serves a group of n_head/n_kv_head consecutive query heads. mask: True where allowed, (Tq, Tk) or (..., 1, Tq, Tk);
+    None is causal (Tq == Tk)."""
+    if flash:
+        gqa = k.size(-3) != q.size(-3)
+        if gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32):  # CUDA's fused kernels share heads only
+            k, v = (t.repeat_interleave(q.size(-3) // t.size(-3), dim=-3) for t in (k, v))  # unmasked in 16 bits: repeat
+            gqa = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, enable_gqa=gqa)
+    *batch, H, Tq, hs = q.shape
+    n_kv_head, Tk = k.size(-3), k.size(-2)
+    if mask is None:
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
+    q = q.view(*batch, n_kv_head, H // n_kv_head, Tq, hs)  # the query heads in groups; k and v broadcast over a group
+    k, v = k.unsqueeze(-3), v.unsqueeze(-3)
+    if mask.dim() >= 3:  # (..., 1, Tq, Tk): also broadcast over the query heads of a group
+        mask = mask.unsqueeze(-3)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
+    att = att.masked_fill(~mask, float("-inf"))
+    att = F.dropout(F.softmax(att, dim=-1), dropout_p)
+    return (att @ v).view(*batch, H, Tq, hs)
+
+
+def blocked_window_attention(q, k, v, window, flash=True, dropout_p=0.0):
+    """Sliding-window causal attention in time and memory proportional to T*W instead of T*T. The T queries are cut
+    into blocks of W; a query sees at most W-1 keys back, so block i needs only its own keys and block i-1's: all
+    blocks at once, each a (W, 2W) attention with a band mask. q (B, n_head, T, hs), k, v (B, n_kv_head, T, hs)."""
+    B, H, T, hs = q.shape
+    W, n = window, -(-T // window)  # n blocks
+    pad = n * W - T  # padding at the end of the last block
+    q = F.pad(q, (0, 0, 0, pad)).view(B, H, n, W, hs).transpose(1, 2).reshape(B * n, H, W, hs)  # every block a batch entry
+    k, v = (F.pad(t, (0, 0, W, pad)).view(B, -1, n + 1, W, hs).transpose(1, 2) for t in (k, v))  # and a block in front
+    k, v = (torch.cat([t[:, :-1], t[:, 1:]], dim=3).view(B * n, -1, 2 * W, hs) for t in (k, v))  # block i-1's keys, then block i's
+    pos = torch.arange(n * W, device=q.device).view(n, W)  # the position of every query; block i's keys start at (i-1)W
+    mask = window_mask(pos, torch.cat([pos - W, pos], dim=1), window).repeat(B, 1, 1).unsqueeze(1)  # (B*n, 1, W, 2W)
+    y = attention(q, k, v, mask, flash, dropout_p)
+    return y.view(B, n, H, W, hs).transpose(1, 2).reshape(B, H, n * W, hs)[:, :, :T]
+
+
+def rotate(x, pos):
+    """Rotary position embedding: rotate each pair (x_i, x_(i+hs/2)) of x (..., T, hs) by the angle p * 10000^(-2i/hs)
+    for positions p = pos, pos+1, ...; then q.k depends on the two positions only through their difference."""
+    T, hs = x.shape[-2:]
+    inv_freq = 10000.0 ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)
+    angle = torch.arange(pos, pos + T, device=x.device, dtype=torch.float32).outer(inv_freq)  # (T, hs/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """One layer's keys and values during generation, for n_kv_head heads only (so MQA's cache is 1/n_head of MHA's).
+    size slots: block_size, or with a window a rolling buffer of W slots where position p lives in slot p % W."""
+
+    def __init__(self, size):
+        self.size, self.pos = size, 0  # pos: tokens seen so far, the position of the next one
+        self.k = self.v = self.k_pos = None  # allocated on first use, with the shape, dtype and device of the keys
+
+    def update(self, k, v):
+        """Store the keys and values of the new tokens; return the keys, values and positions they may attend to."""
+        B, n_kv_head, T, hs = k.shape
+        assert self.pos == 0 or T == 1, "after the prompt, the cache takes one token at a time"
+        if self.k is None:
+            self.k, self.v = (torch.zeros(B, n_kv_head, self.size, hs, dtype=k.dtype, device=k.device) for _ in "kv")
+            self.k_pos = torch.full((self.size,), -1, device=k.device)  # the position held by each slot; -1 empty
+        positions = torch.arange(self.pos, self.pos + T, device=k.device)
+        keep = min(T, self.size)  # a prompt longer than the cache leaves only its last tokens
+        slots = positions[-keep:] % self.size
+        self.k.index_copy_(2, slots, k[:, :, -keep:])
+        self.v.index_copy_(2, slots, v[:, :, -keep:])
+        self.k_pos.index_copy_(0, slots, positions[-keep:])
+        prompt, self.pos = self.pos == 0, self.pos + T
+        if prompt:  # its tokens see each other, computed as without a cache
+            return k, v, positions
+        return self.k, self.v, self.k_pos  # one new token: it sees every filled slot (its window, with a window)
+
+    def nbytes(self):
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+
+class CausalSelfAttention(nn.Module):
+    """One projection makes the n_head queries and the n_kv_head keys and values; each key/value head is shared by
+    a group of n_head/n_kv_head query heads (grouped-query attention; multi-query when n_kv_head is 1)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.dropout, self.flash = cfg.n_head, cfg.n_kv_head, cfg.dropout, cfg.flash
+        self.rope, self.window, self.window_impl = cfg.rope, cfg.window, cfg.window_impl
+        self.kv_size = cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * self.kv_size, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        pos = cache.pos if cache is not None else 0  # the position of x's first token
+        qk, v = self.c_attn(x).split([C + self.kv_size, self.kv_size], dim=2)
+        # (B, T, heads * head_size) -> (B, heads, T, head_size): the n_head query heads, then the n_kv_head key heads
+        qk = qk.view(B, T, self.n_head + self.n_kv_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, C // self.n_head).transpose(1, 2)
+        if self.rope:
+            qk = rotate(qk, pos)  # queries and keys in one go
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
+        q_pos = k_pos = torch.arange(pos, pos + T, device=x.device)
+        if cache is not None:
+            k, v, k_pos = cache.update(k, v)
+        own = pos == 0  # the keys are x's own tokens (no cache, or the prompt), not cached ones
+        dropout_p = self.dropout if self.training else 0.0
+        if self.window and own and (self.window_impl == "blocked" or (self.window_impl == "auto" and T >= 4 * self.window)):
+            y = blocked_window_attention(q, k, v, self.window, self.flash, dropout_p)
+        else:
+            mask = None if self.flash and not self.window and own else window_mask(q_pos, k_pos, self.window)
+            y = attention(q, k, v, mask, self.flash, dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+def swiglu_hidden(n_embd):
+    """SwiGLU has three matrices, GELU's MLP two of width 4 n_embd: 3 * 8/3 n_embd = 2 * 4 n_embd, rounded to 16."""
+    return max(16, 16 * round(8 * n_embd / 3 / 16))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        hidden = swiglu_hidden(cfg.n_embd) if self.swiglu else 4 * cfg.n_embd
+        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)  # "up"
+        self.c_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if self.swiglu else None  # "gate"
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)  # "down"
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = F.silu(self.c_gate(x)) * self.c_fc(x) if self.swiglu else F.gelu(self.c_fc(x))
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm: normalise the input of each sublayer, keep the residual stream untouched."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(vocab_size, cfg.n_embd)  # token embeddings
+        self.wpe = None if cfg.rope else nn.Embedding(cfg.block_size, cfg.n_embd)  # learned position embeddings, unless RoPE
+        # the longest context the model reads; None (any length) when nothing depends on absolute positions: RoPE and a window
+        self.max_len = None if cfg.rope and cfg.window else cfg.block_size
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters()) - (self.wpe.weight.numel() if self.wpe is not None else 0)
+
+    def forward(self, idx, targets=None, caches=None):
+        B, T = idx.size()
+        pos = caches[0].pos if caches else 0  # the position of idx's first token: the tokens already in the cache
+        assert self.max_len is None or pos + T <= self.max_len, f"sequence of {pos + T} tokens is longer than block_size {self.cfg.block_size}"
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
+        x = self.drop(x)
+        for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
+            x = block(x, cache)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizer(self, cfg, device_type):
+        # weight decay on matrices (Linear weights, embeddings); not on biases and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+
+    def estimate_mfu(self, tokens_per_sec, device):
+        """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s (PaLM, appendix B)."""
+        L, H, Q, T = self.cfg.n_layer, self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head, self.cfg.block_size
+        T = min(T, self.cfg.window or T)  # with a window, each query meets at most window keys
+        flops_per_token = 6 * self.num_params() + 12 * L * H * Q * T
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12)
+        return flops_per_token * tokens_per_sec / peak
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, use_cache=True):
+        """Append max_new_tokens tokens to idx (B, T), each sampled from the model's next-token distribution.
+        use_cache: feed only the newest token and keep the keys and values of the others in a KVCache per layer."""
+        caches, n = None, self.max_len  # the model sees at most block_size tokens (all of them with RoPE and a window)
+        for _ in range(max_new_tokens):
+            if use_cache and caches is not None and (n is None or caches[0].pos < n):
+                logits, _ = self(idx[:, -1:], caches=caches)
+            else:  # no cache, the prompt, or a full context that must be re-read from a later first token
+                caches = [KVCache(self.cfg.window or self.cfg.block_size) for _ in self.blocks] if use_cache else None
+                logits, _ = self(idx[:, -n:] if n else idx, caches=caches)
+            logits = logits[:, -1, :]
+            if temperature == 0:  # greedy
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = float("-inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def setup_device(cfg):
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    if cfg.dtype == "auto":
+        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = getattr(torch, cfg.dtype)
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    return device, autocast
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model, loader, cfg, autocast):
+    """Mean loss over eval_iters batches per split; the same batches every time, so evaluations compare."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = torch.zeros(cfg.eval_iters)
+        for k in range(cfg.eval_iters):
+            x, y = loader.get_batch(split, gen)
+            with autocast:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def load_checkpoint(path, device):
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}; train first (python {SCRIPT}.py) or point --out_dir at a folder holding ckpt.pt")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+        die(f"{path} was written by {found}, not {SCRIPT}; use that script, or another --out_dir")
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class CSVLog:
+    """out_dir/log.csv: one row per log line (batch loss) and per evaluation (train and val estimates)."""
+
+    columns = ["iter", "train_loss", "val_loss", "lr", "ms_per_iter"]
+
+    def __init__(self, path, start_iter):
+        rows = []
+        if start_iter > 0 and os.path.exists(path):  # resuming: drop rows past the checkpoint
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iter"]) < start_iter]
+        self.f = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.f, self.columns)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+
+    def write(self, **row):
+        self.writer.writerow(row)
+        self.f.flush()
+
+
+def train(cfg, model, loader, tok, device, autocast, ckpt=None):
+    raw_model = model
+    optimizer = model.configure_optimizer(cfg, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    gen = torch.Generator().manual_seed(cfg.seed)  # drives the training batches
+    iter_num, best_val = 0, float("inf")
+    if ckpt is not None:  # --resume: restore everything that shapes the next step
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["batch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        print(f"resuming from iter {iter_num} (best val {best_val:.4f})")
+    if cfg.compile:
+        print("compiling the model (takes a minute)...")
+        model = torch.compile(model)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    log = CSVLog(os.path.join(cfg.out_dir, "log.csv"), iter_num)
+    if cfg.wandb:
+        import wandb
+
+        wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    print(f"tokens per iteration: {tokens_per_iter:,}")
+
+    t0, t_start, dts = time.time(), time.time(), []
+    for it in range(iter_num, cfg.max_iters + 1):
+        lr = get_lr(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            losses = estimate_loss(model, loader, cfg, autocast)
+            print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
+            log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
+            if cfg.wandb:
+                wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            if losses["val"] < best_val:
+                best_val = losses["val"]
+                state = {
+                    "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
+                    "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                }  # fmt: skip
+                save_checkpoint(ckpt_path, state)
+                print(f"saved {ckpt_path}")
+            t0 = time.time()  # keep evaluation out of the per-iteration timing
+        if it == cfg.max_iters:
+            break
+
+        for micro in range(cfg.gradient_accumulation_steps):
+            x, y = loader.get_batch("train", gen)  # on a GPU this overlaps with the previous step's kernels
+            with autocast:
+                _, loss = model(x, y)
+                loss = loss / cfg.gradient_accumulation_steps  # the sum over micro-batches is the mean
+            scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        dts.append(dt)
+        if it % cfg.log_interval == 0:
+            lossf = loss.item() * cfg.gradient_accumulation_steps  # .item() waits for the GPU: only when logging
+            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {tokens_per_iter / dt / 1000:.1f}k tok/s"
+            if device.type == "cuda":
+                line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / dt, device):.1f}%"
+            print(line)
+            log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
+    if dts:
+        median = sorted(dts)[len(dts) // 2] * 1000
+        print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
+    log.f.close()
+    return best_val
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and main
+
+
+def sample(model, tok, cfg, device, autocast, prompt):
+    idx = torch.tensor([tok.encode(prompt)] * cfg.num_samples, dtype=torch.long, device=device)
+    torch.manual_seed(cfg.seed)  # the same --seed draws the same samples
+    model.eval()
+    with autocast:
+        out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, use_cache=cfg.kv_cache)
+    for i, row in enumerate(out.tolist()):
+        print(f"--- sample {i + 1} ---\n{tok.decode(row)}")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    device, autocast = setup_device(cfg)
+    torch.manual_seed(cfg.seed)
+
+    if cfg.prompt:  # sampling only: everything needed is in the checkpoint
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        tok = CharTokenizer(ckpt["vocab"])
+        model = GPT(Config(**ckpt["config"]), len(tok.chars)).to(device)
+        model.load_state_dict(ckpt["model"])
+        sample(model, tok, cfg, device, autocast, cfg.prompt)
+        return
+
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        saved = Config(**ckpt["config"])
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "bias", "n_kv_head", "mlp", "rope", "window"):  # the architecture comes from the checkpoint
+            setattr(cfg, name, getattr(saved, name))
+    text = load_text(cfg)
+    tok = CharTokenizer(ckpt["vocab"] if ckpt else sorted(set(text)))
+    ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    print(f"{len(text):,} characters, vocabulary of {len(tok.chars)}")
+    loader = DataLoader(ids, cfg, device)
+
+    model = GPT(cfg, len(tok.chars)).to(device)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    print(f"{model.num_params() / 1e6:.2f}M parameters, device {device}, dtype {cfg.dtype}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:
+        train(cfg, model, loader, tok, device, autocast, ckpt)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the best checkpoint so far is in {cfg.out_dir}", file=sys.stderr)
+        sys.exit(130)
+    sample(model, tok, cfg, device, autocast, tok.chars[0])  # start from the first character: a newline in Shakespeare
+
+
+if __name__ == "__main__":
+    main()
