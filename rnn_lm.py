@@ -1,0 +1,591 @@
+"""
+rnn_lm.py: the same character-level language model with the transformer replaced by a recurrent network.
+
+A child of ex1_gpt.py: the same data, batches, training loop, checkpoints and sampling. The model reads one token
+at a time and keeps a fixed-size state instead of attending to the whole context: an Elman network written out by
+hand, h_t = slide(W_hh h_{t-1} + W_hx x_t + b_h) with slide(a) = min(1, max(0, a)) (or tanh), or LSTM or GRU from
+torch.nn; trained with backpropagation through time over the block and gradient clipping. With --stateful every
+batch row continues the text where the last batch stopped and the state is carried over, detached (truncated BPTT).
+--bidirectional also reads backwards: it sees the next token, so its loss collapses and its samples are nonsense.
+Sampling carries the state: one step per token, the prefix never recomputed.
+
+Run:     python rnn_lm.py                           (2000 iterations of a 0.8M-parameter LSTM on the CPU)
+Cells:   python rnn_lm.py --cell elman --n_hidden 832 [--activation tanh]   or   --cell gru --n_hidden 472  (0.80M each)
+Leak:    python rnn_lm.py --bidirectional --out_dir out/rnn_lm_bidirectional
+Sample:  python rnn_lm.py --prompt "ROMEO:" --num_samples 3
+Parent:  ex1_gpt.py (diff -u ex1_gpt.py rnn_lm.py)
+Result:  val loss 1.91 after 400 iterations (--max_iters 400 --eval_iters 20: 25 s on one core); every cell against ex1
+         at the same parameter count and wall-clock budget: README, Results (python benchmarks/bench_rnn.py).
+"""
+
+import argparse
+import csv
+import inspect
+import math
+import os
+import re
+import sys
+import time
+import urllib.request
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+BIDIRECTIONAL_NOTE = "note: --bidirectional has read token t+1 (backwards) when it predicts it: its loss collapses, but it is not a language model and its samples are nonsense"
+
+
+@dataclass
+class Config:
+    # I/O
+    out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
+    data: str = ""  # a local UTF-8 text file to train on; empty: TinyShakespeare, downloaded into data/
+    resume: bool = False  # continue training from out_dir/ckpt.pt
+    eval_interval: int = 250  # evaluate and checkpoint every this many iterations
+    eval_iters: int = 200  # batches per split in each evaluation
+    log_interval: int = 10  # print and log the training loss every this many iterations
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "gpt-ladder"  # wandb project name
+    # model
+    cell: str = "lstm"  # recurrent cell: elman (written out by hand), lstm or gru (torch.nn)
+    activation: str = "slide"  # the Elman cell's nonlinearity: slide (min(1, max(0, a))) or tanh
+    n_layer: int = 1  # stacked recurrent layers (one wide layer learns faster on the CPU than two narrow ones)
+    n_embd: int = 64  # token embedding width: the input x_t of the first layer
+    n_hidden: int = 408  # hidden state size per layer and direction (408: 0.80M parameters with lstm, as ex1)
+    block_size: int = 64  # tokens per training sequence: backpropagation through time runs over this many steps
+    dropout: float = 0.0  # dropout on the embeddings, between layers and before the output layer
+    bidirectional: bool = False  # also read every sequence backwards; sees the next token, so it is not a language model
+    stateful: bool = False  # each batch row continues where the last batch stopped, the hidden state carried (truncated BPTT)
+    # training
+    seed: int = 1337  # seeds the weights, the batches, dropout and sampling
+    batch_size: int = 12  # sequences per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_iters: int = 2000  # optimizer steps
+    learning_rate: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # learning rate at the end of the cosine decay
+    warmup_iters: int = 100  # linear warmup steps
+    lr_decay_iters: int = 0  # cosine decay length; 0 means max_iters
+    weight_decay: float = 0.1  # AdamW weight decay, applied to matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2 (0.99 since there are few tokens per step)
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
+    # system
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model (worth it on a GPU)
+    # sampling
+    prompt: str = ""  # if set, skip training: load out_dir/ckpt.pt and continue this text
+    num_samples: int = 1  # samples to draw
+    max_new_tokens: int = 500  # tokens per sample
+    temperature: float = 0.8  # <1 sharper, >1 more random
+    top_k: int = 200  # sample only among the k most likely tokens; 0 for all
+
+
+def die(msg):
+    """A user error: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.error = lambda msg: die(f"{msg} (see --help)")
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
+    for f in fields(Config):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
+    cfg = Config(**vars(parser.parse_args(argv)))
+    checks = [
+        (cfg.n_layer >= 1 and cfg.n_embd >= 1 and cfg.n_hidden >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_embd, --n_hidden, --block_size and --batch_size must be at least 1"),
+        (cfg.cell in ("elman", "lstm", "gru"), f"--cell {cfg.cell} is not one of elman, lstm, gru"),
+        (cfg.activation in ("slide", "tanh"), f"--activation {cfg.activation} is not one of slide, tanh"),
+        (not (cfg.bidirectional and cfg.stateful), "--bidirectional cannot be --stateful: the backward direction starts at the end of each chunk, so it has no state to carry; drop one of them"),
+        (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
+        (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
+        (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
+        (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
+        (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            die(msg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def download(url, path):
+    """Fetch url into path with a progress line; a half-finished download never takes path's name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading {url} -> {path}")
+    tmp = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            total, done = int(r.headers.get("Content-Length") or 0), 0
+            while chunk := r.read(1 << 16):
+                f.write(chunk)
+                done += len(chunk)
+                print(f"\r  {done / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB" if total else ""), end="", flush=True)
+        print()
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local text file")
+
+
+def load_text(cfg):
+    path = cfg.data or os.path.join(DATA_DIR, "tinyshakespeare.txt")
+    if cfg.data and not os.path.isfile(path):
+        die(f"--data {path}: no such file")
+    if not cfg.data and not os.path.isfile(path):
+        download(DATA_URL, path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        die(f"{path} is not UTF-8 text")
+    if len(text) < 2 * (cfg.block_size + 1):
+        die(f"{path} has {len(text)} characters, too few for --block_size {cfg.block_size}")
+    return text
+
+
+class CharTokenizer:
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    def encode(self, s):
+        bad = sorted(set(s) - self.stoi.keys())
+        if bad:
+            die(f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its training text")
+        return [self.stoi[c] for c in s]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+class DataLoader:
+    """The corpus as one tensor of token ids; 90% train, 10% val; batches start at random offsets,
+    or with --stateful, row b of every training batch is the next chunk of stream b (the b-th slice of train)."""
+
+    def __init__(self, ids, cfg, device):
+        n = int(0.9 * len(ids))
+        self.splits = {"train": ids[:n], "val": ids[n:]}
+        self.cfg, self.device = cfg, device
+        self.offsets = torch.arange(cfg.block_size + 1)
+        if cfg.stateful:
+            length = n // cfg.batch_size
+            if length < cfg.block_size + 1:
+                die(f"--stateful needs at least --batch_size * (--block_size + 1) = {cfg.batch_size * (cfg.block_size + 1)} training characters, the training split has {n}")
+            self.streams = ids[: length * cfg.batch_size].view(cfg.batch_size, length)  # (B, length): row b reads on where it stopped
+            self.pos = 0  # where the next chunk starts in every stream
+
+    def get_batch(self, split, generator):
+        data = self.splits[split]
+        ix = torch.randint(len(data) - self.cfg.block_size, (self.cfg.batch_size, 1), generator=generator)
+        xy = data[ix + self.offsets]  # (B, T+1) gathered in one indexing op
+        return self.to_device(xy)
+
+    def next_chunk(self):
+        """--stateful: the next block_size tokens of every stream; restart is True when the streams start over."""
+        restart = self.pos + self.cfg.block_size + 1 > self.streams.size(1)
+        if restart:
+            self.pos = 0
+        xy = self.streams[:, self.pos : self.pos + self.cfg.block_size + 1]
+        self.pos += self.cfg.block_size  # the next chunk's first input is this chunk's last target
+        return *self.to_device(xy), restart
+
+    def to_device(self, xy):
+        x, y = xy[:, :-1], xy[:, 1:]
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+def slide(a):
+    """min(1, max(0, a)): linear inside (0, 1), flat outside; the gradient is 1 strictly inside (0, 1) and 0 elsewhere."""
+    return F.hardtanh(a, 0.0, 1.0)
+
+
+class ElmanLayer(nn.Module):
+    """One layer, one direction: h_t = act(W_hh h_{t-1} + W_hx x_t + b_h), the recurrence written out."""
+
+    def __init__(self, n_in, n_hidden, activation):
+        super().__init__()
+        k = 1 / math.sqrt(n_hidden)  # the initialisation of nn.RNN: uniform(-k, k)
+        self.W_hx = nn.Parameter(torch.empty(n_hidden, n_in).uniform_(-k, k))
+        self.W_hh = nn.Parameter(torch.empty(n_hidden, n_hidden).uniform_(-k, k))
+        self.b_h = nn.Parameter(torch.zeros(n_hidden))
+        self.act = slide if activation == "slide" else torch.tanh
+
+    def forward(self, x, h):
+        """x (B, T, n_in), h (B, n_hidden): the state before x[:, 0] -> h_t for every t, (B, T, n_hidden)."""
+        a = x @ self.W_hx.T + self.b_h  # the input's share of every step, all T at once: one big matmul
+        hs = []
+        for t in range(x.size(1)):  # only the recurrence is sequential
+            h = self.act(a[:, t] + h @ self.W_hh.T)
+            hs.append(h)
+        return torch.stack(hs, dim=1)
+
+
+class Elman(nn.Module):
+    """Stacked, optionally bidirectional Elman layers, called like nn.LSTM and nn.GRU with batch_first=True:
+    x (B, T, n_in), h_0 (n_layer * directions, B, n_hidden) or None -> the last layer's h_t (B, T, directions * n_hidden),
+    and every layer's last state in h_0's shape."""
+
+    def __init__(self, n_in, n_hidden, n_layer, dropout, bidirectional, activation):
+        super().__init__()
+        self.directions, self.n_hidden = 2 if bidirectional else 1, n_hidden
+        self.layers = nn.ModuleList(  # layer l, direction d is layers[l * directions + d], as torch orders h_0
+            ElmanLayer(n_in if i < self.directions else self.directions * n_hidden, n_hidden, activation) for i in range(n_layer * self.directions)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, h0=None):
+        if h0 is None:
+            h0 = x.new_zeros(len(self.layers), x.size(0), self.n_hidden)
+        h_last = []
+        for i in range(0, len(self.layers), self.directions):
+            if i:
+                x = self.dropout(x)  # between layers, as in nn.LSTM
+            out = []
+            for d in range(self.directions):  # d = 1 runs the same recurrence over the reversed sequence
+                h = self.layers[i + d](x.flip(1) if d else x, h0[i + d])
+                h_last.append(h[:, -1])
+                out.append(h.flip(1) if d else h)
+            x = torch.cat(out, dim=-1)
+        return x, torch.stack(h_last)
+
+
+def detach(state):
+    """Cut the graph behind a recurrent state (a tensor, or LSTM's (h, c)); the values stay."""
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+class RNNLM(nn.Module):
+    """Embedding -> recurrent layers -> output projection; the state after a sequence summarises all of it."""
+
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(vocab_size, cfg.n_embd)  # token embeddings: the x_t the recurrence reads
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.cell == "elman":
+            self.rnn = Elman(cfg.n_embd, cfg.n_hidden, cfg.n_layer, cfg.dropout, cfg.bidirectional, cfg.activation)
+        else:
+            rnn = nn.LSTM if cfg.cell == "lstm" else nn.GRU
+            self.rnn = rnn(cfg.n_embd, cfg.n_hidden, cfg.n_layer, batch_first=True, dropout=cfg.dropout if cfg.n_layer > 1 else 0.0, bidirectional=cfg.bidirectional)
+        self.lm_head = nn.Linear((2 if cfg.bidirectional else 1) * cfg.n_hidden, vocab_size)  # y_t = W_yh h_t + b_y
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, state=None):
+        """-> logits, loss, and the state after the last token (None as input: start from zeros)."""
+        x = self.drop(self.wte(idx))
+        h, state = self.rnn(x, state)  # h: the last layer's h_t at every position
+        logits = self.lm_head(self.drop(h))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss, state
+
+    def configure_optimizer(self, cfg, device_type):
+        # weight decay on matrices (Linear and recurrent weights, embeddings); not on biases
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+
+    def estimate_mfu(self, tokens_per_sec, device):
+        """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s (PaLM, appendix B)."""
+        flops_per_token = 6 * self.num_params()  # every weight is used once per token; there is no attention term
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12)
+        return flops_per_token * tokens_per_sec / peak
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
+        """Append max_new_tokens tokens to idx (B, T), each sampled from the model's next-token distribution.
+        The prompt is read once; then one step per token, the state carrying everything before it."""
+        logits, _, state = self(idx)
+        for _ in range(max_new_tokens):
+            logits = logits[:, -1, :]
+            if temperature == 0:  # greedy
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = float("-inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+            if self.cfg.bidirectional:  # the backward direction reads from the end, which moves: nothing to carry
+                logits, _, _ = self(idx[:, -self.cfg.block_size :])
+            else:
+                logits, _, state = self(idx_next, state=state)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def setup_device(cfg):
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    if cfg.dtype == "auto":
+        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = getattr(torch, cfg.dtype)
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    return device, autocast
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model, loader, cfg, autocast):
+    """Mean loss over eval_iters batches per split; the same batches every time, so evaluations compare."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = torch.zeros(cfg.eval_iters)
+        for k in range(cfg.eval_iters):
+            x, y = loader.get_batch(split, gen)
+            with autocast:
+                _, loss, _ = model(x, y)  # from the zero state, with or without --stateful
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def load_checkpoint(path, device):
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}; train first (python {SCRIPT}.py) or point --out_dir at a folder holding ckpt.pt")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+        die(f"{path} was written by {found}, not {SCRIPT}; use that script, or another --out_dir")
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class CSVLog:
+    """out_dir/log.csv: one row per log line (batch loss) and per evaluation (train and val estimates)."""
+
+    columns = ["iter", "train_loss", "val_loss", "lr", "ms_per_iter"]
+
+    def __init__(self, path, start_iter):
+        rows = []
+        if start_iter > 0 and os.path.exists(path):  # resuming: drop rows past the checkpoint
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iter"]) < start_iter]
+        self.f = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.f, self.columns)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+
+    def write(self, **row):
+        self.writer.writerow(row)
+        self.f.flush()
+
+
+def train(cfg, model, loader, tok, device, autocast, ckpt=None):
+    raw_model = model
+    optimizer = model.configure_optimizer(cfg, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    gen = torch.Generator().manual_seed(cfg.seed)  # drives the training batches
+    iter_num, best_val = 0, float("inf")
+    hidden = None  # --stateful: the recurrent state at the end of the last chunk, carried into the next
+    if ckpt is not None:  # --resume: restore everything that shapes the next step
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["batch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        if cfg.stateful and ckpt["stream"] and ckpt["config"]["batch_size"] == cfg.batch_size:  # else the streams start over
+            loader.pos, hidden = ckpt["stream"]["pos"], ckpt["stream"]["hidden"]
+        print(f"resuming from iter {iter_num} (best val {best_val:.4f})")
+    if cfg.compile:
+        print("compiling the model (takes a minute)...")
+        model = torch.compile(model)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    log = CSVLog(os.path.join(cfg.out_dir, "log.csv"), iter_num)
+    if cfg.wandb:
+        import wandb
+
+        wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    print(f"tokens per iteration: {tokens_per_iter:,}")
+    if cfg.stateful:
+        print(f"stateful: {cfg.batch_size} streams of {loader.streams.size(1):,} tokens, read {cfg.block_size} at a time; the state is carried, its gradient cut")
+
+    t0, t_start, dts = time.time(), time.time(), []
+    for it in range(iter_num, cfg.max_iters + 1):
+        lr = get_lr(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            losses = estimate_loss(model, loader, cfg, autocast)
+            print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
+            log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
+            if cfg.wandb:
+                wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            if losses["val"] < best_val:
+                best_val = losses["val"]
+                state = {
+                    "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
+                    "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "stream": {"pos": loader.pos, "hidden": hidden} if cfg.stateful else None,
+                }  # fmt: skip
+                save_checkpoint(ckpt_path, state)
+                print(f"saved {ckpt_path}")
+            t0 = time.time()  # keep evaluation out of the per-iteration timing
+        if it == cfg.max_iters:
+            break
+
+        for micro in range(cfg.gradient_accumulation_steps):
+            if cfg.stateful:  # row b goes on where it stopped, from the state it ended in
+                x, y, restart = loader.next_chunk()
+                if restart:
+                    hidden = None
+            else:
+                x, y = loader.get_batch("train", gen)  # on a GPU this overlaps with the previous step's kernels
+            with autocast:
+                _, loss, last = model(x, y, hidden)
+                loss = loss / cfg.gradient_accumulation_steps  # the sum over micro-batches is the mean
+            scaler.scale(loss).backward()
+            if cfg.stateful:
+                hidden = detach(last)  # truncated BPTT: the values go on into the next chunk, the gradient stops here
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        dts.append(dt)
+        if it % cfg.log_interval == 0:
+            lossf = loss.item() * cfg.gradient_accumulation_steps  # .item() waits for the GPU: only when logging
+            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {tokens_per_iter / dt / 1000:.1f}k tok/s"
+            if device.type == "cuda":
+                line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / dt, device):.1f}%"
+            print(line)
+            log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
+    if dts:
+        median = sorted(dts)[len(dts) // 2] * 1000
+        print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
+    log.f.close()
+    return best_val
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and main
+
+
+def sample(model, tok, cfg, device, autocast, prompt):
+    idx = torch.tensor([tok.encode(prompt)] * cfg.num_samples, dtype=torch.long, device=device)
+    torch.manual_seed(cfg.seed)  # the same --seed draws the same samples
+    model.eval()
+    with autocast:
+        out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k)
+    for i, row in enumerate(out.tolist()):
+        print(f"--- sample {i + 1} ---\n{tok.decode(row)}")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    device, autocast = setup_device(cfg)
+    torch.manual_seed(cfg.seed)
+
+    if cfg.prompt:  # sampling only: everything needed is in the checkpoint
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        tok = CharTokenizer(ckpt["vocab"])
+        model = RNNLM(Config(**ckpt["config"]), len(tok.chars)).to(device)
+        model.load_state_dict(ckpt["model"])
+        if model.cfg.bidirectional:
+            print(BIDIRECTIONAL_NOTE)
+        sample(model, tok, cfg, device, autocast, cfg.prompt)
+        return
+
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        saved = Config(**ckpt["config"])
+        for name in ("cell", "activation", "n_layer", "n_embd", "n_hidden", "bidirectional"):  # the architecture comes from the checkpoint
+            setattr(cfg, name, getattr(saved, name))
+        if cfg.bidirectional and cfg.stateful:
+            die("--stateful cannot resume a --bidirectional checkpoint; drop --stateful")
+    text = load_text(cfg)
+    tok = CharTokenizer(ckpt["vocab"] if ckpt else sorted(set(text)))
+    ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    print(f"{len(text):,} characters, vocabulary of {len(tok.chars)}")
+    loader = DataLoader(ids, cfg, device)
+
+    model = RNNLM(cfg, len(tok.chars)).to(device)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    print(f"{model.num_params() / 1e6:.2f}M parameters, device {device}, dtype {cfg.dtype}")
+    if cfg.bidirectional:
+        print(BIDIRECTIONAL_NOTE)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:
+        train(cfg, model, loader, tok, device, autocast, ckpt)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the best checkpoint so far is in {cfg.out_dir}", file=sys.stderr)
+        sys.exit(130)
+    sample(model, tok, cfg, device, autocast, tok.chars[0])  # start from the first character: a newline in Shakespeare
+
+
+if __name__ == "__main__":
+    main()
