@@ -1,0 +1,728 @@
+"""
+switchhead_moe.py: the GPT of ex1 with SwitchHead attention, a mixture of experts inside self-attention.
+
+SwitchHead (Csordás, Piękos, Irie, Schmidhuber, NeurIPS 2024, arXiv 2312.07987) keeps a few attention heads
+(--n_head, 2 here) and gives each head --n_experts value projections and as many output projections. Queries
+and keys stay dense. For every token and head a router picks the --moe_k experts with the largest sigmoid gates
+(no softmax competition): the value router reads the source token, whose value it makes, the output router the
+destination token, whose result it reads out, and the chosen experts' outputs are summed, weighted by their
+gates. Only n_head attention matrices are computed, yet the model has as many projection parameters as a dense
+model with n_head * n_experts heads. --gate softmax is the Switch Transformer router instead (arg-max expert,
+load-balancing loss). --n_experts 1 is the dense baseline: ex1's multi-head attention with --n_head heads.
+At start-up the script prints the paper's cost accounting (multiply-accumulates and floats of memory) for one
+attention layer, against the dense model with n_head * n_experts heads; each evaluation shows how often each
+expert is chosen.
+
+Run:     python switchhead_moe.py                   (2000 iterations at block 256: roughly 15-20 minutes on 2 CPU cores,
+                                                    estimated from 30-iteration runs, evaluations included)
+Dense:   python switchhead_moe.py --n_experts 1 --n_head 8     (the baseline with n_head * n_experts heads)
+Compare: python benchmarks/bench_switchhead.py      (SwitchHead, dense 8-head, dense 2-head; 3 seeds each)
+Sample:  python switchhead_moe.py --prompt "ROMEO:" --num_samples 3
+Parent:  ex1_gpt.py (diff -u ex1_gpt.py switchhead_moe.py)
+Result:  not measured yet: run the comparison above (README, Results, gets its table).
+"""
+
+import argparse
+import csv
+import inspect
+import math
+import os
+import re
+import sys
+import time
+import urllib.request
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+@dataclass
+class Config:
+    # I/O
+    out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
+    data: str = ""  # a local UTF-8 text file to train on; empty: TinyShakespeare, downloaded into data/
+    resume: bool = False  # continue training from out_dir/ckpt.pt
+    eval_interval: int = 250  # evaluate and checkpoint every this many iterations
+    eval_iters: int = 200  # batches per split in each evaluation
+    log_interval: int = 10  # print and log the training loss every this many iterations
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "gpt-ladder"  # wandb project name
+    # model
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 2  # attention heads per block: attention matrices computed per layer
+    n_embd: int = 128  # embedding width
+    head_size: int = 0  # width of each head's queries, keys and values; 0: n_embd // n_head when dense, else the largest with no more attention parameters than a dense layer
+    n_experts: int = 4  # value experts and output experts per head; 1: dense multi-head attention (the baseline)
+    moe_k: int = 2  # experts each token uses per head and projection (--top_k is the sampling flag)
+    gate: str = "sigmoid"  # sigmoid (SwitchHead: top moe_k, unnormalised gates) or softmax (Switch Transformer: arg-max expert, needs --moe_k 1)
+    balance_coef: float = 0.01  # weight of the load-balancing loss (--gate softmax only)
+    block_size: int = 256  # context length in tokens (attention cost grows with it: that is where SwitchHead saves)
+    dropout: float = 0.0  # dropout probability (0.2 is a good value for the larger GPU model)
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    flash: bool = True  # fused scaled_dot_product_attention instead of the explicit softmax(QK^T)V
+    # training
+    seed: int = 1337  # seeds the weights, the batches, dropout and sampling
+    batch_size: int = 12  # sequences per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_iters: int = 2000  # optimizer steps
+    learning_rate: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_iters: int = 100  # linear warmup steps
+    lr_decay_iters: int = 0  # cosine decay length; 0 means max_iters
+    weight_decay: float = 0.1  # AdamW weight decay, applied to matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2 (0.99 since there are few tokens per step)
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
+    # system
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model (worth it on a GPU)
+    # sampling
+    prompt: str = ""  # if set, skip training: load out_dir/ckpt.pt and continue this text
+    num_samples: int = 1  # samples to draw
+    max_new_tokens: int = 500  # tokens per sample
+    temperature: float = 0.8  # <1 sharper, >1 more random
+    top_k: int = 200  # sample only among the k most likely tokens; 0 for all
+
+
+def die(msg):
+    """A user error: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.error = lambda msg: die(f"{msg} (see --help)")
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
+    for f in fields(Config):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
+    cfg = Config(**vars(parser.parse_args(argv)))
+    checks = [
+        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --block_size and --batch_size must be at least 1"),
+        (cfg.head_size > 0 or cfg.n_experts > 1 or cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}, or give --head_size"),
+        (cfg.head_size >= 0 and cfg.n_experts >= 1, "--head_size must be >= 0 and --n_experts >= 1"),
+        (cfg.gate in ("sigmoid", "softmax"), f"--gate {cfg.gate} is not one of sigmoid, softmax"),
+        (cfg.n_experts == 1 or 1 <= cfg.moe_k <= cfg.n_experts, f"--moe_k {cfg.moe_k} must be between 1 and --n_experts {cfg.n_experts}"),
+        (cfg.n_experts == 1 or cfg.gate == "sigmoid" or cfg.moe_k == 1, f"--gate softmax sends each token to its arg-max expert: use --moe_k 1, not {cfg.moe_k}"),
+        (cfg.balance_coef >= 0, f"--balance_coef {cfg.balance_coef} must be >= 0"),
+        (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
+        (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
+        (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
+        (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
+        (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            die(msg)
+    if cfg.head_size == 0:  # resolved here, so the checkpoint records the width that was used
+        cfg.head_size = cfg.n_embd // cfg.n_head if cfg.n_experts == 1 else matched_head_size(cfg.n_embd, cfg.n_head, cfg.n_experts)
+        if cfg.head_size < 1:
+            die(f"--n_head {cfg.n_head} with --n_experts {cfg.n_experts} leaves no head width with the parameters of a dense layer of --n_embd {cfg.n_embd}; give --head_size")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def download(url, path):
+    """Fetch url into path with a progress line; a half-finished download never takes path's name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading {url} -> {path}")
+    tmp = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            total, done = int(r.headers.get("Content-Length") or 0), 0
+            while chunk := r.read(1 << 16):
+                f.write(chunk)
+                done += len(chunk)
+                print(f"\r  {done / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB" if total else ""), end="", flush=True)
+        print()
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local text file")
+
+
+def load_text(cfg):
+    path = cfg.data or os.path.join(DATA_DIR, "tinyshakespeare.txt")
+    if cfg.data and not os.path.isfile(path):
+        die(f"--data {path}: no such file")
+    if not cfg.data and not os.path.isfile(path):
+        download(DATA_URL, path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        die(f"{path} is not UTF-8 text")
+    if len(text) < 2 * (cfg.block_size + 1):
+        die(f"{path} has {len(text)} characters, too few for --block_size {cfg.block_size}")
+    return text
+
+
+class CharTokenizer:
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    def encode(self, s):
+        bad = sorted(set(s) - self.stoi.keys())
+        if bad:
+            die(f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its training text")
+        return [self.stoi[c] for c in s]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+class DataLoader:
+    """The corpus as one tensor of token ids; 90% train, 10% val; batches start at random offsets."""
+
+    def __init__(self, ids, cfg, device):
+        n = int(0.9 * len(ids))
+        self.splits = {"train": ids[:n], "val": ids[n:]}
+        self.cfg, self.device = cfg, device
+        self.offsets = torch.arange(cfg.block_size + 1)
+
+    def get_batch(self, split, generator):
+        data = self.splits[split]
+        ix = torch.randint(len(data) - self.cfg.block_size, (self.cfg.batch_size, 1), generator=generator)
+        xy = data[ix + self.offsets]  # (B, T+1) gathered in one indexing op
+        x, y = xy[:, :-1], xy[:, 1:]
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+class CausalSelfAttention(nn.Module):
+    """Dense attention, the baseline (--n_experts 1): one projection makes q, k, v for every head at once."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.head_size, self.dropout, self.flash = cfg.n_head, cfg.head_size, cfg.dropout, cfg.flash
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_head * cfg.head_size, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        # lower-triangular mask: position t may attend to positions 0..t
+        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        H, D = self.n_head, self.head_size
+        q, k, v = self.c_attn(x).split(H * D, dim=2)
+        # (B, T, H * D) -> (B, H, T, D)
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
+        y = attend(q, k, v, self.mask, self.dropout, self.training, self.flash)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+def attend(q, k, v, mask, dropout, training, flash):
+    """Causal softmax attention of every head, (B, H, T, D) -> (B, H, T, D), fused or written out as in ex1."""
+    if flash:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if training else 0.0, is_causal=True)
+    T = q.size(2)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+    att = att.masked_fill(~mask[:T, :T], float("-inf"))
+    att = F.dropout(F.softmax(att, dim=-1), dropout, training)
+    return att @ v
+
+
+def expert_matmul(x, w, idx, gates, src, dst, n_dst):
+    """Mixture of linear experts: every choice n adds gates[n] * x[src[n]] @ w[idx[n]] into row dst[n] of the result.
+    x (rows, a), w (n_experts, a, b), idx, gates, src, dst (N,) -> (n_dst, b). The choices are grouped by expert
+    with one sort, and each expert multiplies its rows in one matmul: the loop runs over experts, never tokens.
+    An expert that no choice names takes part with zero rows, and gets exactly zero gradient."""
+    order = idx.argsort()
+    counts = torch.bincount(idx, minlength=w.size(0)).tolist()  # the group sizes (one wait for the GPU)
+    rows, g = x[src[order]], gates[order, None]
+    if x.size(1) <= w.size(2):  # scale the narrower side by the gates: the same result, fewer multiplications
+        rows = rows * g
+    out = torch.cat([r @ w[e] for e, r in enumerate(rows.split(counts))])
+    if x.size(1) > w.size(2):
+        out = out * g
+    return out.new_zeros(n_dst, out.size(1)).index_add(0, dst[order], out)
+
+
+def load_balancing_loss(probs, idx):
+    """Switch Transformer's auxiliary loss E * sum_i f_i * P_i, per head, averaged over heads.
+    probs (..., H, E): router probabilities; idx (..., H): the expert each token was sent to. f_i is the
+    fraction of tokens sent to expert i, P_i the mean probability given to it: 1 when both are uniform,
+    E when every token goes to one expert with probability 1."""
+    E = probs.size(-1)
+    f = F.one_hot(idx, E).flatten(0, -3).float().mean(0)  # (H, E)
+    P = probs.flatten(0, -3).mean(0)
+    return (E * (f * P).sum(-1)).mean()
+
+
+class SwitchHeadAttention(nn.Module):
+    """SwitchHead: n_head heads, each with dense queries and keys and n_experts value and output experts, of which
+    every token uses moe_k, weighted by their gates. One attention matrix per head, however many experts."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        H, E, D, C = cfg.n_head, cfg.n_experts, cfg.head_size, cfg.n_embd
+        self.n_head, self.n_experts, self.moe_k, self.head_size, self.gate = H, E, cfg.moe_k, D, cfg.gate
+        self.dropout, self.flash = cfg.dropout, cfg.flash
+        self.c_attn = nn.Linear(C, 2 * H * D, bias=cfg.bias)  # queries and keys, dense
+        self.v_router = nn.Linear(C, H * E, bias=False)  # reads a source token: which experts make its value
+        self.o_router = nn.Linear(C, H * E, bias=False)  # reads a destination token: which experts project its result
+        self.v_experts = nn.Parameter(torch.randn(H, E, C, D) * 0.02)
+        self.o_experts = nn.Parameter(torch.randn(H, E, D, C) * 0.02 / math.sqrt(2 * cfg.n_layer))  # residual projections, as c_proj
+        self.bias = nn.Parameter(torch.zeros(C)) if cfg.bias else None
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False)
+        self.register_buffer("usage", torch.zeros(2, H, E, dtype=torch.long), persistent=False)  # choices counted in eval mode
+        self.register_buffer("first_expert", torch.arange(H).view(1, 1, H, 1) * E, persistent=False)  # head h's experts: h*E ...
+        self.aux_loss = 0.0  # the load-balancing loss of the last training forward (--gate softmax)
+
+    def route(self, router, x, which):
+        """The experts chosen for each token and head, (B, T, H, k) indices into the head's experts, and their gates."""
+        B, T, _ = x.size()
+        logits = router(x).view(B, T, self.n_head, self.n_experts)
+        if self.gate == "sigmoid":  # every expert has its own gate in (0, 1): the k largest are used, unnormalised
+            gates, idx = logits.topk(self.moe_k, dim=-1)
+            gates = torch.sigmoid(gates)
+        else:  # softmax: the experts compete; the arg-max one is used, scaled by its probability
+            probs = F.softmax(logits, dim=-1)
+            gates, idx = probs.max(dim=-1, keepdim=True)
+            if self.training:
+                self.aux_loss = self.aux_loss + load_balancing_loss(probs, idx[..., 0]) / 2  # mean of the two routers
+        if not self.training:
+            self.usage[which] += torch.bincount((idx + self.first_expert).flatten(), minlength=self.usage[which].numel()).view_as(self.usage[which])
+        return gates, idx + self.first_expert  # indices into all H * E experts of the layer
+
+    def forward(self, x):
+        B, T, C = x.size()
+        H, D, k = self.n_head, self.head_size, self.moe_k
+        self.aux_loss = 0.0
+        q, key = self.c_attn(x).split(H * D, dim=2)
+        q, key = (t.view(B, T, H, D).transpose(1, 2) for t in (q, key))  # (B, H, T, D)
+        per_token = torch.arange(B * T, device=x.device).repeat_interleave(H * k)  # the token of each choice
+        per_head = torch.arange(B * T * H, device=x.device).repeat_interleave(k)  # its (token, head) pair
+        # values: for each source token and head, the gate-weighted sum of its k chosen value experts
+        gates, idx = self.route(self.v_router, x, 0)
+        v = expert_matmul(x.reshape(B * T, C), self.v_experts.flatten(0, 1), idx.flatten(), gates.flatten(), per_token, per_head, B * T * H)
+        y = attend(q, key, v.view(B, T, H, D).transpose(1, 2), self.mask, self.dropout, self.training, self.flash)  # H attention matrices
+        # output: for each destination token, every head's result through that token's k chosen output experts, summed
+        gates, idx = self.route(self.o_router, x, 1)
+        y = expert_matmul(y.transpose(1, 2).reshape(B * T * H, D), self.o_experts.flatten(0, 1), idx.flatten(), gates.flatten(), per_head, per_token, B * T)
+        y = y.view(B, T, C)
+        if self.bias is not None:
+            y = y + self.bias
+        return self.resid_dropout(y)
+
+
+def matched_head_size(d, n_head, n_experts):
+    """The largest head width at which SwitchHead's attention has no more parameters than a dense layer (4 d^2):
+    2 d H D for queries and keys, 2 H E d D for the experts, 2 H E d for the routers."""
+    return (4 * d * d - 2 * n_head * n_experts * d) // (2 * d * n_head * (1 + n_experts))
+
+
+def attention_cost(T, d, n_head, head_size, n_experts=1, k=1, xl=False):
+    """Multiply-accumulates and memory (floats) of one attention layer on T tokens, by the paper's formulas
+    (SwitchHead, appendix; get_attention_flops/get_attention_mem in paper/common.py of robertcsordas/moe_attention).
+    n_experts=1 is dense attention. xl=True is the paper's Transformer XL setting (T more keys from the memory,
+    relative positions), in which it quotes 453.4M MACs and 3.46M floats for d=412, 10 heads of 41, T=256, and
+    170.4M and 0.76M with 2 heads of 76, 5 experts, top-2; this script's models are xl=False."""
+    H, D = n_head, head_size
+    S = 2 * T if xl else T  # keys each query sees
+    macs = 2 * H * D * T * S  # scores q.k and the weighted sum of the values
+    mem = 2 * H * T * S  # the attention matrix, before and after the softmax
+    if n_experts == 1:
+        macs += 4 * T * d * H * D  # q, k, v and output projections
+        mem += 4 * T * H * D
+        if xl:  # Transformer XL's extra terms, as the paper counts them
+            macs += 2 * S * d * H * D
+            mem += 2 * S * H * D
+    else:
+        macs += (2 + 2 * k) * T * d * H * D  # dense q and k; k value and k output experts per head
+        macs += 2 * H * k * T * D  # weighting the chosen experts by their gates
+        macs += 2 * n_experts * d * S  # the two routers, as published (E d per token, not H E d: +1.2% in its example)
+        mem += 4 * T * H * D + 2 * n_experts * S
+        if xl:
+            macs += 2 * T * d * H * D
+            mem += 2 * T * H * D
+    return macs, mem
+
+
+def cost_report(cfg, model):
+    """The start-up lines: one attention layer of this model, and of the dense model with n_head * n_experts heads."""
+    T, d, H, E = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_experts
+    n = sum(p.numel() for p in model.blocks[0].attn.parameters())
+    macs, mem = attention_cost(T, d, H, cfg.head_size, E, cfg.moe_k)
+    line = f"attention per layer at T={T} (the paper's accounting): {macs / 1e6:.1f}M MACs, {mem / 1e6:.2f}M floats, {n / 1e3:.1f}k parameters"
+    if E == 1:
+        return f"{line} (dense, {H} heads of {cfg.head_size})"
+    dense_macs, dense_mem = attention_cost(T, d, H * E, d / (H * E), 1)
+    return (
+        f"{line} (SwitchHead, {H} heads of {cfg.head_size}, {E} experts, top-{cfg.moe_k}, {cfg.gate} gate)\n"
+        f"dense, {H * E} heads of {d / (H * E):g}: {dense_macs / 1e6:.1f}M MACs, {dense_mem / 1e6:.2f}M floats, {4 * d * d / 1e3:.1f}k parameters"
+        f" -> SwitchHead needs {100 * macs / dense_macs:.0f}% of its MACs and {100 * mem / dense_mem:.0f}% of its memory"
+    )
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm: normalise the input of each sublayer, keep the residual stream untouched."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg) if cfg.n_experts == 1 else SwitchHeadAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(vocab_size, cfg.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # learned position embeddings
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, active=False):
+        """Parameters without the position embeddings; active=True: only those one token uses (moe_k of the experts)."""
+        n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        if active and self.cfg.n_experts > 1:
+            n -= self.cfg.n_layer * 2 * self.cfg.n_head * (self.cfg.n_experts - self.cfg.moe_k) * self.cfg.n_embd * self.cfg.head_size
+        return n
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        assert T <= self.cfg.block_size, f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}"
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if loss is not None and self.training and self.cfg.n_experts > 1 and self.cfg.gate == "softmax":
+            loss = loss + self.cfg.balance_coef * sum(block.attn.aux_loss for block in self.blocks)  # one per layer, as in Switch
+        return logits, loss
+
+    def configure_optimizer(self, cfg, device_type):
+        # weight decay on matrices (Linear weights, embeddings); not on biases and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+
+    def estimate_mfu(self, tokens_per_sec, device):
+        """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s (PaLM, appendix B)."""
+        L, H, Q, T = self.cfg.n_layer, self.cfg.n_head, self.cfg.head_size, self.cfg.block_size
+        flops_per_token = 6 * self.num_params(active=True) + 12 * L * H * Q * T
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12)
+        return flops_per_token * tokens_per_sec / peak
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
+        """Append max_new_tokens tokens to idx (B, T), each sampled from the model's next-token distribution."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.cfg.block_size :])  # the model sees at most block_size tokens
+            logits = logits[:, -1, :]
+            if temperature == 0:  # greedy
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = float("-inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def setup_device(cfg):
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    if cfg.dtype == "auto":
+        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = getattr(torch, cfg.dtype)
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    return device, autocast
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def expert_usage(model):
+    """One line per layer: how often each expert was chosen in the last evaluation, in % of its head's choices."""
+    lines = []
+    for i, block in enumerate(model.blocks):
+        if isinstance(block.attn, SwitchHeadAttention):
+            share = (100 * block.attn.usage / block.attn.usage.sum(-1, keepdim=True).clamp(min=1)).round().long().tolist()
+            value, output = (" / ".join(" ".join(f"{p:3d}" for p in head) for head in side) for side in share)
+            lines.append(f"  layer {i} expert use (% per head, heads split by /) | value {value} | output {output}")
+    return lines
+
+
+@torch.no_grad()
+def estimate_loss(model, loader, cfg, autocast):
+    """Mean loss over eval_iters batches per split; the same batches every time, so evaluations compare."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        for m in model.modules():  # count the experts' choices afresh: what is left at the end is the val split's
+            if isinstance(m, SwitchHeadAttention):
+                m.usage.zero_()
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = torch.zeros(cfg.eval_iters)
+        for k in range(cfg.eval_iters):
+            x, y = loader.get_batch(split, gen)
+            with autocast:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def load_checkpoint(path, device):
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}; train first (python {SCRIPT}.py) or point --out_dir at a folder holding ckpt.pt")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+        die(f"{path} was written by {found}, not {SCRIPT}; use that script, or another --out_dir")
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class CSVLog:
+    """out_dir/log.csv: one row per log line (batch loss) and per evaluation (train and val estimates)."""
+
+    columns = ["iter", "train_loss", "val_loss", "lr", "ms_per_iter"]
+
+    def __init__(self, path, start_iter):
+        rows = []
+        if start_iter > 0 and os.path.exists(path):  # resuming: drop rows past the checkpoint
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iter"]) < start_iter]
+        self.f = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.f, self.columns)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+
+    def write(self, **row):
+        self.writer.writerow(row)
+        self.f.flush()
+
+
+def train(cfg, model, loader, tok, device, autocast, ckpt=None):
+    raw_model = model
+    optimizer = model.configure_optimizer(cfg, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    gen = torch.Generator().manual_seed(cfg.seed)  # drives the training batches
+    iter_num, best_val = 0, float("inf")
+    if ckpt is not None:  # --resume: restore everything that shapes the next step
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["batch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        print(f"resuming from iter {iter_num} (best val {best_val:.4f})")
+    if cfg.compile:
+        print("compiling the model (takes a minute)...")
+        model = torch.compile(model)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    log = CSVLog(os.path.join(cfg.out_dir, "log.csv"), iter_num)
+    if cfg.wandb:
+        import wandb
+
+        wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    print(f"tokens per iteration: {tokens_per_iter:,}")
+
+    t0, t_start, dts = time.time(), time.time(), []
+    for it in range(iter_num, cfg.max_iters + 1):
+        lr = get_lr(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            losses = estimate_loss(model, loader, cfg, autocast)
+            print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
+            for line in expert_usage(raw_model):
+                print(line)
+            log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
+            if cfg.wandb:
+                wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            if losses["val"] < best_val:
+                best_val = losses["val"]
+                state = {
+                    "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
+                    "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                }  # fmt: skip
+                save_checkpoint(ckpt_path, state)
+                print(f"saved {ckpt_path}")
+            t0 = time.time()  # keep evaluation out of the per-iteration timing
+        if it == cfg.max_iters:
+            break
+
+        for micro in range(cfg.gradient_accumulation_steps):
+            x, y = loader.get_batch("train", gen)  # on a GPU this overlaps with the previous step's kernels
+            with autocast:
+                _, loss = model(x, y)
+                loss = loss / cfg.gradient_accumulation_steps  # the sum over micro-batches is the mean
+            scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        dts.append(dt)
+        if it % cfg.log_interval == 0:
+            lossf = loss.item() * cfg.gradient_accumulation_steps  # .item() waits for the GPU: only when logging
+            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {tokens_per_iter / dt / 1000:.1f}k tok/s"
+            if device.type == "cuda":
+                line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / dt, device):.1f}%"
+            print(line)
+            log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
+    if dts:
+        median = sorted(dts)[len(dts) // 2] * 1000
+        print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
+    log.f.close()
+    return best_val
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and main
+
+
+def sample(model, tok, cfg, device, autocast, prompt):
+    idx = torch.tensor([tok.encode(prompt)] * cfg.num_samples, dtype=torch.long, device=device)
+    torch.manual_seed(cfg.seed)  # the same --seed draws the same samples
+    model.eval()
+    with autocast:
+        out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k)
+    for i, row in enumerate(out.tolist()):
+        print(f"--- sample {i + 1} ---\n{tok.decode(row)}")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    device, autocast = setup_device(cfg)
+    torch.manual_seed(cfg.seed)
+
+    if cfg.prompt:  # sampling only: everything needed is in the checkpoint
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        tok = CharTokenizer(ckpt["vocab"])
+        model = GPT(Config(**ckpt["config"]), len(tok.chars)).to(device)
+        model.load_state_dict(ckpt["model"])
+        sample(model, tok, cfg, device, autocast, cfg.prompt)
+        return
+
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        saved = Config(**ckpt["config"])
+        for name in ("n_layer", "n_head", "n_embd", "head_size", "n_experts", "moe_k", "gate", "block_size", "bias"):  # the architecture comes from the checkpoint
+            setattr(cfg, name, getattr(saved, name))
+    text = load_text(cfg)
+    tok = CharTokenizer(ckpt["vocab"] if ckpt else sorted(set(text)))
+    ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    print(f"{len(text):,} characters, vocabulary of {len(tok.chars)}")
+    loader = DataLoader(ids, cfg, device)
+
+    model = GPT(cfg, len(tok.chars)).to(device)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    print(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M used per token), device {device}, dtype {cfg.dtype}")
+    print(cost_report(cfg, model))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:
+        train(cfg, model, loader, tok, device, autocast, ckpt)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the best checkpoint so far is in {cfg.out_dir}", file=sys.stderr)
+        sys.exit(130)
+    sample(model, tok, cfg, device, autocast, tok.chars[0])  # start from the first character: a newline in Shakespeare
+
+
+if __name__ == "__main__":
+    main()
