@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,3 +39,13 @@ def user_error(capsys, fn, *args):
 def run_script(script, *args, env=None):
     """Run a script in a fresh interpreter (as a user would) and return the completed process."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def assert_causal(model, vocab_size, T=16, t=9):
+    """Changing every token from position t on leaves the logits before t unchanged (and does change the rest)."""
+    idx = torch.randint(vocab_size, (2, T))
+    changed = idx.clone()
+    changed[:, t:] = (changed[:, t:] + 1) % vocab_size
+    a, b = model(idx)[0], model(changed)[0]
+    assert torch.allclose(a[:, :t], b[:, :t], atol=1e-6)
+    assert not torch.allclose(a[:, t:], b[:, t:], atol=1e-3)  # the check can see a change

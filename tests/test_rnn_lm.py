@@ -10,7 +10,6 @@ from conftest import TEXT, user_error
 
 import rnn_lm
 
-torch.set_num_threads(1)
 TINY = ["--device", "cpu", "--n_layer", "1", "--n_embd", "16", "--n_hidden", "32", "--block_size", "16", "--batch_size", "4",
         "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "1",
         "--max_new_tokens", "20"]  # fmt: skip
