@@ -11,7 +11,7 @@ GPU:     python ex1_gpt.py --n_layer 6 --n_head 6 --n_embd 384 --block_size 256 
              --dropout 0.2 --max_iters 5000 --lr_decay_iters 5000 --compile
 Sample:  python ex1_gpt.py --prompt "ROMEO:" --num_samples 3
 Parent:  none (this is the base).
-Result:  val loss 1.88 after 2000 iterations, about 2 minutes on 2 CPU cores (see README, Results).
+Result:  val loss 1.896 after 2000 iterations (1.900, the mean of 3 seeds), about 2 minutes on 2 CPU cores (README, Results).
 """
 
 import argparse
