@@ -1,0 +1,833 @@
+"""
+ex3_pretrain_finetune.py: ex1's GPT pretrained on a large corpus in TinyShakespeare's vocabulary, then finetuned on it.
+
+A copy of ex1_gpt.py with three things added. A second corpus: web text streamed through `datasets` (FineWeb-Edu)
+or local text files, encoded with the Shakespeare character vocabulary (or GPT-2's BPE, --tokenizer gpt2) once
+into a uint16 memmap under data/, reused on later runs and read at random offsets, so it need not fit in memory.
+Stages, each with its own checkpoint and log in out_dir/<stage>: `pretrain` on that corpus; `finetune` from the
+pretrained weights on TinyShakespeare with its own learning rate and iterations; `scratch`, the same finetune
+budget from random weights (ex1's recipe); `all` runs the three and prints both val losses side by side.
+Distributed data parallel under torchrun: one process per device (nccl on GPUs, gloo on the CPU), each computing
+its share of the micro-batches of a step, gradients all-reduced once per step (no_sync on the other micro-steps);
+only rank 0 logs and writes checkpoints. The same command runs with one process and gives the same losses. On
+several machines each one encodes its own copy of the corpus, and --resume needs out_dir on storage they share.
+
+Run:     python ex3_pretrain_finetune.py --pretrain_data ../shared/data/gutenberg/books   (CPU, about 20 min)
+Web:     python ex3_pretrain_finetune.py               (first streams 100M characters of FineWeb-Edu into data/)
+1 node:  torchrun --standalone --nproc_per_node 8 ex3_pretrain_finetune.py --stage pretrain --tokenizer gpt2 \
+             --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 16 --gradient_accumulation_steps 32 \
+             --learning_rate 6e-4 --min_lr 6e-5 --warmup_iters 700 --max_iters 5000 --pretrain_tokens 1000000000 --compile
+2 nodes: the same flags after  torchrun --nnodes 2 --node_rank 0 (1 on the second) --nproc_per_node 8 \
+             --master_addr IP_OF_NODE_0 --master_port 29500 ex3_pretrain_finetune.py
+Sample:  python ex3_pretrain_finetune.py --prompt "ROMEO:" --num_samples 3     (--stage picks the checkpoint)
+Parent:  ex1_gpt.py (diff -u ex1_gpt.py ex3_pretrain_finetune.py)
+Result:  finetuned against from-scratch val loss on TinyShakespeare: see README, Results (benchmarks/bench_ex3.py);
+         target: at least 0.05 lower after pretraining.
+"""
+
+import argparse
+import csv
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+WEB_DATASET = ("HuggingFaceFW/fineweb-edu", "sample-10BT")  # Parquet files on the Hub: streams with current datasets, no loading script
+STAGES = ("pretrain", "finetune", "scratch")
+SUBSTITUTES = {"\u2019": "'", "\u2018": "'", "\u2014": "-", "\u2013": "-"}  # curly apostrophes and dashes, when the vocabulary lacks them
+
+
+@dataclass
+class Config:
+    # I/O
+    out_dir: str = f"out/{SCRIPT}"  # each stage writes its checkpoint and log.csv to out_dir/<stage>
+    data: str = ""  # the finetuning text, a local UTF-8 file (its characters are the vocabulary); empty: TinyShakespeare, downloaded
+    pretrain_data: str = ""  # local text files or folders of .txt files (comma-separated) to pretrain on; empty: stream FineWeb-Edu
+    pretrain_tokens: int = 100_000_000  # encode at most this many tokens of the pretraining corpus; 0: all of it
+    data_dir: str = ""  # downloads and the encoded pretraining corpus go here; empty: data/ next to this script
+    tokenizer: str = "char"  # char (the finetuning text's characters) or gpt2 (GPT-2's BPE through tiktoken)
+    unknown: str = ""  # char tokenizer: the vocabulary character that replaces characters outside it; empty: drop them
+    stage: str = "all"  # pretrain, finetune (from out_dir/pretrain), scratch (the finetune budget from random weights), or all
+    resume: bool = False  # continue the stage from out_dir/<stage>/ckpt.pt
+    eval_interval: int = 500  # evaluate and checkpoint every this many iterations
+    eval_iters: int = 200  # batches per split in each evaluation
+    log_interval: int = 10  # print and log the training loss every this many iterations
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "gpt-ladder"  # wandb project name
+    # model
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # embedding width
+    block_size: int = 64  # context length in tokens
+    dropout: float = 0.0  # dropout probability (0.2 is a good value for the larger GPU model)
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    flash: bool = True  # fused scaled_dot_product_attention instead of the explicit softmax(QK^T)V
+    # training
+    seed: int = 1337  # seeds the weights, the batches, dropout and sampling
+    batch_size: int = 12  # sequences per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, over all processes
+    max_iters: int = 15000  # optimizer steps of pretraining
+    learning_rate: float = 1e-3  # peak learning rate of pretraining and of the from-scratch run
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_iters: int = 100  # linear warmup steps
+    lr_decay_iters: int = 0  # cosine decay length of pretraining; 0 means max_iters (the other stages decay over finetune_iters)
+    weight_decay: float = 0.1  # AdamW weight decay, applied to matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2 (0.99 since there are few tokens per step)
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
+    finetune_iters: int = 2000  # optimizer steps of finetuning, and of the from-scratch run it is compared with
+    finetune_lr: float = 5e-4  # peak learning rate of finetuning (from scratch uses learning_rate)
+    # system
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model (worth it on a GPU)
+    # sampling
+    prompt: str = ""  # if set, skip training: load the --stage checkpoint (all: finetune) and continue this text
+    num_samples: int = 1  # samples to draw
+    max_new_tokens: int = 500  # tokens per sample
+    temperature: float = 0.8  # <1 sharper, >1 more random
+    top_k: int = 200  # sample only among the k most likely tokens; 0 for all
+
+
+def die(msg):
+    """A user error: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.error = lambda msg: die(f"{msg} (see --help)")
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
+    for f in fields(Config):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
+    cfg = Config(**vars(parser.parse_args(argv)))
+    checks = [
+        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --block_size and --batch_size must be at least 1"),
+        (cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}"),
+        (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
+        (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
+        (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (cfg.learning_rate > 0 and cfg.finetune_lr > 0 and cfg.min_lr >= 0, "--learning_rate and --finetune_lr must be > 0 and --min_lr >= 0"),
+        (cfg.finetune_iters >= 0 and cfg.pretrain_tokens >= 0, "--finetune_iters and --pretrain_tokens must be >= 0"),
+        (cfg.stage in STAGES + ("all",), f"--stage {cfg.stage} is not one of pretrain, finetune, scratch, all"),
+        (cfg.tokenizer in ("char", "gpt2"), f"--tokenizer {cfg.tokenizer} is not char or gpt2"),
+        (len(cfg.unknown) <= 1, f"--unknown {cfg.unknown!r} must be one character, or empty to drop unknown characters"),
+        (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
+        (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            die(msg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def download(url, path):
+    """Fetch url into path with a progress line; a half-finished download never takes path's name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading {url} -> {path}")
+    tmp = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            total, done = int(r.headers.get("Content-Length") or 0), 0
+            while chunk := r.read(1 << 16):
+                f.write(chunk)
+                done += len(chunk)
+                print(f"\r  {done / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB" if total else ""), end="", flush=True)
+        print()
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local text file")
+
+
+def load_text(cfg):
+    path = cfg.data or os.path.join(cfg.data_dir or DATA_DIR, "tinyshakespeare.txt")
+    if cfg.data and not os.path.isfile(path):
+        die(f"--data {path}: no such file")
+    if not cfg.data and not os.path.isfile(path):
+        download(DATA_URL, path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        die(f"{path} is not UTF-8 text")
+    if len(text) < 2 * (cfg.block_size + 1):
+        die(f"{path} has {len(text)} characters, too few for --block_size {cfg.block_size}")
+    return text
+
+
+class CharTokenizer:
+    name = "char"
+
+    def __init__(self, chars, unknown=""):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size, self.start = len(self.chars), self.chars[0]  # sampling starts from the first character: a newline in Shakespeare
+        if unknown and unknown not in self.stoi:
+            die(f"--unknown {unknown!r} is not in the vocabulary; use one of its characters, e.g. --unknown ' '")
+        self.unknown = unknown
+        # bulk encoding of the pretraining corpus: one lookup per Unicode code point, -1 outside the vocabulary
+        self.lut = np.full(0x110000, -1, dtype=np.int32)
+        self.lut[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
+        subs = {c: self.stoi[s] for c, s in SUBSTITUTES.items() if c not in self.stoi and s in self.stoi}
+        self.lut[[ord(c) for c in subs]] = list(subs.values())
+        self.substituted = np.array([ord(c) for c in subs], dtype=np.uint32)
+        self.separator = np.array([self.stoi["\n"]] * 2 if "\n" in self.stoi else [], dtype=np.int32)  # between documents
+
+    def encode(self, s):
+        bad = sorted(set(s) - self.stoi.keys())
+        if bad:
+            die(f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its training text")
+        return [self.stoi[c] for c in s]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+    def encode_corpus(self, text, stats):
+        """Any text, in bulk: curly apostrophes and dashes become ' and -, every other character outside the vocabulary
+        is dropped (or becomes --unknown); stats counts the characters, the substitutions and each unknown character."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = self.lut[codes]
+        stats["characters"] += len(codes)
+        stats["substituted"] += int(np.isin(codes, self.substituted).sum())
+        bad = ids < 0
+        if bad.any():
+            for c, k in zip(*np.unique(codes[bad], return_counts=True)):
+                stats["unknown"][chr(c)] = stats["unknown"].get(chr(c), 0) + int(k)
+            if self.unknown:
+                ids[bad] = self.stoi[self.unknown]
+            else:
+                ids = ids[~bad]
+        return ids
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-pair encoding through tiktoken: every text encodes, nothing is dropped."""
+
+    name, chars, start = "gpt2", None, "\n"
+
+    def __init__(self):
+        try:
+            import tiktoken
+
+            self.enc = tiktoken.get_encoding("gpt2")  # downloads two files into tiktoken's cache (TIKTOKEN_CACHE_DIR) once
+        except Exception as e:
+            fix = "pip install tiktoken and connect once, set TIKTOKEN_CACHE_DIR to a folder holding its cached files, or use --tokenizer char"
+            die(f"could not load GPT-2's BPE through tiktoken ({type(e).__name__}); {fix}")
+        self.vocab_size = self.enc.n_vocab  # 50257, which fits in uint16
+        self.separator = np.array([self.enc.eot_token], dtype=np.int32)  # <|endoftext|> between documents, as GPT-2 was trained
+
+    def encode(self, s):
+        return self.enc.encode_ordinary(s)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def encode_corpus(self, text, stats):
+        stats["characters"] += len(text)
+        return np.array(self.enc.encode_ordinary(text), dtype=np.int32)
+
+
+def get_tokenizer(name, chars, unknown=""):
+    return GPT2Tokenizer() if name == "gpt2" else CharTokenizer(chars, unknown)
+
+
+def pretrain_files(cfg):
+    """--pretrain_data: comma-separated files and folders; a folder gives every .txt file under it, in sorted order."""
+    files = []
+    for p in filter(None, (s.strip() for s in cfg.pretrain_data.split(","))):
+        if os.path.isdir(p):
+            found = sorted(os.path.join(d, f) for d, _, names in os.walk(p) for f in names if f.endswith(".txt"))
+            if not found:
+                die(f"--pretrain_data {p}: no .txt files in this folder")
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            die(f"--pretrain_data {p}: no such file or folder")
+    return files
+
+
+def read_documents(files):
+    """Each file's text in pieces of at most 16M characters, then None (the end of a document). A Project Gutenberg
+    book loses its header and licence: the text outside its '*** START OF' and '*** END OF' lines."""
+    for path in files:
+        try:
+            with open(path, encoding="utf-8-sig") as f:  # text mode: \r\n becomes \n
+                first = True
+                while piece := f.read(1 << 24):
+                    if first and (i := piece.find("*** START OF")) >= 0:
+                        piece = piece[piece.find("\n", i) + 1 :]
+                    first, end = False, piece.find("*** END OF")
+                    yield piece if end < 0 else piece[:end]
+                    if end >= 0:
+                        break
+        except UnicodeDecodeError:
+            die(f"{path} is not UTF-8 text")
+        yield None
+
+
+def stream_web_text():
+    """FineWeb-Edu's documents, each followed by None, streamed: only what is read is downloaded."""
+    name, config = WEB_DATASET
+    fix = "pass --pretrain_data with local text files or folders instead"
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        die(f"streaming {name} needs the datasets package (pip install datasets); or {fix}")
+    print(f"streaming {name} ({config}) through datasets")
+    try:
+        for row in load_dataset(name, name=config, split="train", streaming=True):
+            yield row["text"]
+            yield None
+    except Exception as e:  # offline (HF_DATASETS_OFFLINE=1 included), the Hub unreachable, a connection lost midway
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        die(f"could not stream {name} ({type(e).__name__}: {reason}); {fix}")
+
+
+def write_corpus(docs, tok, cfg, path, n_files=0):
+    """Encode docs (text pieces; None ends a document) into path as uint16 ids, with a progress line; the file takes
+    its name only when complete, after its statistics in path.json."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    print(f"encoding the pretraining corpus with the {tok.name} tokenizer -> {path}")
+    stats, n_docs, t_print = {"tokens": 0, "characters": 0, "substituted": 0, "unknown": {}}, 0, 0.0
+    total = f" of {n_files}" if n_files else ""
+    cap = f" (at most {cfg.pretrain_tokens / 1e6:,.1f}M)" if cfg.pretrain_tokens else ""
+    show = lambda: print(f"\r  {n_docs:,}{total} documents, {stats['tokens'] / 1e6:,.1f}M tokens{cap}", end="", flush=True)  # noqa: E731
+    tmp = f"{path}.{os.getpid()}.part"
+    try:
+        with open(tmp, "wb") as f:
+            for piece in docs:
+                ids = tok.separator if piece is None else tok.encode_corpus(piece, stats)
+                n_docs += piece is None
+                if cfg.pretrain_tokens:
+                    ids = ids[: cfg.pretrain_tokens - stats["tokens"]]
+                f.write(ids.astype(np.uint16).tobytes())
+                stats["tokens"] += len(ids)
+                if time.time() - t_print > 0.5:
+                    show()
+                    t_print = time.time()
+                if cfg.pretrain_tokens and stats["tokens"] >= cfg.pretrain_tokens:
+                    break
+        show()
+        print()
+        with open(path.removesuffix(".bin") + ".json", "w") as f:
+            json.dump(stats, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def prepare_pretrain_data(cfg, tok):
+    """The pretraining corpus as a read-only uint16 memmap: encoded once into data/pretrain-<source>-<tokenizer>-<key>.bin,
+    where the key hashes everything that shapes it (the files' names, sizes and times, the vocabulary, --unknown,
+    --pretrain_tokens), and reused by later runs."""
+    if cfg.pretrain_data:
+        files = pretrain_files(cfg)
+        source, docs = [(os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p))) for p in files], read_documents(files)
+    else:
+        source, docs = list(WEB_DATASET), stream_web_text()  # a generator: nothing is fetched unless the file must be written
+    key = hashlib.sha1(json.dumps([source, tok.name, tok.chars, cfg.unknown, cfg.pretrain_tokens]).encode()).hexdigest()[:10]
+    path = os.path.join(cfg.data_dir or DATA_DIR, f"pretrain-{'local' if cfg.pretrain_data else 'fineweb-edu'}-{tok.name}-{key}.bin")
+    meta_path = path.removesuffix(".bin") + ".json"
+    if os.path.exists(path) and os.path.exists(meta_path):
+        print(f"reusing {path}")
+    else:
+        write_corpus(docs, tok, cfg, path, len(source) if cfg.pretrain_data else 0)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    print(f"pretraining corpus: {meta['tokens']:,} tokens from {meta['characters']:,} characters")
+    if meta["substituted"]:
+        print(f"  {meta['substituted']:,} curly apostrophes and dashes written as ' and -")
+    n_unknown = sum(meta["unknown"].values())
+    if n_unknown:
+        common = ", ".join(f"{c!r} {k:,}" for c, k in sorted(meta["unknown"].items(), key=lambda ck: -ck[1])[:8])
+        fate = f"replaced by {cfg.unknown!r}" if cfg.unknown else "dropped"
+        print(f"  {n_unknown:,} characters outside the vocabulary ({100 * n_unknown / meta['characters']:.2f}%) {fate}; most common: {common}")
+    if meta["tokens"] < 10 * (cfg.block_size + 1):  # the val split, a tenth, must hold a block
+        die(f"the pretraining corpus has {meta['tokens']:,} tokens, too few for --block_size {cfg.block_size}; give --pretrain_data more text")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+class DataLoader:
+    """The corpus as an array of token ids (in memory, or a memmap on disk); 90% train, 10% val; batches start at random offsets."""
+
+    def __init__(self, ids, cfg, device):
+        n = int(0.9 * len(ids))
+        self.splits = {"train": ids[:n], "val": ids[n:]}
+        self.cfg, self.device = cfg, device
+        self.offsets = np.arange(cfg.block_size + 1)
+
+    def get_batch(self, split, generator, rank=0, world_size=1):
+        """Under DDP every rank draws the offsets of every rank's micro-batch from the same generator and keeps its own:
+        together the ranks train on exactly the micro-batches one process would."""
+        data = self.splits[split]
+        ix = [torch.randint(len(data) - self.cfg.block_size, (self.cfg.batch_size, 1), generator=generator) for _ in range(world_size)][rank]
+        xy = torch.from_numpy(data[ix.numpy() + self.offsets].astype(np.int64))  # (B, T+1) in one indexing op: only these tokens are read
+        x, y = xy[:, :-1], xy[:, 1:]
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+class CausalSelfAttention(nn.Module):
+    """All heads in one module: one projection makes q, k, v for every head at once."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dropout, self.flash = cfg.n_head, cfg.dropout, cfg.flash
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        # lower-triangular mask: position t may attend to positions 0..t
+        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+            att = att.masked_fill(~self.mask[:T, :T], float("-inf"))
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = att @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm: normalise the input of each sublayer, keep the residual stream untouched."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(vocab_size, cfg.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # learned position embeddings
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        assert T <= self.cfg.block_size, f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}"
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizer(self, cfg, device_type):
+        # weight decay on matrices (Linear weights, embeddings); not on biases and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+
+    def estimate_mfu(self, tokens_per_sec, device):
+        """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s (PaLM, appendix B)."""
+        L, H, Q, T = self.cfg.n_layer, self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head, self.cfg.block_size
+        flops_per_token = 6 * self.num_params() + 12 * L * H * Q * T
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12)
+        return flops_per_token * tokens_per_sec / peak
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
+        """Append max_new_tokens tokens to idx (B, T), each sampled from the model's next-token distribution."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.cfg.block_size :])  # the model sees at most block_size tokens
+            logits = logits[:, -1, :]
+            if temperature == 0:  # greedy
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = float("-inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def setup_ddp(cfg):
+    """Under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE): join the process group, one process per device. Every
+    process but rank 0 prints nothing and logs nothing. Returns this process's rank: 0 without torchrun."""
+    if "RANK" not in os.environ:
+        return 0
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        cfg.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(cfg.device)
+    # the others wait at a barrier while the first process encodes the corpus: allow an hour
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo", timeout=timedelta(minutes=60))
+    if cfg.gradient_accumulation_steps % world_size:
+        die(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} counts micro-batches over all {world_size} processes; make it a multiple of {world_size}")
+    if rank:
+        sys.stdout, cfg.wandb = open(os.devnull, "w"), False
+    return rank
+
+
+@contextmanager
+def local_rank_zero_first():
+    """Under torchrun the first process on each machine runs the block (download, encoding) before the others, which
+    then find its files and reuse them."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if dist.is_initialized() and not first:
+        dist.barrier()
+    yield
+    if dist.is_initialized() and first:
+        dist.barrier()
+
+
+def setup_device(cfg):
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    if cfg.dtype == "auto":
+        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = getattr(torch, cfg.dtype)
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    return device, autocast
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model, loader, cfg, autocast):
+    """Mean loss over eval_iters batches per split; the same batches every time, so evaluations compare."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = torch.zeros(cfg.eval_iters)
+        for k in range(cfg.eval_iters):
+            x, y = loader.get_batch(split, gen)
+            with autocast:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def load_checkpoint(path, device):
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}; run that stage first (python {SCRIPT}.py --stage STAGE) or point --out_dir at the folder holding its folder")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+        die(f"{path} was written by {found}, not {SCRIPT}; use that script, or another --out_dir")
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class CSVLog:
+    """out_dir/log.csv: one row per log line (batch loss) and per evaluation (train and val estimates)."""
+
+    columns = ["iter", "train_loss", "val_loss", "lr", "ms_per_iter"]
+
+    def __init__(self, path, start_iter):
+        rows = []
+        if start_iter > 0 and os.path.exists(path):  # resuming: drop rows past the checkpoint
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iter"]) < start_iter]
+        self.f = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.f, self.columns)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+
+    def write(self, **row):
+        self.writer.writerow(row)
+        self.f.flush()
+
+
+def train(cfg, model, loader, tok, device, autocast, ckpt=None):
+    raw_model = model
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    accum = cfg.gradient_accumulation_steps // world_size  # this process's micro-batches per step
+    optimizer = model.configure_optimizer(cfg, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    gen = torch.Generator().manual_seed(cfg.seed)  # drives the training batches
+    iter_num, best_val = 0, float("inf")
+    if ckpt is not None:  # --resume: restore everything that shapes the next step
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["batch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        print(f"resuming from iter {iter_num} (best val {best_val:.4f})")
+    if cfg.compile:
+        print("compiling the model (takes a minute)...")
+        model = torch.compile(model)
+    eval_model = model  # evaluation runs outside DDP: every rank scores the same batches, with no communication
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)  # copies rank 0's weights to all
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    log = CSVLog(os.path.join(cfg.out_dir, "log.csv") if rank == 0 else os.devnull, iter_num)  # one writer: rank 0
+    if cfg.wandb:
+        import wandb
+
+        wandb.init(project=cfg.wandb_project, name=f"{SCRIPT}-{os.path.basename(cfg.out_dir)}", config=asdict(cfg))  # a run per stage
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # over all processes
+    print(f"tokens per iteration: {tokens_per_iter:,}" + (f" ({world_size} processes x {accum} micro-batches)" if world_size > 1 else ""))
+
+    t0, t_start, dts = time.time(), time.time(), []
+    for it in range(iter_num, cfg.max_iters + 1):
+        lr = get_lr(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            losses = estimate_loss(eval_model, loader, cfg, autocast)
+            print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
+            log.write(iter=it, train_loss=f"{losses['train']:.6f}", val_loss=f"{losses['val']:.6f}", lr=f"{lr:.3e}", ms_per_iter="")
+            if cfg.wandb:
+                wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            if losses["val"] < best_val and rank == 0:  # one writer: rank 0
+                best_val = losses["val"]
+                state = {
+                    "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars, "tokenizer": tok.name,
+                    "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                }  # fmt: skip
+                save_checkpoint(ckpt_path, state)
+                print(f"saved {ckpt_path}")
+            t0 = time.time()  # keep evaluation out of the per-iteration timing
+        if it == cfg.max_iters:
+            break
+
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = loader.get_batch("train", gen, rank, world_size)  # on a GPU this overlaps with the previous step's kernels
+            sync = world_size == 1 or micro == accum - 1  # DDP all-reduces the gradients once, in the last backward
+            with nullcontext() if sync else model.no_sync():
+                with autocast:
+                    _, loss = model(x, y)
+                    loss = loss / accum  # the sum over micro-batches is the mean (and DDP averages over processes)
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        dts.append(dt)
+        if it % cfg.log_interval == 0:
+            if world_size > 1:
+                dist.all_reduce(loss_sum)  # the mean loss over every process's micro-batches
+                loss_sum /= world_size
+            lossf = loss_sum.item()  # .item() waits for the GPU: only when logging
+            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {tokens_per_iter / dt / 1000:.1f}k tok/s"
+            if device.type == "cuda":
+                line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / world_size / dt, device):.1f}%"  # per GPU
+            print(line)
+            log.write(iter=it, train_loss=f"{lossf:.6f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
+    if dts:
+        median = sorted(dts)[len(dts) // 2] * 1000
+        print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
+    log.f.close()
+    if cfg.wandb:
+        wandb.finish()
+    return best_val
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and main
+
+
+def sample(model, tok, cfg, device, autocast, prompt):
+    idx = torch.tensor([tok.encode(prompt)] * cfg.num_samples, dtype=torch.long, device=device)
+    torch.manual_seed(cfg.seed)  # the same --seed draws the same samples
+    model.eval()
+    with autocast:
+        out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k)
+    for i, row in enumerate(out.tolist()):
+        print(f"--- sample {i + 1} ---\n{tok.decode(row)}")
+
+
+def run_stage(stage, cfg, tok, ids, device, autocast):
+    """One stage in out_dir/<stage>; returns its best val loss and its model. pretrain: the large corpus from random
+    weights. finetune: Shakespeare from out_dir/pretrain/ckpt.pt at finetune_lr for finetune_iters. scratch: the same
+    budget from random weights at the pretraining learning rate: ex1's recipe."""
+    cfg = replace(cfg, out_dir=os.path.join(cfg.out_dir, stage))
+    if stage != "pretrain":
+        cfg.max_iters, cfg.lr_decay_iters = cfg.finetune_iters, 0
+    if stage == "finetune":
+        cfg.learning_rate = cfg.finetune_lr
+    ckpt, path = None, os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume and (cfg.stage != "all" or os.path.exists(path)):  # --stage all --resume: stages not begun start afresh
+        ckpt = load_checkpoint(path, device)
+    init, init_path = ckpt, path
+    if stage == "finetune" and not ckpt:  # the pretrained weights; the optimizer starts afresh
+        init_path = os.path.join(os.path.dirname(cfg.out_dir), "pretrain", "ckpt.pt")
+        init = load_checkpoint(init_path, device)
+    if init:
+        if (init.get("tokenizer"), init.get("vocab")) != (tok.name, tok.chars):
+            die(f"{init_path} was trained with another vocabulary (--tokenizer {init.get('tokenizer')}, or another --data); use the same --tokenizer and --data, or another --out_dir")
+        saved = Config(**init["config"])
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "bias"):  # the architecture comes from the checkpoint
+            setattr(cfg, name, getattr(saved, name))
+    print(f"=== stage {stage}: {cfg.max_iters} iterations at learning rate {cfg.learning_rate:g}" + (f", from {init_path}" if init else ""))
+    loader = DataLoader(ids, cfg, device)
+    model = GPT(cfg, tok.vocab_size).to(device)
+    if init:
+        model.load_state_dict(init["model"])
+    print(f"{model.num_params() / 1e6:.2f}M parameters, device {device}, dtype {cfg.dtype}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    return train(cfg, model, loader, tok, device, autocast, ckpt), model
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank = setup_ddp(cfg)
+    device, autocast = setup_device(cfg)
+    torch.manual_seed(cfg.seed + rank)  # other dropout masks on each rank; DDP gives every rank rank 0's initial weights
+
+    if cfg.prompt:  # sampling only: everything needed is in the checkpoint
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "finetune" if cfg.stage == "all" else cfg.stage, "ckpt.pt"), device)
+        tok = get_tokenizer(ckpt["tokenizer"], ckpt["vocab"])
+        model = GPT(Config(**ckpt["config"]), tok.vocab_size).to(device)
+        model.load_state_dict(ckpt["model"])
+        sample(model, tok, cfg, device, autocast, cfg.prompt)
+        return
+
+    with local_rank_zero_first():  # under torchrun one process per machine downloads and encodes; the others reuse its files
+        text = load_text(cfg)
+        tok = get_tokenizer(cfg.tokenizer, sorted(set(text)), cfg.unknown)
+        ids = np.array(tok.encode(text), dtype=np.uint16)
+        print(f"{len(text):,} characters, vocabulary of {tok.vocab_size}")
+        corpus = prepare_pretrain_data(cfg, tok) if cfg.stage in ("pretrain", "all") else None
+
+    best, models = {}, {}
+    try:
+        for stage in STAGES if cfg.stage == "all" else [cfg.stage]:
+            best[stage], models[stage] = run_stage(stage, cfg, tok, corpus if stage == "pretrain" else ids, device, autocast)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the best checkpoint of each stage so far is in {cfg.out_dir}/<stage>", file=sys.stderr)
+        sys.exit(130)
+    if cfg.stage == "all":
+        name = os.path.basename(cfg.data) if cfg.data else "TinyShakespeare"
+        ft, sc = best["finetune"], best["scratch"]
+        print(f"best val loss on {name} after {cfg.finetune_iters} iterations: finetuned {ft:.4f} | from scratch {sc:.4f} | pretraining gains {sc - ft:.4f}")
+    if rank == 0:
+        sample(models.get("finetune", models[stage]), tok, cfg, device, autocast, tok.start)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""ex3_pretrain_finetune.py: the corpus encoding, DDP equal to one process, finetuning from the pretrained weights."""
+
+import csv
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TEXT, assert_causal, user_error
+
+import ex3_pretrain_finetune as ex3
+
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "4", "--device", "cpu", "--eval_iters", "2", "--max_new_tokens", "20"]
+BOOK = "Produced by a volunteer.\n\n*** START OF THE PROJECT GUTENBERG EBOOK {n} ***\n{body}\n*** END OF THE PROJECT GUTENBERG EBOOK {n} ***\nThe licence.\n"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A folder of two small 'Gutenberg books' written in the words of the tiny Shakespeare text (its vocabulary)."""
+    words, rng = TEXT.split(), random.Random(0)
+    folder = tmp_path / "books"
+    folder.mkdir()
+    for n in range(2):
+        body = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(150))
+        (folder / f"book{n}.txt").write_text(BOOK.format(n=n, body=body), encoding="utf-8")
+    return str(folder)
+
+
+@pytest.fixture
+def gpt2_cache(monkeypatch, tmp_path_factory):
+    """GPT-2's BPE offline: TIKTOKEN_CACHE_DIR as set (by .ci/run), or a temporary copy of ../shared/data/tiktoken_cache
+    (tiktoken deletes a cached file whose hash does not match, so never the original)."""
+    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
+        shared = os.path.join(ROOT, "..", "shared", "data", "tiktoken_cache")
+        if not os.path.isdir(shared):
+            pytest.skip("GPT-2's BPE files are not available offline: set TIKTOKEN_CACHE_DIR, or provide ../shared/data/tiktoken_cache")
+        copy = tmp_path_factory.mktemp("tiktoken_cache")
+        for name in os.listdir(shared):
+            shutil.copy(os.path.join(shared, name), copy)
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(copy))
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def losses(out_dir):
+    return [(int(r["iter"]), float(r["train_loss"]), float(r["val_loss"] or "nan")) for r in read_log(out_dir)]
+
+
+def test_causal():
+    torch.manual_seed(0)
+    assert_causal(ex3.GPT(ex3.Config(n_layer=2, n_head=4, n_embd=32, block_size=16), 11).eval(), 11)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pretraining corpus in the Shakespeare vocabulary
+
+
+def test_corpus_encoding_unknown_characters_round_trip_and_reuse(tmp_path, capsys, monkeypatch):
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text(BOOK.format(n=1, body="hear me speak\u2019s caf\u00e9 \u201cAll\u201d 42"), encoding="utf-8")
+    with open(books / "b.txt", "w", encoding="utf-8", newline="") as f:
+        f.write("You are all resolved \u2014 speak.\r\nFirst\r\n")  # no Gutenberg markers, Windows line ends
+    (books / "notes.md").write_text("not a .txt file: skipped")
+    tok = ex3.CharTokenizer(sorted(set(TEXT + "'-")))  # the vocabulary has ' and -, but no digits, quotes or accents
+
+    cfg = ex3.Config(pretrain_data=str(books), data_dir=str(tmp_path / "data"), block_size=1)
+    ids = ex3.prepare_pretrain_data(cfg, tok)
+    out = capsys.readouterr().out
+    assert isinstance(ids, np.memmap) and ids.dtype == np.uint16
+    # header and licence cut, \u2019 and \u2014 written as ' and -, the accent, the quotes and the digits dropped, \r\n -> \n
+    expected = "hear me speak's caf All \n\n\n" + "You are all resolved - speak.\nFirst\n\n\n"
+    assert tok.decode(ids.tolist()) == expected
+    assert "2 curly apostrophes and dashes" in out
+    assert "5 characters outside the vocabulary" in out and "dropped" in out and "'\u00e9' 1" in out
+    assert f"{len(expected):,} tokens" in out
+
+    # a second run reuses the file: nothing is encoded again
+    monkeypatch.setattr(ex3, "write_corpus", lambda *a: pytest.fail("encoded again"))
+    again = ex3.prepare_pretrain_data(cfg, tok)
+    assert "reusing" in capsys.readouterr().out and np.array_equal(again, ids)
+    monkeypatch.undo()
+
+    # --unknown ' ': each unknown character becomes one space (a new file); --pretrain_tokens caps the corpus
+    spaced = ex3.prepare_pretrain_data(ex3.Config(pretrain_data=str(books), data_dir=str(tmp_path / "data"), block_size=1, unknown=" "), ex3.CharTokenizer(tok.chars, " "))
+    assert tok.decode(spaced.tolist()).startswith("hear me speak's caf   All    \n\n\n") and "replaced by ' '" in capsys.readouterr().out
+    capped = ex3.prepare_pretrain_data(ex3.Config(pretrain_data=str(books), data_dir=str(tmp_path / "data"), block_size=1, pretrain_tokens=20), tok)
+    assert tok.decode(capped.tolist()) == expected[:20]
+    assert len(os.listdir(tmp_path / "data")) == 6  # three corpora, each a .bin and its .json; no .part left
+
+
+def test_web_text_offline_names_the_local_fix(tmp_path, text_file, capsys):
+    """Without --pretrain_data the corpus is streamed through datasets; offline (HF_DATASETS_OFFLINE=1) that is one error line."""
+    line = user_error(capsys, ex3.main, TINY + ["--data", text_file, "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "o"), "--stage", "pretrain"])
+    assert "fineweb-edu" in line and "--pretrain_data" in line
+    assert not [f for f in os.listdir(tmp_path) if f.endswith((".bin", ".part"))]  # nothing half-written left behind
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def test_finetune_starts_from_the_pretrained_weights(tmp_path, text_file, corpus, capsys):
+    out = str(tmp_path / "out")
+    common = TINY + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--out_dir", out]
+    ex3.main(common + ["--stage", "pretrain", "--max_iters", "40", "--eval_interval", "40", "--learning_rate", "1e-2", "--warmup_iters", "5"])
+    ex3.main(common + ["--stage", "finetune", "--finetune_iters", "2", "--eval_interval", "1"])
+    ex3.main(common + ["--stage", "scratch", "--finetune_iters", "2", "--eval_interval", "1"])
+
+    # the finetune stage's first evaluation is the pretrained model's loss on the finetuning text
+    ckpt = torch.load(os.path.join(out, "pretrain", "ckpt.pt"), weights_only=True)
+    cfg, tok = ex3.Config(**ckpt["config"]), ex3.CharTokenizer(ckpt["vocab"])
+    loader = ex3.DataLoader(np.array(tok.encode(TEXT), dtype=np.uint16), cfg, torch.device("cpu"))
+    pretrained = ex3.GPT(cfg, tok.vocab_size)
+    pretrained.load_state_dict(ckpt["model"])
+    expected = ex3.estimate_loss(pretrained, loader, cfg, nullcontext())
+    first = losses(os.path.join(out, "finetune"))[0]
+    assert first[0] == 0 and first[1] == pytest.approx(expected["train"], abs=1e-5) and first[2] == pytest.approx(expected["val"], abs=1e-5)
+    # ... not a random model's: the from-scratch stage starts near ln(vocabulary), far above
+    scratch = losses(os.path.join(out, "scratch"))[0]
+    assert scratch[2] == pytest.approx(math.log(tok.vocab_size), abs=0.1)
+    assert first[2] < scratch[2] - 0.5
+
+
+def test_stage_all_smoke_and_resume(tmp_path, text_file, corpus, capsys):
+    common = TINY + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--learning_rate", "1e-2", "--log_interval", "1"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    ex3.main(common + ["--out_dir", full, "--max_iters", "20", "--eval_interval", "10", "--lr_decay_iters", "20", "--finetune_iters", "10", "--finetune_lr", "5e-3"])
+    out = capsys.readouterr().out
+    assert "=== stage pretrain" in out and "=== stage finetune" in out and "=== stage scratch" in out and "--- sample 1 ---" in out
+    summary = next(line for line in out.splitlines() if line.startswith("best val loss on tiny.txt after 10 iterations"))
+    finetuned, scratch = (float(summary.split(word)[1].split()[0]) for word in ("finetuned", "from scratch"))
+    for stage in ex3.STAGES:
+        assert os.path.exists(os.path.join(full, stage, "ckpt.pt"))
+    assert finetuned == pytest.approx(min(r[2] for r in losses(os.path.join(full, "finetune"))), abs=1e-4)
+    assert scratch == pytest.approx(min(r[2] for r in losses(os.path.join(full, "scratch"))), abs=1e-4)
+
+    # --resume within a stage: pretrain to 10, then on to 20, gives the uninterrupted run's losses
+    ex3.main(common + ["--out_dir", part, "--stage", "pretrain", "--max_iters", "10", "--eval_interval", "10", "--lr_decay_iters", "20"])
+    ex3.main(common + ["--out_dir", part, "--stage", "pretrain", "--max_iters", "20", "--eval_interval", "10", "--lr_decay_iters", "20", "--resume"])
+    assert "resuming from iter 10" in capsys.readouterr().out
+    rows = lambda d: [(r["iter"], r["train_loss"], r["val_loss"]) for r in read_log(os.path.join(d, "pretrain"))]  # noqa: E731
+    assert rows(part) == rows(full)
+
+    # sampling from a stage's checkpoint alone
+    ex3.main(["--out_dir", full, "--prompt", "All:", "--max_new_tokens", "10", "--device", "cpu"])
+    assert "--- sample 1 ---\nAll:" in capsys.readouterr().out
+
+
+def test_gpt2_tokenizer(tmp_path, text_file, corpus, capsys, gpt2_cache):
+    import tiktoken
+
+    out = str(tmp_path / "out")
+    tiny = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2", "--device", "cpu", "--eval_iters", "1"]
+    tiny += ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--out_dir", out]
+    ex3.main(tiny + ["--tokenizer", "gpt2", "--max_iters", "2", "--finetune_iters", "1", "--max_new_tokens", "5"])
+    assert "--- sample 1 ---" in capsys.readouterr().out
+    ckpt = torch.load(os.path.join(out, "finetune", "ckpt.pt"), weights_only=True)
+    assert ckpt["tokenizer"] == "gpt2" and ckpt["vocab"] is None and ckpt["model"]["lm_head.weight"].shape[0] == 50257
+    # the memmap decodes to the books' texts, each ended by <|endoftext|>
+    (name,) = [f for f in os.listdir(tmp_path / "data") if f.endswith(".bin")]
+    ids = np.memmap(tmp_path / "data" / name, dtype=np.uint16, mode="r")
+    bodies = [open(os.path.join(corpus, f), encoding="utf-8").read().split("***\n")[1].split("*** END")[0] for f in sorted(os.listdir(corpus))]
+    assert tiktoken.get_encoding("gpt2").decode(ids.tolist()) == "".join(b + "<|endoftext|>" for b in bodies)
+    ex3.main(["--out_dir", out, "--prompt", "ROMEO:", "--max_new_tokens", "3", "--device", "cpu"])
+    assert "--- sample 1 ---\nROMEO:" in capsys.readouterr().out
+
+
+def test_user_errors(tmp_path, text_file, corpus, capsys):
+    base = TINY + ["--data", text_file, "--data_dir", str(tmp_path / "data")]
+    assert "--stage" in user_error(capsys, ex3.main, base + ["--stage", "everything"])
+    assert "--tokenizer" in user_error(capsys, ex3.main, base + ["--tokenizer", "bpe"])
+    assert "one character" in user_error(capsys, ex3.main, base + ["--unknown", "ab"])
+    assert "'Z'" in user_error(capsys, ex3.main, base + ["--unknown", "Z", "--pretrain_data", corpus])  # no Z in the tiny text
+    assert "no such file or folder" in user_error(capsys, ex3.main, base + ["--pretrain_data", str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    assert "no .txt files" in user_error(capsys, ex3.main, base + ["--pretrain_data", str(tmp_path / "empty")])
+    out = str(tmp_path / "out")
+    line = user_error(capsys, ex3.main, base + ["--stage", "finetune", "--out_dir", out])
+    assert "no checkpoint" in line and "pretrain" in line and "--stage" in line
+    ex3.main(base + ["--stage", "pretrain", "--pretrain_data", corpus, "--out_dir", out, "--max_iters", "1", "--max_new_tokens", "1"])
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT + "Zounds!\n", encoding="utf-8")  # one more character: another vocabulary
+    line = user_error(capsys, ex3.main, TINY + ["--data", str(other), "--stage", "finetune", "--out_dir", out])
+    assert "another vocabulary" in line
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed data parallel
+
+WORKER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+import ex3_pretrain_finetune as ex3
+
+allreduces, models = [0], []
+
+
+class CountingDDP(ex3.DDP):  # counts the gradient all-reduces (one per bucket per synchronised backward)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_comm_hook(None, self.count)
+
+    @staticmethod
+    def count(state, bucket):
+        allreduces[0] += 1
+        return default_hooks.allreduce_hook(state, bucket)
+
+
+def train(cfg, model, *args, **kwargs):
+    models.append(model)
+    return TRAIN(cfg, model, *args, **kwargs)
+
+
+ex3.DDP, TRAIN, ex3.train = CountingDDP, ex3.train, train
+ex3.main(sys.argv[1:])
+out = sys.argv[sys.argv.index("--out_dir") + 1]
+torch.save({{"params": models[0].state_dict(), "allreduces": allreduces[0]}}, os.path.join(out, "rank" + os.environ.get("RANK", "0") + ".pt"))
+"""
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, text_file, corpus):
+    """torchrun --nproc_per_node 2 on the CPU (gloo): parameters identical across ranks, the loss curve of one process
+    with the same global batch (4 micro-batches: 2 per rank), and one gradient all-reduce per step, not per micro-batch."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(root=ROOT))
+    steps = 5
+    args = TINY + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--stage", "pretrain", "--max_iters", str(steps), "--warmup_iters", "0",
+                   "--eval_interval", str(steps), "--log_interval", "1", "--gradient_accumulation_steps", "4", "--learning_rate", "1e-2", "--max_new_tokens", "5"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    ddp, one = str(tmp_path / "ddp"), str(tmp_path / "one")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    p = subprocess.run(torchrun + [str(worker), *args, "--out_dir", ddp], capture_output=True, text=True, timeout=180, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert p.stdout.count("iter 0 | train") == 1 and "2 processes x 2 micro-batches" in p.stdout  # only rank 0 prints
+    p = subprocess.run([sys.executable, str(worker), *args, "--out_dir", one], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "reusing" in p.stdout  # the corpus torchrun's rank 0 encoded
+
+    a, b = losses(os.path.join(ddp, "pretrain")), losses(os.path.join(one, "pretrain"))
+    assert [r[0] for r in a] == [r[0] for r in b] and len(a) == steps + 2  # a loss every step, and two evaluations
+    assert np.allclose(np.array(a)[:, 1:], np.array(b)[:, 1:], atol=1e-5, rtol=0, equal_nan=True)
+    assert a[-1][2] < a[0][2] - 0.1  # it did train
+    r0, r1, single = (torch.load(os.path.join(d, f), weights_only=True) for d, f in ((ddp, "rank0.pt"), (ddp, "rank1.pt"), (one, "rank0.pt")))
+    for name, p0 in r0["params"].items():
+        assert torch.equal(p0, r1["params"][name]), name
+        assert torch.allclose(p0, single["params"][name], atol=1e-5), name
+    # the tiny model's gradients fit in one DDP bucket: one all-reduce per step; without no_sync it would be two
+    assert r0["allreduces"] == r1["allreduces"] == steps and single["allreduces"] == 0
+    assert os.path.exists(os.path.join(ddp, "pretrain", "ckpt.pt")) and not os.path.exists(os.path.join(ddp, "pretrain", "ckpt.pt.tmp"))
