@@ -30,7 +30,6 @@ Run on a quiet machine. On 2 CPU cores:
 import argparse
 import csv
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -43,24 +42,7 @@ SCRIPT = os.path.join(ROOT, "ex3_pretrain_finetune.py")
 OUT = os.path.join(ROOT, "out", "bench_ex3")
 
 import torch  # noqa: E402
-
-
-def machine(threads=None):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    n = threads or torch.get_num_threads()
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores, {n} torch threads{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    print("\n".join(lines) + "\n", flush=True)
+from common import machine, table  # noqa: E402
 
 
 def read_log(out_dir):

@@ -42,7 +42,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -53,6 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+from common import machine, table  # noqa: E402
 
 import ex4_mqa_swiglu as ex4  # noqa: E402
 
@@ -70,24 +70,6 @@ QUADRATIC_EXPLICIT = ("full explicit", "window mask explicit")  # these hold T x
 def window_mask(q, W):
     pos = torch.arange(q.size(-2), device=q.device)
     return ex4.window_mask(pos, pos, W)
-
-
-def machine(threads):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    n = threads or torch.get_num_threads()
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores, {n} torch threads{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    print("\n".join(lines) + "\n", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Shared test set-up: offline settings, the repository on sys.path, a small corpus, and user-error checks."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -49,3 +50,22 @@ def assert_causal(model, vocab_size, T=16, t=9):
     a, b = model(idx)[0], model(changed)[0]
     assert torch.allclose(a[:, :t], b[:, :t], atol=1e-6)
     assert not torch.allclose(a[:, t:], b[:, t:], atol=1e-3)  # the check can see a change
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def losses(out_dir):
+    """The losses of a run's log.csv, without the timings: equal for a resumed and an uninterrupted run."""
+    return [(r["iter"], r["train_loss"], r["val_loss"]) for r in read_log(out_dir)]
+
+
+def assert_repeatable_samples(main, out_dir, capsys, prompt="All:"):
+    """Sampling from a checkpoint alone: two samples that continue the prompt, the same again with the same --seed."""
+    draws = []
+    for _ in range(2):
+        main(["--out_dir", out_dir, "--prompt", prompt, "--max_new_tokens", "40", "--num_samples", "2", "--device", "cpu"])
+        draws.append(capsys.readouterr().out)
+    assert draws[0] == draws[1] and draws[0].count("--- sample") == 2 and "\n" + prompt in draws[0]

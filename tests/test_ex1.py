@@ -1,4 +1,3 @@
-import csv
 import math
 import os
 
@@ -6,7 +5,7 @@ import pytest
 import torch
 
 import ex1_gpt as ex1
-from conftest import assert_causal, run_script, user_error
+from conftest import assert_causal, assert_repeatable_samples, losses, read_log, run_script, user_error
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "4", "--device", "cpu", "--eval_iters", "2"]
 
@@ -15,11 +14,6 @@ def tiny_model(**overrides):
     cfg = ex1.Config(n_layer=2, n_head=4, n_embd=32, block_size=16, **overrides)
     torch.manual_seed(0)
     return ex1.GPT(cfg, vocab_size=11).eval()
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.parametrize("flash", [True, False])
@@ -71,15 +65,9 @@ def test_train_sample_resume(tmp_path, text_file, capsys):
     ex1.main(common + ["--out_dir", part, "--max_iters", "10"])
     ex1.main(common + ["--out_dir", part, "--max_iters", "20", "--resume"])
     assert "resuming from iter 10" in capsys.readouterr().out
-    losses = lambda d: [(r["iter"], r["train_loss"], r["val_loss"]) for r in read_log(d)]  # noqa: E731
     assert losses(part) == losses(full)
 
-    # sampling from the checkpoint alone, repeatable with --seed
-    draws = []
-    for _ in range(2):
-        ex1.main(["--out_dir", full, "--prompt", "All:", "--max_new_tokens", "40", "--num_samples", "2", "--device", "cpu"])
-        draws.append(capsys.readouterr().out)
-    assert draws[0] == draws[1] and draws[0].count("--- sample") == 2 and "\nAll:" in draws[0]
+    assert_repeatable_samples(ex1.main, full, capsys)  # sampling from the checkpoint alone
 
 
 def test_download_when_offline(tmp_path, monkeypatch, capsys):

@@ -1,12 +1,11 @@
 """rnn_lm.py: the hand-written Elman cell, causality (and the bidirectional leak), sampling with a carried state,
 --stateful truncated BPTT, and smoke runs through main for every cell, with checkpoint, resume and --prompt."""
 
-import csv
 import os
 
 import pytest
 import torch
-from conftest import TEXT, user_error
+from conftest import TEXT, read_log, user_error
 
 import rnn_lm
 
@@ -20,11 +19,6 @@ def make_model(cell, activation="slide", bidirectional=False, n_layer=2):
     torch.manual_seed(0)
     cfg = rnn_lm.Config(cell=cell, activation=activation, bidirectional=bidirectional, n_layer=n_layer, n_embd=8, n_hidden=12, block_size=16)
     return rnn_lm.RNNLM(cfg, 11).eval()
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # ----------------------------------------------------------------------------------------------------------

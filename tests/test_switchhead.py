@@ -1,4 +1,3 @@
-import csv
 import math
 import os
 
@@ -8,7 +7,7 @@ from torch.nn import functional as F
 
 import ex1_gpt as ex1
 import switchhead_moe as sh
-from conftest import assert_causal, user_error
+from conftest import assert_causal, assert_repeatable_samples, losses, read_log, user_error
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "4", "--device", "cpu", "--eval_iters", "2"]
 
@@ -201,11 +200,6 @@ def test_load_balancing_loss():
     assert train_loss.item() == pytest.approx(eval_loss.item() + 0.5 * aux.item(), abs=1e-5)
 
 
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def test_train_sample_resume(tmp_path, text_file, capsys):
     common = TINY + ["--data", text_file, "--learning_rate", "1e-2", "--dropout", "0.1", "--eval_interval", "5", "--log_interval", "1", "--lr_decay_iters", "10"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
@@ -220,15 +214,9 @@ def test_train_sample_resume(tmp_path, text_file, capsys):
     sh.main(common + ["--out_dir", part, "--max_iters", "5"])
     sh.main(common + ["--out_dir", part, "--max_iters", "10", "--resume", "--n_experts", "3"])  # the checkpoint's 4 win
     assert "resuming from iter 5" in capsys.readouterr().out
-    losses = lambda d: [(r["iter"], r["train_loss"], r["val_loss"]) for r in read_log(d)]  # noqa: E731
     assert losses(part) == losses(full)
 
-    # sampling from the checkpoint alone, repeatable with --seed
-    draws = []
-    for _ in range(2):
-        sh.main(["--out_dir", full, "--prompt", "All:", "--max_new_tokens", "40", "--num_samples", "2", "--device", "cpu"])
-        draws.append(capsys.readouterr().out)
-    assert draws[0] == draws[1] and draws[0].count("--- sample") == 2 and "\nAll:" in draws[0]
+    assert_repeatable_samples(sh.main, full, capsys)  # sampling from the checkpoint alone
 
 
 @pytest.mark.parametrize("flags", [["--gate", "softmax", "--moe_k", "1"], ["--n_experts", "1", "--n_head", "4"]])
