@@ -1,0 +1,1108 @@
+"""
+gan_text.py: a text GAN. The SwitchHead GPT of switchhead_moe.py is the generator, an LSTM classifier the discriminator,
+and the generator learns from the discriminator through REINFORCE (SeqGAN, Yu, Zhang, Wang, Yu, AAAI 2017).
+
+Three phases, each with its own iteration count. 1. MLE pre-training of the generator, switchhead_moe.py's training
+loop unchanged (--max_iters), or --init_from a switchhead_moe.py checkpoint instead. 2. Pre-training of the
+discriminator (--d_pretrain_iters): embedding, LSTM, linear, sigmoid; D(x) is the probability that x is real text,
+trained with L_D = -mean(log D(real) + log(1 - D(fake))) on --seq_len-token sequences of the corpus and sequences the
+generator samples from a real first token. 3. Adversarial rounds (--adv_rounds), each of --g_steps generator steps
+and --d_steps discriminator steps. A generator step samples sequences, rewards them with r = D(x) (a number, no
+gradient reaches D), subtracts a baseline b (the running mean of the reward) and minimises
+L_G = -mean((r - b) * sum_t log p(x_t | x_<t)): samples that fool D become likelier. --rollouts N gives every token
+its own reward, the mean D of N Monte-Carlo completions of its prefix (SeqGAN); --mle_weight adds an MLE loss on a
+real batch to each generator step. Sampling is the GAN's inner loop: it keeps a key/value cache.
+Every evaluation prints the generator's NLL on held-out text, D's accuracy on held-out real and fresh fake text,
+BLEU-2/3/4 of the samples against held-out text (quality) and their self-BLEU-4 (diversity: 1 when all samples are
+alike); samples are printed before and after the adversarial rounds.
+
+Run:     python gan_text.py                      (MLE 2000 iterations, D 200 steps, 150 rounds, all at 64 characters:
+                                                 about 15-20 minutes on 2 CPU cores, estimated from short runs)
+Init:    python switchhead_moe.py --block_size 64 --out_dir out/mle && python gan_text.py --init_from out/mle/ckpt.pt
+Compare: python benchmarks/bench_gan.py          (MLE only vs adversarial, temperature sweep, quality-diversity picture)
+Sample:  python gan_text.py --prompt "ROMEO:" --num_samples 3
+Parent:  switchhead_moe.py (diff -u switchhead_moe.py gan_text.py)
+Result:  not measured yet: run the comparison above (README, Results, gets its table).
+"""
+
+import argparse
+import csv
+import inspect
+import math
+import os
+import re
+import sys
+import time
+import urllib.request
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+@dataclass
+class Config:
+    # I/O
+    out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
+    data: str = ""  # a local UTF-8 text file to train on; empty: TinyShakespeare, downloaded into data/
+    resume: bool = False  # continue training from out_dir/ckpt.pt, in whichever phase it was written
+    init_from: str = ""  # a switchhead_moe.py ckpt.pt to take the generator from instead of MLE pre-training (its architecture wins)
+    eval_interval: int = 250  # evaluate and checkpoint every this many iterations
+    eval_iters: int = 200  # batches per split in each evaluation
+    log_interval: int = 10  # print and log the training loss every this many iterations
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "gpt-ladder"  # wandb project name
+    # model
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 2  # attention heads per block: attention matrices computed per layer
+    n_embd: int = 128  # embedding width
+    head_size: int = 0  # width of each head's queries, keys and values; 0: n_embd // n_head when dense, else the largest with no more attention parameters than a dense layer
+    n_experts: int = 4  # value experts and output experts per head; 1: dense multi-head attention (the baseline)
+    moe_k: int = 2  # experts each token uses per head and projection (--top_k is the sampling flag)
+    gate: str = "sigmoid"  # sigmoid (SwitchHead: top moe_k, unnormalised gates) or softmax (Switch Transformer: arg-max expert, needs --moe_k 1)
+    balance_coef: float = 0.01  # weight of the load-balancing loss (--gate softmax only)
+    block_size: int = 64  # context length in tokens (64 as in ex1: the GAN samples seq_len tokens, a sampling step is cheap at this size)
+    dropout: float = 0.0  # dropout probability (0.2 is a good value for the larger GPU model)
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    flash: bool = True  # fused scaled_dot_product_attention instead of the explicit softmax(QK^T)V
+    # training
+    seed: int = 1337  # seeds the weights, the batches, dropout and sampling
+    batch_size: int = 12  # sequences per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_iters: int = 2000  # optimizer steps
+    learning_rate: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_iters: int = 100  # linear warmup steps
+    lr_decay_iters: int = 0  # cosine decay length; 0 means max_iters
+    weight_decay: float = 0.1  # AdamW weight decay, applied to matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2 (0.99 since there are few tokens per step)
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
+    # GAN
+    seq_len: int = 64  # tokens in each sequence the generator samples and the discriminator judges (at most block_size)
+    d_embd: int = 64  # discriminator: embedding width
+    d_hidden: int = 128  # discriminator: LSTM hidden units
+    d_learning_rate: float = 1e-2  # discriminator: Adam learning rate
+    d_pretrain_iters: int = 200  # phase 2: discriminator steps before the adversarial rounds
+    adv_rounds: int = 150  # phase 3: adversarial rounds of g_steps generator steps, then d_steps discriminator steps
+    g_steps: int = 1  # generator (REINFORCE) steps per round
+    d_steps: int = 3  # discriminator steps per round
+    gan_batch_size: int = 64  # sequences per generator or discriminator step (real and fake each)
+    adv_learning_rate: float = 3e-5  # generator learning rate in the adversarial rounds, constant (1e-4 raised the val NLL by 0.05 in 12 rounds)
+    rollouts: int = 0  # Monte-Carlo completions of each prefix for per-token rewards (SeqGAN); 0: one reward per sequence, D(x)
+    baseline_decay: float = 0.9  # the baseline b follows the mean reward: b <- decay * b + (1 - decay) * mean(r)
+    mle_weight: float = 0.0  # weight of an MLE loss on a real batch added to each generator step; 0: pure REINFORCE
+    adv_eval_interval: int = 25  # evaluate and checkpoint every this many discriminator pre-training steps or rounds
+    eval_samples: int = 128  # sequences sampled at each evaluation for D accuracy, BLEU and self-BLEU (the same draws each time)
+    # system
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model (worth it on a GPU)
+    # sampling
+    prompt: str = ""  # if set, skip training: load out_dir/ckpt.pt and continue this text
+    num_samples: int = 1  # samples to draw
+    max_new_tokens: int = 500  # tokens per sample
+    temperature: float = 1.0  # <1 sharper, >1 more random (1: the distribution the GAN trains)
+    top_k: int = 200  # sample only among the k most likely tokens; 0 for all
+
+
+def die(msg):
+    """A user error: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.error = lambda msg: die(f"{msg} (see --help)")
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
+    for f in fields(Config):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
+    cfg = Config(**vars(parser.parse_args(argv)))
+    checks = [
+        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --block_size and --batch_size must be at least 1"),
+        (cfg.head_size > 0 or cfg.n_experts > 1 or cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}, or give --head_size"),
+        (cfg.head_size >= 0 and cfg.n_experts >= 1, "--head_size must be >= 0 and --n_experts >= 1"),
+        (cfg.gate in ("sigmoid", "softmax"), f"--gate {cfg.gate} is not one of sigmoid, softmax"),
+        (cfg.n_experts == 1 or 1 <= cfg.moe_k <= cfg.n_experts, f"--moe_k {cfg.moe_k} must be between 1 and --n_experts {cfg.n_experts}"),
+        (cfg.n_experts == 1 or cfg.gate == "sigmoid" or cfg.moe_k == 1, f"--gate softmax sends each token to its arg-max expert: use --moe_k 1, not {cfg.moe_k}"),
+        (cfg.balance_coef >= 0, f"--balance_coef {cfg.balance_coef} must be >= 0"),
+        (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
+        (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
+        (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
+        (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
+        (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
+        (cfg.seq_len >= 2, f"--seq_len {cfg.seq_len} must be at least 2: a given first token and one sampled"),
+        (cfg.d_embd >= 1 and cfg.d_hidden >= 1 and cfg.gan_batch_size >= 1, "--d_embd, --d_hidden and --gan_batch_size must be at least 1"),
+        (min(cfg.d_pretrain_iters, cfg.adv_rounds, cfg.g_steps, cfg.d_steps, cfg.rollouts) >= 0, "--d_pretrain_iters, --adv_rounds, --g_steps, --d_steps and --rollouts must be >= 0"),
+        (cfg.d_learning_rate > 0 and cfg.adv_learning_rate > 0 and cfg.mle_weight >= 0, "--d_learning_rate and --adv_learning_rate must be > 0 and --mle_weight >= 0"),
+        (0 <= cfg.baseline_decay < 1, f"--baseline_decay {cfg.baseline_decay} must be in [0, 1)"),
+        (cfg.adv_eval_interval >= 1 and cfg.eval_samples >= 2, "--adv_eval_interval must be at least 1 and --eval_samples at least 2 (self-BLEU compares samples)"),
+        (not (cfg.resume and cfg.init_from), "--resume continues this script's own checkpoint and --init_from starts from switchhead_moe's: give one"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            die(msg)
+    if cfg.head_size == 0:  # resolved here, so the checkpoint records the width that was used
+        cfg.head_size = cfg.n_embd // cfg.n_head if cfg.n_experts == 1 else matched_head_size(cfg.n_embd, cfg.n_head, cfg.n_experts)
+        if cfg.head_size < 1:
+            die(f"--n_head {cfg.n_head} with --n_experts {cfg.n_experts} leaves no head width with the parameters of a dense layer of --n_embd {cfg.n_embd}; give --head_size")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def download(url, path):
+    """Fetch url into path with a progress line; a half-finished download never takes path's name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading {url} -> {path}")
+    tmp = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            total, done = int(r.headers.get("Content-Length") or 0), 0
+            while chunk := r.read(1 << 16):
+                f.write(chunk)
+                done += len(chunk)
+                print(f"\r  {done / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB" if total else ""), end="", flush=True)
+        print()
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local text file")
+
+
+def load_text(cfg):
+    path = cfg.data or os.path.join(DATA_DIR, "tinyshakespeare.txt")
+    if cfg.data and not os.path.isfile(path):
+        die(f"--data {path}: no such file")
+    if not cfg.data and not os.path.isfile(path):
+        download(DATA_URL, path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        die(f"{path} is not UTF-8 text")
+    if len(text) < 2 * (cfg.block_size + 1):
+        die(f"{path} has {len(text)} characters, too few for --block_size {cfg.block_size}")
+    return text
+
+
+class CharTokenizer:
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    def encode(self, s):
+        bad = sorted(set(s) - self.stoi.keys())
+        if bad:
+            die(f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its training text")
+        return [self.stoi[c] for c in s]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+class DataLoader:
+    """The corpus as one tensor of token ids; 90% train, 10% val; batches start at random offsets."""
+
+    def __init__(self, ids, cfg, device):
+        n = int(0.9 * len(ids))
+        self.splits = {"train": ids[:n], "val": ids[n:]}
+        self.cfg, self.device = cfg, device
+        self.offsets = torch.arange(cfg.block_size + 1)
+
+    def get_batch(self, split, generator):
+        data = self.splits[split]
+        ix = torch.randint(len(data) - self.cfg.block_size, (self.cfg.batch_size, 1), generator=generator)
+        xy = data[ix + self.offsets]  # (B, T+1) gathered in one indexing op
+        x, y = xy[:, :-1], xy[:, 1:]
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def get_text(self, split, n, generator):
+        """n real sequences of seq_len tokens from split, at random offsets: what the discriminator learns to call real."""
+        data = self.splits[split]
+        ix = torch.randint(len(data) - self.cfg.seq_len + 1, (n, 1), generator=generator)
+        return data[ix + torch.arange(self.cfg.seq_len)].to(self.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+class CausalSelfAttention(nn.Module):
+    """Dense attention, the baseline (--n_experts 1): one projection makes q, k, v for every head at once."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.head_size, self.dropout, self.flash = cfg.n_head, cfg.head_size, cfg.dropout, cfg.flash
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_head * cfg.head_size, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        # lower-triangular mask: position t may attend to positions 0..t
+        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        H, D = self.n_head, self.head_size
+        q, k, v = self.c_attn(x).split(H * D, dim=2)
+        # (B, T, H * D) -> (B, H, T, D)
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
+        k, v = extend_cache(cache, k, v, self.mask.size(0))
+        y = attend(q, k, v, self.mask, self.dropout, self.training, self.flash)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+def extend_cache(cache, k, v, size):
+    """Sampling with a key/value cache: a list, empty at first, then [keys, values, n] with room for size positions.
+    The new keys and values (B, H, T, D) are written after the n earlier ones; all of them are returned.
+    cache=None: no cache, k and v unchanged."""
+    if cache is None:
+        return k, v
+    if not cache:
+        cache += [k.new_empty(*k.shape[:2], size, k.size(3)), v.new_empty(*v.shape[:2], size, v.size(3)), 0]
+    n = cache[2] + k.size(2)
+    cache[0][:, :, cache[2] : n], cache[1][:, :, cache[2] : n], cache[2] = k, v, n
+    return cache[0][:, :, :n], cache[1][:, :, :n]
+
+
+def attend(q, k, v, mask, dropout, training, flash):
+    """Causal softmax attention of every head, (B, H, T, D) -> (B, H, T, D), fused or written out as in ex1.
+    k and v may hold S > T positions (a cache): the queries are the last T of them."""
+    T, S = q.size(2), k.size(2)
+    if flash:
+        causal = None if T == S else mask[S - T : S, :S]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout if training else 0.0, is_causal=T == S)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+    att = att.masked_fill(~mask[S - T : S, :S], float("-inf"))
+    att = F.dropout(F.softmax(att, dim=-1), dropout, training)
+    return att @ v
+
+
+def expert_matmul(x, w, idx, gates, src, dst, n_dst):
+    """Mixture of linear experts: every choice n adds gates[n] * x[src[n]] @ w[idx[n]] into row dst[n] of the result.
+    x (rows, a), w (n_experts, a, b), idx, gates, src, dst (N,) -> (n_dst, b). The choices are grouped by expert
+    with one sort, and each expert multiplies its rows in one matmul: the loop runs over experts, never tokens.
+    An expert that no choice names takes part with zero rows, and gets exactly zero gradient."""
+    order = idx.argsort()
+    counts = torch.bincount(idx, minlength=w.size(0)).tolist()  # the group sizes (one wait for the GPU)
+    rows, g = x[src[order]], gates[order, None]
+    if x.size(1) <= w.size(2):  # scale the narrower side by the gates: the same result, fewer multiplications
+        rows = rows * g
+    out = torch.cat([r @ w[e] for e, r in enumerate(rows.split(counts))])
+    if x.size(1) > w.size(2):
+        out = out * g
+    return out.new_zeros(n_dst, out.size(1)).index_add(0, dst[order], out)
+
+
+def load_balancing_loss(probs, idx):
+    """Switch Transformer's auxiliary loss E * sum_i f_i * P_i, per head, averaged over heads.
+    probs (..., H, E): router probabilities; idx (..., H): the expert each token was sent to. f_i is the
+    fraction of tokens sent to expert i, P_i the mean probability given to it: 1 when both are uniform,
+    E when every token goes to one expert with probability 1."""
+    E = probs.size(-1)
+    f = F.one_hot(idx, E).flatten(0, -3).float().mean(0)  # (H, E)
+    P = probs.flatten(0, -3).mean(0)
+    return (E * (f * P).sum(-1)).mean()
+
+
+class SwitchHeadAttention(nn.Module):
+    """SwitchHead: n_head heads, each with dense queries and keys and n_experts value and output experts, of which
+    every token uses moe_k, weighted by their gates. One attention matrix per head, however many experts."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        H, E, D, C = cfg.n_head, cfg.n_experts, cfg.head_size, cfg.n_embd
+        self.n_head, self.n_experts, self.moe_k, self.head_size, self.gate = H, E, cfg.moe_k, D, cfg.gate
+        self.dropout, self.flash = cfg.dropout, cfg.flash
+        self.c_attn = nn.Linear(C, 2 * H * D, bias=cfg.bias)  # queries and keys, dense
+        self.v_router = nn.Linear(C, H * E, bias=False)  # reads a source token: which experts make its value
+        self.o_router = nn.Linear(C, H * E, bias=False)  # reads a destination token: which experts project its result
+        self.v_experts = nn.Parameter(torch.randn(H, E, C, D) * 0.02)
+        self.o_experts = nn.Parameter(torch.randn(H, E, D, C) * 0.02 / math.sqrt(2 * cfg.n_layer))  # residual projections, as c_proj
+        self.bias = nn.Parameter(torch.zeros(C)) if cfg.bias else None
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False)
+        self.register_buffer("usage", torch.zeros(2, H, E, dtype=torch.long), persistent=False)  # choices counted in eval mode
+        self.register_buffer("first_expert", torch.arange(H).view(1, 1, H, 1) * E, persistent=False)  # head h's experts: h*E ...
+        self.aux_loss = 0.0  # the load-balancing loss of the last training forward (--gate softmax)
+
+    def route(self, router, x, which):
+        """The experts chosen for each token and head, (B, T, H, k) indices into the head's experts, and their gates."""
+        B, T, _ = x.size()
+        logits = router(x).view(B, T, self.n_head, self.n_experts)
+        if self.gate == "sigmoid":  # every expert has its own gate in (0, 1): the k largest are used, unnormalised
+            gates, idx = logits.topk(self.moe_k, dim=-1)
+            gates = torch.sigmoid(gates)
+        else:  # softmax: the experts compete; the arg-max one is used, scaled by its probability
+            probs = F.softmax(logits, dim=-1)
+            gates, idx = probs.max(dim=-1, keepdim=True)
+            if self.training:
+                self.aux_loss = self.aux_loss + load_balancing_loss(probs, idx[..., 0]) / 2  # mean of the two routers
+        if not self.training:
+            self.usage[which] += torch.bincount((idx + self.first_expert).flatten(), minlength=self.usage[which].numel()).view_as(self.usage[which])
+        return gates, idx + self.first_expert  # indices into all H * E experts of the layer
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        H, D, k = self.n_head, self.head_size, self.moe_k
+        self.aux_loss = 0.0
+        q, key = self.c_attn(x).split(H * D, dim=2)
+        q, key = (t.view(B, T, H, D).transpose(1, 2) for t in (q, key))  # (B, H, T, D)
+        per_token = torch.arange(B * T, device=x.device).repeat_interleave(H * k)  # the token of each choice
+        per_head = torch.arange(B * T * H, device=x.device).repeat_interleave(k)  # its (token, head) pair
+        # values: for each source token and head, the gate-weighted sum of its k chosen value experts
+        gates, idx = self.route(self.v_router, x, 0)
+        v = expert_matmul(x.reshape(B * T, C), self.v_experts.flatten(0, 1), idx.flatten(), gates.flatten(), per_token, per_head, B * T * H)
+        key, v = extend_cache(cache, key, v.view(B, T, H, D).transpose(1, 2), self.mask.size(0))  # values cached after their experts
+        y = attend(q, key, v, self.mask, self.dropout, self.training, self.flash)  # H attention matrices
+        # output: for each destination token, every head's result through that token's k chosen output experts, summed
+        gates, idx = self.route(self.o_router, x, 1)
+        y = expert_matmul(y.transpose(1, 2).reshape(B * T * H, D), self.o_experts.flatten(0, 1), idx.flatten(), gates.flatten(), per_head, per_token, B * T)
+        y = y.view(B, T, C)
+        if self.bias is not None:
+            y = y + self.bias
+        return self.resid_dropout(y)
+
+
+def matched_head_size(d, n_head, n_experts):
+    """The largest head width at which SwitchHead's attention has no more parameters than a dense layer (4 d^2):
+    2 d H D for queries and keys, 2 H E d D for the experts, 2 H E d for the routers."""
+    return (4 * d * d - 2 * n_head * n_experts * d) // (2 * d * n_head * (1 + n_experts))
+
+
+def attention_cost(T, d, n_head, head_size, n_experts=1, k=1, xl=False):
+    """Multiply-accumulates and memory (floats) of one attention layer on T tokens, by the paper's formulas
+    (SwitchHead, appendix; get_attention_flops/get_attention_mem in paper/common.py of robertcsordas/moe_attention).
+    n_experts=1 is dense attention. xl=True is the paper's Transformer XL setting (T more keys from the memory,
+    relative positions), in which it quotes 453.4M MACs and 3.46M floats for d=412, 10 heads of 41, T=256, and
+    170.4M and 0.76M with 2 heads of 76, 5 experts, top-2; this script's models are xl=False."""
+    H, D = n_head, head_size
+    S = 2 * T if xl else T  # keys each query sees
+    macs = 2 * H * D * T * S  # scores q.k and the weighted sum of the values
+    mem = 2 * H * T * S  # the attention matrix, before and after the softmax
+    if n_experts == 1:
+        macs += 4 * T * d * H * D  # q, k, v and output projections
+        mem += 4 * T * H * D
+        if xl:  # Transformer XL's extra terms, as the paper counts them
+            macs += 2 * S * d * H * D
+            mem += 2 * S * H * D
+    else:
+        macs += (2 + 2 * k) * T * d * H * D  # dense q and k; k value and k output experts per head
+        macs += 2 * H * k * T * D  # weighting the chosen experts by their gates
+        macs += 2 * n_experts * d * S  # the two routers, as published (E d per token, not H E d: +1.2% in its example)
+        mem += 4 * T * H * D + 2 * n_experts * S
+        if xl:
+            macs += 2 * T * d * H * D
+            mem += 2 * T * H * D
+    return macs, mem
+
+
+def cost_report(cfg, model):
+    """The start-up lines: one attention layer of this model, and of the dense model with n_head * n_experts heads."""
+    T, d, H, E = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_experts
+    n = sum(p.numel() for p in model.blocks[0].attn.parameters())
+    macs, mem = attention_cost(T, d, H, cfg.head_size, E, cfg.moe_k)
+    line = f"attention per layer at T={T} (the paper's accounting): {macs / 1e6:.1f}M MACs, {mem / 1e6:.2f}M floats, {n / 1e3:.1f}k parameters"
+    if E == 1:
+        return f"{line} (dense, {H} heads of {cfg.head_size})"
+    dense_macs, dense_mem = attention_cost(T, d, H * E, d / (H * E), 1)
+    return (
+        f"{line} (SwitchHead, {H} heads of {cfg.head_size}, {E} experts, top-{cfg.moe_k}, {cfg.gate} gate)\n"
+        f"dense, {H * E} heads of {d / (H * E):g}: {dense_macs / 1e6:.1f}M MACs, {dense_mem / 1e6:.2f}M floats, {4 * d * d / 1e3:.1f}k parameters"
+        f" -> SwitchHead needs {100 * macs / dense_macs:.0f}% of its MACs and {100 * mem / dense_mem:.0f}% of its memory"
+    )
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm: normalise the input of each sublayer, keep the residual stream untouched."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg) if cfg.n_experts == 1 else SwitchHeadAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(vocab_size, cfg.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # learned position embeddings
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, active=False):
+        """Parameters without the position embeddings; active=True: only those one token uses (moe_k of the experts)."""
+        n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        if active and self.cfg.n_experts > 1:
+            n -= self.cfg.n_layer * 2 * self.cfg.n_head * (self.cfg.n_experts - self.cfg.moe_k) * self.cfg.n_embd * self.cfg.head_size
+        return n
+
+    def forward(self, idx, targets=None, caches=None):
+        B, T = idx.size()
+        pos = caches[0][2] if caches and caches[0] else 0  # the position of idx's first token: the tokens already cached
+        assert pos + T <= self.cfg.block_size, f"sequence of {pos + T} tokens is longer than block_size {self.cfg.block_size}"
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(pos, pos + T, device=idx.device)))
+        for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
+            x = block(x, cache)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if loss is not None and self.training and self.cfg.n_experts > 1 and self.cfg.gate == "softmax":
+            loss = loss + self.cfg.balance_coef * sum(block.attn.aux_loss for block in self.blocks)  # one per layer, as in Switch
+        return logits, loss
+
+    def configure_optimizer(self, cfg, device_type):
+        # weight decay on matrices (Linear weights, embeddings); not on biases and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+
+    def estimate_mfu(self, tokens_per_sec, device):
+        """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s (PaLM, appendix B)."""
+        L, H, Q, T = self.cfg.n_layer, self.cfg.n_head, self.cfg.head_size, self.cfg.block_size
+        flops_per_token = 6 * self.num_params(active=True) + 12 * L * H * Q * T
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12)
+        return flops_per_token * tokens_per_sec / peak
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
+        """Append max_new_tokens tokens to idx (B, T), each sampled from the model's next-token distribution."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.cfg.block_size :])  # the model sees at most block_size tokens
+            logits = logits[:, -1, :]
+            if temperature == 0:  # greedy
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = float("-inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GAN: the discriminator, rewards and the generator's REINFORCE loss
+
+
+class Discriminator(nn.Module):
+    """An LSTM classifier: embedding, LSTM, linear, sigmoid. D(x) is the probability that the token sequence x (B, T)
+    is real text; logit(x) is the same number before the sigmoid. The linear layer reads the LSTM's outputs
+    max-pooled over time, as SeqGAN's CNN discriminator pools its features: every position gets a gradient, and
+    on TinyShakespeare it learns faster than from the last hidden state alone (about 0.64 against 0.54 held-out
+    accuracy after 112 steps of 64 on MLE samples). It is small and runs in float32 even under autocast."""
+
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.wte = nn.Embedding(vocab_size, cfg.d_embd)
+        self.lstm = nn.LSTM(cfg.d_embd, cfg.d_hidden, batch_first=True)
+        self.head = nn.Linear(cfg.d_hidden, 1)
+
+    def logit(self, idx):
+        with torch.autocast(idx.device.type, enabled=False):
+            out, _ = self.lstm(self.wte(idx))  # (B, T, d_hidden)
+            return self.head(out.max(dim=1).values).squeeze(-1)
+
+    def forward(self, idx):
+        return torch.sigmoid(self.logit(idx))
+
+    def configure_optimizer(self, cfg):
+        return torch.optim.Adam(self.parameters(), lr=cfg.d_learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+
+def discriminator_loss(disc, real, fake):
+    """L_D = -mean(log D(real) + log(1 - D(fake))), from the logits z: log D = log sigmoid(z), log(1 - D) = log sigmoid(-z)."""
+    return -(F.logsigmoid(disc.logit(real)) + F.logsigmoid(-disc.logit(fake))).mean()
+
+
+@torch.no_grad()
+def complete(model, seqs, given, temperature=1.0):
+    """Sample the tokens of seqs (B, T) after the first given ones (a number, or one per row, at least 1) from the
+    generator, left to right, keeping the given ones: the GAN's fakes (given 1: a real first token) and SeqGAN's
+    rollouts (given t + 1: a sampled prefix). The sampling is the GAN's inner loop, so keys and values are cached
+    and each step runs one token per row. Eval mode: dropout does not change the distribution. Returns a copy."""
+    training = model.training
+    model.eval()
+    seqs = seqs.clone()
+    given = torch.as_tensor(given, device=seqs.device).expand(seqs.size(0))
+    caches = [[] for _ in model.blocks]
+    start = int(given.min())
+    logits, _ = model(seqs[:, :start], caches=caches)
+    for t in range(start, seqs.size(1)):
+        logits = logits[:, -1].float()
+        new = logits.argmax(-1) if temperature == 0 else torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)[:, 0]
+        seqs[:, t] = torch.where(given > t, seqs[:, t], new)
+        if t + 1 < seqs.size(1):
+            logits, _ = model(seqs[:, t : t + 1], caches=caches)
+    model.train(training)
+    return seqs
+
+
+@torch.no_grad()
+def rollout_rewards(model, disc, seqs, n_rollouts, temperature=1.0):
+    """SeqGAN's per-token rewards, (B, T) -> (B, T - 1): token t (t = 1 .. T - 1; token 0 was given) is rewarded with
+    the mean D of n_rollouts completions of its prefix x_0 .. x_t, the last token with D(x) itself. A token that
+    makes a good sequence likely gets a high reward even when the rest of this sample went wrong. The completions of
+    all T - 2 prefixes are sampled together, one rollout at a time."""
+    B, T = seqs.shape
+    given = torch.arange(2, T, device=seqs.device).repeat_interleave(B)  # row j * B + b: x_0 .. x_{j + 1} of sequence b
+    rewards = sum(disc(complete(model, seqs.repeat(T - 2, 1), given, temperature)).view(T - 2, B) for _ in range(n_rollouts))
+    return torch.cat((rewards.T / n_rollouts, disc(seqs)[:, None]), dim=1)
+
+
+def token_logprobs(model, seqs):
+    """log p(x_t | x_<t) of every token after the first, (B, T) -> (B, T - 1)."""
+    logits, _ = model(seqs[:, :-1])
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, seqs[:, 1:, None]).squeeze(-1)
+
+
+def reinforce_loss(logp, rewards, baseline):
+    """L_G = -mean((r - b) * sum_t log p(x_t | x_<t)): a sample rewarded above the baseline becomes likelier, one
+    below it less likely. rewards (B,), one per sequence, weight all its tokens; (B, T - 1), one per token (rollouts),
+    each its own token. They are detached: the generator's loss never reaches the discriminator's parameters."""
+    advantage = (rewards - baseline).detach()
+    if advantage.dim() == 1:
+        advantage = advantage[:, None]
+    return -(advantage * logp).sum(1).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics: BLEU (quality) and self-BLEU (diversity), on words
+
+
+def words(text):
+    """BLEU's tokens: words and punctuation marks."""
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+def ngram_counts(tokens, n):
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+class References:
+    """A set of reference texts (token lists), ready for sentence BLEU (Papineni et al. 2002) against all of them:
+    for every n-gram its largest count in any one reference, how many references have that count, and the next
+    largest count (so that self-BLEU can leave a sample out of its own references), and the reference lengths."""
+
+    def __init__(self, refs, max_n=4):
+        self.lengths = Counter(len(r) for r in refs)
+        self.best = [{} for _ in range(max_n + 1)]  # best[n][ngram] = [largest count, references with it, next largest]
+        for ref in refs:
+            for n in range(1, max_n + 1):
+                for g, c in ngram_counts(ref, n).items():
+                    b = self.best[n].get(g)
+                    if b is None:
+                        self.best[n][g] = [c, 1, 0]
+                    elif c > b[0]:
+                        self.best[n][g] = [c, 1, b[0]]
+                    elif c == b[0]:
+                        b[1] += 1
+                    elif c > b[2]:
+                        b[2] = c
+
+    def bleu(self, hyp, n, leave_out=False):
+        """Sentence BLEU-n of hyp (a token list): the geometric mean of the clipped 1..n-gram precisions, uniform
+        weights, times the brevity penalty against the closest reference length. Smoothed as NLTK's method1
+        (Chen and Cherry 2014): a precision with no match counts 0.1 matches. leave_out: hyp is one of the
+        references and is not counted as its own (self-BLEU)."""
+        log_p = 0.0
+        for k in range(1, n + 1):
+            counts = ngram_counts(hyp, k)
+            matched = 0
+            for g, c in counts.items():
+                top, n_top, second = self.best[k].get(g, (0, 0, 0))
+                matched += min(c, second if leave_out and c == top and n_top == 1 else top)
+            log_p += math.log((matched or 0.1) / max(1, sum(counts.values()))) / n
+        lengths = self.lengths - Counter([len(hyp)]) if leave_out else self.lengths
+        closest = min(lengths, key=lambda r: (abs(r - len(hyp)), r))  # ties: the shorter reference
+        penalty = 1.0 if len(hyp) > closest else math.exp(1 - closest / len(hyp)) if hyp else 0.0
+        return penalty * math.exp(log_p)
+
+
+def bleu(hyps, refs, n):
+    """BLEU-n of each hypothesis against all the references, averaged (as Texygen, Zhu et al. 2018). Token lists."""
+    refs = refs if isinstance(refs, References) else References(refs, n)
+    return sum(refs.bleu(h, n) for h in hyps) / len(hyps)
+
+
+def self_bleu(samples, n):
+    """Self-BLEU-n: the BLEU-n of each sample against all the others, averaged; 1 when they are all the same."""
+    refs = References(samples, n)
+    return sum(refs.bleu(s, n, leave_out=True) for s in samples) / len(samples)
+
+
+def text_metrics(texts, refs):
+    """BLEU-2/3/4 of the texts against refs (References of held-out text) and their self-BLEU-4."""
+    hyps = [words(t) for t in texts]
+    return {"bleu2": bleu(hyps, refs, 2), "bleu3": bleu(hyps, refs, 3), "bleu4": bleu(hyps, refs, 4), "self_bleu4": self_bleu(hyps, 4)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def setup_device(cfg):
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    if cfg.dtype == "auto":
+        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = getattr(torch, cfg.dtype)
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    return device, autocast
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def expert_usage(model):
+    """One line per layer: how often each expert was chosen in the last evaluation, in % of its head's choices."""
+    lines = []
+    for i, block in enumerate(model.blocks):
+        if isinstance(block.attn, SwitchHeadAttention):
+            share = (100 * block.attn.usage / block.attn.usage.sum(-1, keepdim=True).clamp(min=1)).round().long().tolist()
+            value, output = (" / ".join(" ".join(f"{p:3d}" for p in head) for head in side) for side in share)
+            lines.append(f"  layer {i} expert use (% per head, heads split by /) | value {value} | output {output}")
+    return lines
+
+
+@torch.no_grad()
+def estimate_loss(model, loader, cfg, autocast):
+    """Mean loss over eval_iters batches per split; the same batches every time, so evaluations compare."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        for m in model.modules():  # count the experts' choices afresh: what is left at the end is the val split's
+            if isinstance(m, SwitchHeadAttention):
+                m.usage.zero_()
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = torch.zeros(cfg.eval_iters)
+        for k in range(cfg.eval_iters):
+            x, y = loader.get_batch(split, gen)
+            with autocast:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def load_checkpoint(path, device, script=SCRIPT):
+    """A checkpoint written by script: this one (--resume, --prompt), or switchhead_moe for --init_from."""
+    where = "point --out_dir at a folder holding ckpt.pt" if script == SCRIPT else "give --init_from the ckpt.pt it wrote"
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}; train first (python {script}.py) or {where}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+        die(f"{path} was written by {found}, not {script}; use that script, or {where}")
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+PHASES = ("mle", "d_pretrain", "adversarial")
+
+
+class CSVLog:
+    """out_dir/log.csv: one row per log line (batch loss) and per evaluation (train and val estimates), in every
+    phase (the phase column); GAN rows add D's loss and accuracy, the reward, BLEU and self-BLEU."""
+
+    columns = ["iter", "train_loss", "val_loss", "lr", "ms_per_iter", "phase", "d_loss", "reward", "d_acc_real", "d_acc_fake", "bleu2", "bleu3", "bleu4", "self_bleu4"]
+
+    def __init__(self, path, start=None):
+        rows = []
+        if start is not None and os.path.exists(path):  # resuming at (phase, iter): drop rows past the checkpoint
+            order = lambda phase, it: (PHASES.index(phase), int(it))  # noqa: E731
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if order(r["phase"], r["iter"]) < order(*start)]
+        self.f = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.f, self.columns)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.phase = "mle"  # written into every row
+
+    def write(self, **row):
+        self.writer.writerow({"phase": self.phase, **row})
+        self.f.flush()
+
+
+def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
+    """Phase 1: MLE pre-training of the generator, switchhead_moe.py's loop (the checkpoint also holds D, untrained)."""
+    raw_model = model
+    optimizer = model.configure_optimizer(cfg, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    gen = torch.Generator().manual_seed(cfg.seed)  # drives the training batches
+    iter_num, best_val = 0, float("inf")
+    if ckpt is not None:  # --resume: restore everything that shapes the next step
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["batch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        print(f"resuming from iter {iter_num} (best val {best_val:.4f})")
+    if cfg.compile:
+        print("compiling the model (takes a minute)...")
+        model = torch.compile(model)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.wandb:
+        import wandb
+
+        wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    print(f"tokens per iteration: {tokens_per_iter:,}")
+
+    t0, t_start, dts = time.time(), time.time(), []
+    for it in range(iter_num, cfg.max_iters + 1):
+        lr = get_lr(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            losses = estimate_loss(model, loader, cfg, autocast)
+            print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
+            for line in expert_usage(raw_model):
+                print(line)
+            log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
+            if cfg.wandb:
+                wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            if losses["val"] < best_val:
+                best_val = losses["val"]
+                state = {
+                    "script": SCRIPT, "phase": "mle", "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "discriminator": disc.state_dict(), "d_optimizer": None, "baseline": None,
+                    "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
+                    "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                }  # fmt: skip
+                save_checkpoint(ckpt_path, state)
+                print(f"saved {ckpt_path}")
+            t0 = time.time()  # keep evaluation out of the per-iteration timing
+        if it == cfg.max_iters:
+            break
+
+        for micro in range(cfg.gradient_accumulation_steps):
+            x, y = loader.get_batch("train", gen)  # on a GPU this overlaps with the previous step's kernels
+            with autocast:
+                _, loss = model(x, y)
+                loss = loss / cfg.gradient_accumulation_steps  # the sum over micro-batches is the mean
+            scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        dts.append(dt)
+        if it % cfg.log_interval == 0:
+            lossf = loss.item() * cfg.gradient_accumulation_steps  # .item() waits for the GPU: only when logging
+            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {tokens_per_iter / dt / 1000:.1f}k tok/s"
+            if device.type == "cuda":
+                line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / dt, device):.1f}%"
+            print(line)
+            log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
+    if dts:
+        median = sorted(dts)[len(dts) // 2] * 1000
+        print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
+    return best_val
+
+
+def optimizer_step(loss, optimizer, params, cfg, scaler=None):
+    """Backward, clip, step, zero: one update of the parameters the optimizer holds (a GradScaler for float16)."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def discriminator_step(model, disc, d_optimizer, real, cfg, autocast=nullcontext()):
+    """One step of D on the real sequences (B, T) and as many fakes, sampled without a gradient. Returns L_D."""
+    with autocast:
+        fake = complete(model, real, 1)
+    loss = discriminator_loss(disc, real, fake)
+    optimizer_step(loss, d_optimizer, disc.parameters(), cfg)
+    return loss.item()
+
+
+def generator_step(model, disc, optimizer, real, cfg, baseline, autocast=nullcontext(), scaler=None, mle_batch=None):
+    """One REINFORCE step of the generator: fakes sampled from the real sequences' first tokens, rewarded by D
+    (per token with --rollouts), the baseline subtracted, L_G minimised (plus mle_weight times the MLE loss on
+    mle_batch). Returns the new baseline (the running mean of the reward) and this batch's mean reward."""
+    with autocast:
+        fake = complete(model, real, 1)
+        with torch.no_grad():  # the rewards are numbers: no gradient flows into D
+            rewards = rollout_rewards(model, disc, fake, cfg.rollouts) if cfg.rollouts else disc(fake)
+        reward = rewards.mean().item()
+        b = reward if baseline is None else baseline  # the first batch is its own baseline
+        loss = reinforce_loss(token_logprobs(model, fake), rewards, b)
+        if mle_batch is not None:
+            loss = loss + cfg.mle_weight * model(*mle_batch)[1]
+    optimizer_step(loss, optimizer, model.parameters(), cfg, scaler)
+    return cfg.baseline_decay * b + (1 - cfg.baseline_decay) * reward, reward
+
+
+@torch.no_grad()
+def evaluate_samples(model, disc, real, refs, tok, cfg, autocast, temperature=1.0):
+    """One fake per held-out real sequence (B, T), from its first token, and what they measure: BLEU-2/3/4 against
+    refs, self-BLEU-4 and, given disc, D's accuracy on the real and the fake ones. The same random draws at every
+    call, kept apart from training's. Returns the metrics and the fakes."""
+    with torch.random.fork_rng(devices=[real.device] if real.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed + 2)
+        with autocast:
+            fake = complete(model, real, 1, temperature)
+    out = text_metrics([tok.decode(row) for row in fake.tolist()], refs)
+    if disc is not None:
+        out["d_acc_real"] = (disc(real) > 0.5).float().mean().item()
+        out["d_acc_fake"] = (disc(fake) < 0.5).float().mean().item()
+    return out, fake
+
+
+def held_out(loader, tok, cfg):
+    """What evaluations measure against: BLEU's references, the val split cut into seq_len pieces (as words), and
+    eval_samples val sequences at fixed random offsets, whose first tokens start the fakes."""
+    refs = References([words(tok.decode(piece.tolist())) for piece in loader.splits["val"].split(cfg.seq_len)])
+    return refs, loader.get_text("val", cfg.eval_samples, torch.Generator().manual_seed(cfg.seed + 1))
+
+
+def train_gan(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
+    """Phases 2 and 3: discriminator pre-training, then adversarial rounds. An evaluation and a checkpoint every
+    adv_eval_interval steps or rounds: a GAN has no best model, so the checkpoint is always the latest state."""
+    g_optimizer = model.configure_optimizer(cfg, device.type)
+    for group in g_optimizer.param_groups:
+        group["lr"] = cfg.adv_learning_rate
+    d_optimizer = disc.configure_optimizer(cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    gen = torch.Generator().manual_seed(cfg.seed + 3)  # drives the real sequences and batches of phases 2 and 3
+    phase, start, baseline = "d_pretrain", 0, None
+    if ckpt is not None and ckpt["phase"] != "mle":  # --resume inside phase 2 or 3
+        phase, start, baseline = ckpt["phase"], ckpt["iter_num"], ckpt["baseline"]
+        d_optimizer.load_state_dict(ckpt["d_optimizer"])
+        if ckpt["optimizer"] is not None:
+            g_optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["batch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        print(f"resuming {phase} at step {start}")
+    if cfg.wandb:
+        import wandb
+
+        if wandb.run is None:
+            wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    refs, real_eval = held_out(loader, tok, cfg)
+    print(f"GAN on sequences of {cfg.seq_len} tokens, {cfg.gan_batch_size} real and {cfg.gan_batch_size} fake per step;"
+          f" rewards {'per token, ' + str(cfg.rollouts) + ' rollouts per prefix' if cfg.rollouts else 'per sequence, D(x)'}")  # fmt: skip
+
+    for name in PHASES[PHASES.index(phase) :]:
+        steps, lr = (cfg.d_pretrain_iters, cfg.d_learning_rate) if name == "d_pretrain" else (cfg.adv_rounds, cfg.adv_learning_rate)
+        label = "d-pretrain" if name == "d_pretrain" else "round"
+        log.phase = name
+        first = start if name == phase else 0
+        t0, t_start = time.time(), time.time()
+        for it in range(first, steps + 1):
+            # (round 0 holds the same models as the end of phase 2, evaluated there)
+            if (it == steps or it % cfg.adv_eval_interval == 0) and not (name == "adversarial" and it == 0):
+                losses = estimate_loss(model, loader, cfg, autocast)
+                m, _ = evaluate_samples(model, disc, real_eval, refs, tok, cfg, autocast)
+                print(
+                    f"{label} {it} | NLL train {losses['train']:.4f} val {losses['val']:.4f} | D accuracy real {100 * m['d_acc_real']:.1f}%"
+                    f" fake {100 * m['d_acc_fake']:.1f}% | BLEU-2/3/4 {m['bleu2']:.3f} {m['bleu3']:.3f} {m['bleu4']:.3f}"
+                    f" | self-BLEU-4 {m['self_bleu4']:.3f} | {time.time() - t_start:.1f} s"
+                )
+                log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="", **{k: f"{v:.4f}" for k, v in m.items()})
+                if cfg.wandb:
+                    wandb.log({f"{name}/iter": it, f"{name}/val_nll": losses["val"], **{f"{name}/{k}": v for k, v in m.items()}})
+                state = {
+                    "script": SCRIPT, "phase": name, "model": model.state_dict(), "optimizer": g_optimizer.state_dict() if name == "adversarial" else None,
+                    "discriminator": disc.state_dict(), "d_optimizer": d_optimizer.state_dict(), "baseline": baseline, "config": asdict(cfg),
+                    "iter_num": it, "best_val_loss": None, "vocab": tok.chars, "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                }  # fmt: skip
+                save_checkpoint(ckpt_path, state)
+                print(f"saved {ckpt_path}")
+                t0 = time.time()  # keep evaluation out of the per-step timing
+            if it == steps:
+                break
+
+            reward = None
+            if name == "adversarial":
+                for _ in range(cfg.g_steps):
+                    mle_batch = loader.get_batch("train", gen) if cfg.mle_weight else None
+                    real = loader.get_text("train", cfg.gan_batch_size, gen)
+                    baseline, reward = generator_step(model, disc, g_optimizer, real, cfg, baseline, autocast, scaler, mle_batch)
+            d_steps = cfg.d_steps if name == "adversarial" else 1
+            d_losses = [discriminator_step(model, disc, d_optimizer, loader.get_text("train", cfg.gan_batch_size, gen), cfg, autocast) for _ in range(d_steps)]
+            d_loss = sum(d_losses) / len(d_losses) if d_losses else float("nan")
+
+            t1 = time.time()
+            dt, t0 = t1 - t0, t1
+            if it % cfg.log_interval == 0:
+                line = f"{label} {it} | D loss {d_loss:.4f}"
+                if reward is not None:
+                    line += f" | reward {reward:.4f} (baseline {baseline:.4f})"
+                print(f"{line} | {dt * 1000:.1f} ms")
+                log.write(iter=it, lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}", d_loss=f"{d_loss:.4f}", reward="" if reward is None else f"{reward:.4f}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and main
+
+
+def sample(model, tok, cfg, device, autocast, prompt):
+    idx = torch.tensor([tok.encode(prompt)] * cfg.num_samples, dtype=torch.long, device=device)
+    torch.manual_seed(cfg.seed)  # the same --seed draws the same samples
+    model.eval()
+    with autocast:
+        out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k)
+    for i, row in enumerate(out.tolist()):
+        print(f"--- sample {i + 1} ---\n{tok.decode(row)}")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    device, autocast = setup_device(cfg)
+    torch.manual_seed(cfg.seed)
+
+    if cfg.prompt:  # sampling only: everything needed is in the checkpoint
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        tok = CharTokenizer(ckpt["vocab"])
+        model = GPT(Config(**ckpt["config"]), len(tok.chars)).to(device)
+        model.load_state_dict(ckpt["model"])
+        sample(model, tok, cfg, device, autocast, cfg.prompt)
+        return
+
+    ckpt = init = None
+    if cfg.resume:
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        saved = Config(**ckpt["config"])
+        for name in ("n_layer", "n_head", "n_embd", "head_size", "n_experts", "moe_k", "gate", "block_size", "bias", "d_embd", "d_hidden"):  # the architecture comes from the checkpoint
+            setattr(cfg, name, getattr(saved, name))
+    elif cfg.init_from:  # the generator from switchhead_moe.py: its architecture and vocabulary
+        init = load_checkpoint(cfg.init_from, device, script="switchhead_moe")
+        for name in ("n_layer", "n_head", "n_embd", "head_size", "n_experts", "moe_k", "gate", "block_size", "bias"):
+            setattr(cfg, name, init["config"][name])
+    if cfg.seq_len > cfg.block_size:
+        die(f"--seq_len {cfg.seq_len} is longer than the generator's --block_size {cfg.block_size}; use at most {cfg.block_size}")
+    text = load_text(cfg)
+    source = ckpt or init
+    tok = CharTokenizer(source["vocab"] if source else sorted(set(text)))
+    ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    print(f"{len(text):,} characters, vocabulary of {len(tok.chars)}")
+    loader = DataLoader(ids, cfg, device)
+
+    model = GPT(cfg, len(tok.chars)).to(device)
+    disc = Discriminator(cfg, len(tok.chars)).to(device)
+    if source:
+        model.load_state_dict(source["model"])
+    if ckpt:
+        disc.load_state_dict(ckpt["discriminator"])
+    print(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M used per token), device {device}, dtype {cfg.dtype}")
+    print(f"discriminator: {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M parameters (embedding {cfg.d_embd}, LSTM {cfg.d_hidden})")
+    print(cost_report(cfg, model))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    phase = ckpt["phase"] if ckpt else "d_pretrain" if init else "mle"
+    log = CSVLog(os.path.join(cfg.out_dir, "log.csv"), (phase, ckpt["iter_num"]) if ckpt else None)
+    try:
+        if phase == "mle":
+            train(cfg, model, disc, loader, tok, device, autocast, log, ckpt)
+        elif init:
+            print(f"generator from {cfg.init_from} (iter {init['iter_num']}, val {init['best_val_loss']:.4f}): no MLE pre-training here")
+        if phase != "adversarial":
+            print("samples of the MLE generator, before the adversarial rounds:")
+            sample(model, tok, cfg, device, autocast, tok.chars[0])
+        train_gan(cfg, model, disc, loader, tok, device, autocast, log, ckpt)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the latest checkpoint is in {cfg.out_dir}", file=sys.stderr)
+        sys.exit(130)
+    log.f.close()
+    print("samples after the adversarial rounds:")
+    sample(model, tok, cfg, device, autocast, tok.chars[0])  # start from the first character: a newline in Shakespeare
+
+
+if __name__ == "__main__":
+    main()

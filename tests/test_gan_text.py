@@ -1,0 +1,263 @@
+"""gan_text.py: the REINFORCE step follows the sign of the advantage, rewards are detached, rollouts (and the cached
+sampling under them) match the plain generate, the discriminator separates a toy set, BLEU and self-BLEU, and a smoke
+run through main with every phase, checkpoint, resume, --prompt and --init_from."""
+
+import csv
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import assert_causal, user_error
+
+import gan_text as gan
+import switchhead_moe as sh
+
+TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--seq_len", "12",
+        "--batch_size", "4", "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "1", "--learning_rate", "1e-2",
+        "--d_embd", "8", "--d_hidden", "16", "--gan_batch_size", "4", "--eval_samples", "6", "--max_new_tokens", "20"]  # fmt: skip
+
+
+def tiny(seed=0, **overrides):
+    """A tiny generator and discriminator over a vocabulary of 11."""
+    cfg = gan.Config(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "head_size": 8, "block_size": 16, "d_embd": 8, "d_hidden": 16, **overrides})
+    torch.manual_seed(seed)
+    return cfg, gan.GPT(cfg, 11), gan.Discriminator(cfg, 11)
+
+
+class ConstantD(nn.Module):
+    """A discriminator that calls everything real with probability p."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, idx):
+        return torch.full((idx.size(0),), self.p)
+
+
+def params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def same(module, before):
+    return all(torch.equal(a, b) for a, b in zip(params(module), before))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The generator: cached sampling, REINFORCE
+
+
+@pytest.mark.parametrize("n_experts,flash", [(4, True), (4, False), (1, True)])
+def test_cached_steps_equal_the_full_forward(n_experts, flash):
+    cfg, model, _ = tiny(n_experts=n_experts, flash=flash, head_size=8 if n_experts > 1 else 16)
+    model.eval()
+    idx = torch.randint(11, (3, 10))
+    full, _ = model(idx)
+    caches = [[] for _ in model.blocks]
+    steps = [model(idx[:, :4], caches=caches)[0], model(idx[:, 4:7], caches=caches)[0]]  # a prompt, then 3 tokens at once
+    steps += [model(idx[:, t : t + 1], caches=caches)[0] for t in range(7, 10)]  # then one at a time
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    assert_causal(model, 11)  # and the uncached model is still causal
+
+
+@pytest.mark.parametrize("reward,direction", [(0.9, 1), (0.1, -1)])
+def test_reinforce_step_follows_the_advantage(reward, direction):
+    cfg, model, _ = tiny(rollouts=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    real = torch.randint(11, (1, 12))
+    torch.manual_seed(1)
+    fake = gan.complete(model, real, 1)  # the sample the step below draws (same seed, same draws)
+    before = gan.token_logprobs(model, fake).sum().item()
+    torch.manual_seed(1)
+    baseline, r = gan.generator_step(model, ConstantD(reward), optimizer, real, cfg, baseline=0.5)
+    after = gan.token_logprobs(model, fake).sum().item()
+    assert r == pytest.approx(reward) and baseline == pytest.approx(0.9 * 0.5 + 0.1 * reward)
+    assert direction * (after - before) > 1e-4  # above the baseline: likelier; below it: less likely
+
+
+def test_per_token_rewards_weight_their_own_tokens():
+    _, model, _ = tiny()
+    seqs = torch.randint(11, (2, 8))
+    logp = gan.token_logprobs(model, seqs)
+    rewards = torch.rand(2, 7)
+    loss = gan.reinforce_loss(logp, rewards, 0.3)
+    assert loss.item() == pytest.approx(-((rewards - 0.3) * logp).sum(1).mean().item(), rel=1e-6)
+    # one reward per sequence is the same as that reward at every token
+    assert gan.reinforce_loss(logp, rewards[:, 0], 0.3).item() == pytest.approx(gan.reinforce_loss(logp, rewards[:, :1].expand(2, 7), 0.3).item(), rel=1e-6)
+
+
+def test_rewards_are_detached():
+    cfg, model, disc = tiny(rollouts=0)
+    g_opt, d_opt = model.configure_optimizer(cfg, "cpu"), disc.configure_optimizer(cfg)
+    real = torch.randint(11, (4, 12))
+    d_before, g_before = params(disc), params(model)
+    gan.generator_step(model, disc, g_opt, real, cfg, baseline=None)
+    assert not same(model, g_before)  # the check can see a change
+    assert same(disc, d_before) and all(p.grad is None for p in disc.parameters())  # no gradient reached D
+    g_before = params(model)
+    gan.discriminator_step(model, disc, d_opt, real, cfg)
+    assert not same(disc, d_before)
+    assert same(model, g_before) and all(p.grad is None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollouts
+
+
+def test_completion_keeps_the_given_prefix():
+    _, model, _ = tiny()
+    seqs = torch.randint(11, (5, 12))
+    given = torch.tensor([1, 2, 5, 11, 12])
+    out = gan.complete(model, seqs, given)
+    for row, g in enumerate(given.tolist()):
+        assert torch.equal(out[row, :g], seqs[row, :g])
+    assert not torch.equal(out[:3], seqs[:3])  # the rest is sampled
+    assert model.training  # left in the mode it was in
+
+
+def test_rollout_rewards_shape_permutation_and_last_reward():
+    _, model, disc = tiny()
+    B, T = 5, 10
+    seqs = torch.randint(11, (B, T))
+    rewards = gan.rollout_rewards(model, disc, seqs, n_rollouts=1, temperature=0)  # greedy completions: deterministic
+    assert rewards.shape == (B, T - 1)
+    assert torch.allclose(rewards[:, -1], disc(seqs))
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    assert torch.allclose(gan.rollout_rewards(model, disc, seqs[perm], 1, temperature=0), rewards[perm], atol=1e-6)
+    # each reward is D of the plain (uncached) greedy generate from that prefix
+    model.eval()
+    for t in (1, 4, T - 2):
+        done = model.generate(seqs[:, : t + 1], T - t - 1, temperature=0)
+        assert torch.allclose(rewards[:, t - 1], disc(done), atol=1e-6)
+    # sampled rollouts: rewards are probabilities, averaged over the rollouts
+    torch.manual_seed(0)
+    sampled = gan.rollout_rewards(model, disc, seqs, n_rollouts=3)
+    assert sampled.shape == (B, T - 1) and ((sampled > 0) & (sampled < 1)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The discriminator
+
+
+def test_discriminator_separates_a_toy_set():
+    cfg, _, disc = tiny(d_learning_rate=1e-2)
+    opt = disc.configure_optimizer(cfg)
+    gen = torch.Generator().manual_seed(0)
+    toy = lambda n, low: torch.randint(low, low + 5, (n, 12), generator=gen)  # noqa: E731  real: tokens 0-4, fake: 5-9
+    losses = []
+    for _ in range(40):
+        loss = gan.discriminator_loss(disc, toy(16, 0), toy(16, 5))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    real, fake = disc(toy(200, 0)), disc(toy(200, 5))
+    accuracy = ((real > 0.5).float().mean() + (fake < 0.5).float().mean()) / 2
+    assert accuracy > 0.98 and losses[-1] < 0.2 * losses[0]
+    probs = torch.cat([real, fake])
+    assert ((probs > 0) & (probs < 1)).all()
+    # L_D is the formula of the issue
+    real, fake = toy(8, 0), toy(8, 5)
+    expected = -(torch.log(disc(real)) + torch.log(1 - disc(fake))).mean()
+    assert gan.discriminator_loss(disc, real, fake).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BLEU
+
+
+def test_bleu_of_a_corpus_against_itself_and_self_bleu_of_copies_is_one():
+    corpus = [gan.words(t) for t in ["First Citizen: Before we proceed any further, hear me speak.", "All: Speak, speak.",
+                                     "You are all resolved rather to die than to famish?", "Resolved. resolved."]]  # fmt: skip
+    for n in (2, 3, 4):
+        assert gan.bleu(corpus, corpus, n) == pytest.approx(1.0)
+        assert gan.self_bleu([corpus[0]] * 5, n) == pytest.approx(1.0)
+        assert gan.self_bleu(corpus, n) < 0.5  # different sentences: diverse
+
+
+def test_bleu_by_hand():
+    hyp, ref = "the cat sat on the mat".split(), "the cat is on the mat".split()
+    # unigrams 5/6 (both "the" match), bigrams 3/5 (the cat, on the, the mat), same length: no brevity penalty
+    assert gan.bleu([hyp], [ref], 2) == pytest.approx(math.sqrt(5 / 6 * 3 / 5))
+    # trigrams 1/4 (on the mat), no 4-gram: smoothed to 0.1 / 3
+    assert gan.bleu([hyp], [ref], 4) == pytest.approx((5 / 6 * 3 / 5 * 1 / 4 * 0.1 / 3) ** 0.25)
+    # brevity penalty: a 3-word hypothesis against the closest reference, 6 words
+    assert gan.bleu([["the", "cat", "is"]], [ref, ["x"] * 9], 2) == pytest.approx(math.exp(1 - 6 / 3))
+    # self-BLEU leaves each sample out of its own references: here each is scored against the other only
+    a, b = "the cat sat on the mat".split(), "the dog sat on a mat".split()
+    assert gan.self_bleu([a, b], 2) == pytest.approx((gan.bleu([a], [b], 2) + gan.bleu([b], [a], 2)) / 2)
+    assert gan.self_bleu([a, a, b], 2) == pytest.approx((1 + 1 + gan.bleu([b], [a], 2)) / 3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Through main
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_phase_checkpoint_resume_and_sample(tmp_path, text_file, capsys):
+    common = TINY + ["--data", text_file, "--max_iters", "4", "--eval_interval", "2", "--d_pretrain_iters", "2", "--adv_eval_interval", "2",
+                     "--rollouts", "1", "--mle_weight", "0.5", "--g_steps", "2", "--d_steps", "2"]  # fmt: skip
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    gan.main(common + ["--out_dir", full, "--adv_rounds", "4"])
+    out = capsys.readouterr().out
+    assert "samples of the MLE generator, before the adversarial rounds:" in out and "samples after the adversarial rounds:" in out
+    assert out.count("--- sample 1 ---") == 2 and "rewards per token, 1 rollouts per prefix" in out
+    assert "d-pretrain 2 | NLL" in out and "round 4 | NLL" in out and "self-BLEU-4" in out and "reward" in out
+    rows = read_log(full)
+    assert {r["phase"] for r in rows} == {"mle", "d_pretrain", "adversarial"}
+    evals = [r for r in rows if r["phase"] != "mle" and r["bleu2"]]
+    assert [(r["phase"], r["iter"]) for r in evals] == [("d_pretrain", "0"), ("d_pretrain", "2"), ("adversarial", "2"), ("adversarial", "4")]
+    assert all(0 <= float(r[k]) <= 1 for r in evals for k in ("d_acc_real", "d_acc_fake", "bleu2", "bleu4", "self_bleu4"))
+    ckpt = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
+    assert ckpt["phase"] == "adversarial" and ckpt["iter_num"] == 4
+    assert {"model", "optimizer", "discriminator", "d_optimizer", "baseline"} <= ckpt.keys() and ckpt["optimizer"] is not None
+
+    # stop after round 2, then resume to 4: the same log as the uninterrupted run, rollouts and all
+    gan.main(common + ["--out_dir", part, "--adv_rounds", "2"])
+    gan.main(common + ["--out_dir", part, "--adv_rounds", "4", "--resume", "--d_hidden", "8"])  # the checkpoint's 16 wins
+    assert "resuming adversarial at step 2" in capsys.readouterr().out
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "ms_per_iter"} for r in rows]  # noqa: E731
+    assert drop_time(read_log(part)) == drop_time(rows)
+
+    # sampling from the checkpoint alone: the adversarially trained generator
+    gan.main(["--out_dir", full, "--prompt", "All:", "--max_new_tokens", "30", "--num_samples", "2", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 2 and "\nAll:" in out
+
+
+def test_init_from_a_switchhead_checkpoint(tmp_path, text_file, capsys):
+    mle = str(tmp_path / "mle")
+    sh.main(["--device", "cpu", "--n_layer", "1", "--n_embd", "32", "--block_size", "16", "--batch_size", "4", "--eval_iters", "2",
+             "--data", text_file, "--out_dir", mle, "--max_iters", "2", "--max_new_tokens", "0"])  # fmt: skip
+    capsys.readouterr()
+    out_dir = str(tmp_path / "gan")
+    gan.main(TINY + ["--data", text_file, "--out_dir", out_dir, "--init_from", os.path.join(mle, "ckpt.pt"), "--n_layer", "3",
+                     "--d_pretrain_iters", "1", "--adv_rounds", "1", "--max_new_tokens", "5"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "no MLE pre-training here" in out and "iter 0 | train" not in out and "round 1 | NLL" in out
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+    assert ckpt["config"]["n_layer"] == 1  # the generator's architecture comes from switchhead_moe's checkpoint
+    assert {r["phase"] for r in read_log(out_dir)} == {"d_pretrain", "adversarial"}
+    # any other script's checkpoint (this script's own included) ends with one line
+    other = str(tmp_path / "ex1.pt")
+    torch.save({"script": "ex1_gpt"}, other)
+    assert "written by ex1_gpt, not switchhead_moe" in user_error(capsys, gan.main, TINY + ["--data", text_file, "--init_from", other])
+    own = os.path.join(out_dir, "ckpt.pt")
+    assert "written by gan_text, not switchhead_moe" in user_error(capsys, gan.main, TINY + ["--data", text_file, "--init_from", own])
+    assert "no checkpoint" in user_error(capsys, gan.main, TINY + ["--init_from", str(tmp_path / "missing.pt")])
+
+
+def test_user_errors(tmp_path, text_file, capsys):
+    assert "--seq_len 20" in user_error(capsys, gan.main, TINY + ["--data", text_file, "--seq_len", "20"])  # block_size is 16
+    assert "--seq_len 1" in user_error(capsys, gan.main, TINY + ["--seq_len", "1"])
+    assert "--baseline_decay" in user_error(capsys, gan.main, TINY + ["--baseline_decay", "1"])
+    assert "--rollouts" in user_error(capsys, gan.main, TINY + ["--rollouts", "-1"])
+    assert "--eval_samples" in user_error(capsys, gan.main, TINY + ["--eval_samples", "1"])
+    assert "--init_from" in user_error(capsys, gan.main, TINY + ["--resume", "--init_from", "x.pt"])
+    assert "no checkpoint" in user_error(capsys, gan.main, ["--out_dir", str(tmp_path), "--prompt", "hi"])
