@@ -2,14 +2,13 @@
 sampling under them) match the plain generate, the discriminator separates a toy set, BLEU and self-BLEU, and a smoke
 run through main with every phase, checkpoint, resume, --prompt and --init_from."""
 
-import csv
 import math
 import os
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_causal, user_error
+from conftest import assert_causal, read_log, user_error
 
 import gan_text as gan
 import switchhead_moe as sh
@@ -193,11 +192,6 @@ def test_bleu_by_hand():
 
 # ----------------------------------------------------------------------------------------------------------
 # Through main
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_every_phase_checkpoint_resume_and_sample(tmp_path, text_file, capsys):
