@@ -1,0 +1,1000 @@
+"""
+flash_moe_finetune.py: a pretrained GPT-2 whose MLPs become mixtures of experts, fine-tuned on WikiText-2 with flash attention.
+
+A copy of ex1_gpt.py with GPT-2 in place of the character model. Tokens: GPT-2's BPE through tiktoken. Weights:
+--init_from gpt2 (gpt2-medium, -large, -xl) loads OpenAI's GPT-2 from the Hugging Face Hub, its Conv1D matrices
+transposed into Linear layers; --init_from PATH a checkpoint of this repository with ex1's architecture
+(ex3_pretrain_finetune.py --tokenizer gpt2, or this script); --init_from scratch a small GPT-2 from the flags.
+Sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055): the MLP of every layer in --moe_layers is copied into
+--n_experts experts, and a new router sends each token to --moe_k of them, weighted by its softmax probabilities
+renormalised over the chosen ones, so the upcycled model computes exactly what the dense one did until training
+moves the experts apart. A load-balancing loss (Switch Transformer) and a router z-loss (ST-MoE) keep the router
+healthy; each evaluation prints how often each expert is chosen. Attention: the fused scaled_dot_product_attention
+kernel, FlashAttention's algorithm written out (--attention tiled: blocks of keys, a running max and a running sum),
+or ex1's explicit softmax. Data: WikiText-2 (wikitext-2-raw-v1 through datasets, or local files with --data_dir);
+perplexity on the test split with a sliding window, before and after fine-tuning. At the end the starting and the
+fine-tuned model continue the same prompt with the same seed (top-k, top-p, a repetition penalty, banned words),
+printed with WikiText's artefacts cleaned. DDP under torchrun as in ex3_pretrain_finetune.py.
+
+Run:       python flash_moe_finetune.py              (GPT-2 small, 4 experts in every other layer, 1000 steps of 8 x 1024
+                                                     tokens: a GPU; downloads GPT-2 and WikiText-2 once)
+Zero-shot: python flash_moe_finetune.py --n_experts 1 --max_iters 0     (GPT-2's WikiText-2 test perplexity, no training)
+Dense:     python flash_moe_finetune.py --n_experts 1                   (the same fine-tune without experts)
+8 GPUs:    torchrun --standalone --nproc_per_node 8 flash_moe_finetune.py --init_from gpt2-medium \
+               --gradient_accumulation_steps 8 --compile
+Offline:   python flash_moe_finetune.py --init_from out/ex3_pretrain_finetune/pretrain/ckpt.pt \
+               --data_dir ../shared/data/wikitext-2 --train_split valid       (a GPT-2-architecture model of ex3)
+Sample:    python flash_moe_finetune.py --prompt "The castle was built in" --num_samples 2
+Parent:    ex1_gpt.py (diff -u ex1_gpt.py flash_moe_finetune.py)
+Result:    offline, a small model of this repository upcycled and fine-tuned (MoE against dense, same budget): README,
+           Results (benchmarks/bench_flash_moe.py). GPT-2 small zero-shot and fine-tuned: the commands above, not
+           measured here (no weights offline); the GPT-2 paper reports 29.41 per word for the 117M model.
+"""
+
+import argparse
+import csv
+import inspect
+import itertools
+import math
+import os
+import re
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")  # Parquet files on the Hub, through datasets
+SPLITS = {"train": "train", "valid": "validation", "test": "test"}  # our name of each split: its name in datasets
+GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M parameters
+COMPATIBLE = ("ex1_gpt", "ex3_pretrain_finetune", SCRIPT)  # scripts whose GPT is ex1's, parameter for parameter
+ARCH = ("n_layer", "n_head", "n_embd", "block_size", "bias", "gelu", "n_experts", "moe_k", "moe_layers")  # what a checkpoint fixes
+
+
+@dataclass
+class Config:
+    # I/O
+    out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
+    data_dir: str = ""  # a folder holding WikiText-2's splits as train.txt, valid.txt, test.txt; empty: wikitext-2-raw-v1 through datasets, saved in data/
+    train_split: str = "train"  # the split to fine-tune on: train, or valid where train.txt is missing (its last tenth is then the val split)
+    init_from: str = "gpt2"  # gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face weights), the path of a checkpoint of this repository, or scratch
+    resume: bool = False  # continue training from out_dir/ckpt.pt
+    eval_interval: int = 100  # evaluate and checkpoint every this many iterations
+    eval_iters: int = 20  # batches per split in each evaluation
+    log_interval: int = 10  # print and log the training loss every this many iterations
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "gpt-ladder"  # wandb project name
+    # model
+    n_layer: int = 4  # transformer blocks (--init_from scratch; otherwise the starting model's)
+    n_head: int = 4  # attention heads per block (scratch only)
+    n_embd: int = 128  # embedding width (scratch only)
+    block_size: int = 0  # context length in tokens; 0: the starting model's (1024 for GPT-2), 128 from scratch; less crops the position embeddings
+    dropout: float = 0.1  # dropout probability (GPT-2's)
+    bias: bool = True  # biases in Linear and LayerNorm layers (scratch only; GPT-2 has them)
+    gelu: str = "tanh"  # GELU (scratch only): tanh, GPT-2's approximation, or none, the exact one that ex1's scripts train with
+    attention: str = "fused"  # fused (scaled_dot_product_attention), tiled (FlashAttention's online softmax, written out) or explicit (softmax(QK^T)V)
+    flash_block: int = 64  # queries and keys per tile of --attention tiled
+    # mixture of experts
+    n_experts: int = 4  # experts per upcycled MLP, each a copy of it; 1: no experts (the dense fine-tune)
+    moe_k: int = 2  # experts each token is sent to (--top_k is the sampling flag)
+    moe_layers: str = "odd"  # layers whose MLP is upcycled: odd (1, 3, 5, ...: every other layer), all, or indices such as 0,2,5
+    balance_coef: float = 0.01  # weight of the load-balancing loss (Switch Transformer), summed over the MoE layers
+    z_coef: float = 0.001  # weight of the router z-loss (ST-MoE), summed over the MoE layers
+    # training
+    seed: int = 1337  # seeds the router, the batches, dropout and sampling (and the weights from scratch)
+    batch_size: int = 8  # sequences per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, over all processes
+    max_iters: int = 1000  # optimizer steps; 0: only measure the starting model's test perplexity
+    learning_rate: float = 1e-4  # peak learning rate (fine-tuning: well below pretraining's)
+    min_lr: float = 1e-5  # learning rate at the end of the cosine decay
+    warmup_iters: int = 100  # linear warmup steps
+    lr_decay_iters: int = 0  # cosine decay length; 0 means max_iters
+    weight_decay: float = 0.1  # AdamW weight decay, applied to matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
+    test_stride: int = 0  # test perplexity: windows of block_size tokens this far apart, each scoring only its new tokens; 0: block_size // 2
+    test_tokens: int = 0  # measure the test perplexity on the first this many tokens of the test split; 0: all of it
+    # system
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model (worth it on a GPU)
+    # sampling
+    prompt: str = ""  # if set, skip training: load out_dir/ckpt.pt and continue this text with it and with the model it started from
+    num_samples: int = 1  # samples to draw from each model
+    max_new_tokens: int = 100  # tokens per sample
+    temperature: float = 0.8  # <1 sharper, >1 more random
+    top_k: int = 50  # sample only among the k most likely tokens; 0 for all
+    top_p: float = 0.95  # and only among the fewest most likely tokens whose probabilities sum to top_p (nucleus sampling); 1 for all
+    repetition_penalty: float = 1.2  # divide the logit of every token already in the text by this (multiply if negative), as in CTRL; 1: off
+    ban: str = "<unk>"  # comma-separated words never to generate (each with and without a leading space)
+    clean: bool = True  # print samples with WikiText's artefacts undone (@-@, @,@, spaces before punctuation, <unk>)
+    compare: bool = True  # also sample from the starting model, with the same prompt and seed
+
+
+def die(msg):
+    """A user error: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.error = lambda msg: die(f"{msg} (see --help)")
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
+    for f in fields(Config):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
+    cfg = Config(**vars(parser.parse_args(argv)))
+    checks = [
+        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.block_size >= 0 and cfg.batch_size >= 1, "--n_layer, --n_head and --batch_size must be at least 1, --block_size at least 0"),
+        (cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}"),
+        (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
+        (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
+        (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
+        (cfg.init_from in GPT2_MODELS + ("scratch",) or os.path.isfile(cfg.init_from), f"--init_from {cfg.init_from}: no such file; give gpt2(-medium, -large, -xl), scratch or a checkpoint"),
+        (cfg.train_split in ("train", "valid"), f"--train_split {cfg.train_split} is not train or valid (the test split is only for measuring)"),
+        (cfg.gelu in ("tanh", "none"), f"--gelu {cfg.gelu} is not tanh or none"),
+        (cfg.attention in ("fused", "tiled", "explicit") and cfg.flash_block >= 1, f"--attention {cfg.attention} is not fused, tiled or explicit, or --flash_block is below 1"),
+        (cfg.n_experts >= 1 and (cfg.n_experts == 1 or 1 <= cfg.moe_k <= cfg.n_experts), f"--n_experts {cfg.n_experts} must be >= 1 and --moe_k {cfg.moe_k} between 1 and it"),
+        (cfg.balance_coef >= 0 and cfg.z_coef >= 0, "--balance_coef and --z_coef must be >= 0"),
+        (cfg.test_stride >= 0 and cfg.test_tokens >= 0, "--test_stride and --test_tokens must be >= 0"),
+        (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
+        (0 < cfg.top_p <= 1 and cfg.repetition_penalty > 0, "--top_p must be in (0, 1] and --repetition_penalty > 0"),
+        (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            die(msg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def download_wikitext(folder):
+    """WikiText-2 through datasets, each split written once into folder as a text file (a row of the dataset is a line)."""
+    name, config = WIKITEXT
+    fix = "pass --data_dir with a folder holding WikiText-2's train.txt, valid.txt and test.txt"
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        die(f"downloading {config} needs the datasets package (pip install datasets); or {fix}")
+    print(f"downloading {name} ({config}) through datasets -> {folder}")
+    try:
+        ds = load_dataset(name, config)
+    except Exception as e:  # offline (HF_DATASETS_OFFLINE=1 included), the Hub unreachable
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        die(f"could not download {name} ({config}) ({type(e).__name__}: {reason}); {fix}")
+    os.makedirs(folder, exist_ok=True)
+    for split, hf_split in SPLITS.items():
+        path = os.path.join(folder, f"{split}.txt")
+        with open(path + ".part", "w", encoding="utf-8") as f:
+            f.write("".join(row.rstrip("\n") + "\n" for row in ds[hf_split]["text"]))
+        os.replace(path + ".part", path)
+
+
+def load_wikitext(cfg, tok):
+    """The splits as arrays of GPT-2 token ids: train (--train_split), val (valid, or the last 10% of the training split
+    when that is valid) and test. Files in --data_dir may be named train.txt or wiki.train.tokens / wiki.train.raw."""
+    folder = cfg.data_dir or os.path.join(DATA_DIR, WIKITEXT[1])
+    if cfg.data_dir and not os.path.isdir(folder):
+        die(f"--data_dir {folder}: no such folder")
+    names = lambda split: [f"{split}.txt", f"wiki.{split}.tokens", f"wiki.{split}.raw"]  # noqa: E731
+    find = lambda split: next((os.path.join(folder, n) for n in names(split) if os.path.isfile(os.path.join(folder, n))), None)  # noqa: E731
+    if not cfg.data_dir and not all(find(s) for s in SPLITS):
+        download_wikitext(folder)
+    texts = {}
+    for split in (cfg.train_split, "valid", "test"):
+        path = find(split)
+        if path is None:
+            hint = "; fine-tune on the valid split with --train_split valid" if split == "train" else ""
+            die(f"no {' or '.join(names(split))} in {folder}{hint}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts[split] = f.read()
+        except UnicodeDecodeError:
+            die(f"{path} is not UTF-8 text")
+    ids = {split: np.array(tok.encode(text), dtype=np.uint16) for split, text in texts.items()}
+    splits = {"train": ids["train"], "val": ids["valid"]} if cfg.train_split == "train" else {}
+    if cfg.train_split == "valid":  # no train split: hold out the end of the valid split for checkpoint selection
+        n = int(0.9 * len(ids["valid"]))
+        splits = {"train": ids["valid"][:n], "val": ids["valid"][n:]}
+    splits["test"] = ids["test"][: cfg.test_tokens or None]
+    splits["test_text"] = texts["test"] if not cfg.test_tokens else tok.decode(splits["test"].tolist())
+    for split in ("train", "val", "test"):
+        if len(splits[split]) < (cfg.block_size or 128) + 2:
+            die(f"the {split} split has {len(splits[split]):,} tokens, too few for a block of {cfg.block_size or 128}; give more text or a smaller --block_size")
+    print(f"WikiText-2 from {folder}: " + ", ".join(f"{s} {len(splits[s]):,}" for s in ("train", "val", "test")) + f" tokens (train: {cfg.train_split})")
+    return splits
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-pair encoding through tiktoken: every text encodes, nothing is dropped."""
+
+    name, start = "gpt2", "\n"
+
+    def __init__(self):
+        try:
+            import tiktoken
+
+            self.enc = tiktoken.get_encoding("gpt2")  # downloads two files into tiktoken's cache (TIKTOKEN_CACHE_DIR) once
+        except Exception as e:
+            fix = "pip install tiktoken and connect once, or set TIKTOKEN_CACHE_DIR to a folder holding its cached files"
+            die(f"could not load GPT-2's BPE through tiktoken ({type(e).__name__}); {fix}")
+        self.vocab_size = self.enc.n_vocab  # 50257, which fits in uint16
+
+    def encode(self, s):
+        return self.enc.encode_ordinary(s)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+class DataLoader:
+    """Each split an array of token ids; batches start at random offsets."""
+
+    def __init__(self, splits, cfg, device):
+        self.splits = splits
+        self.cfg, self.device = cfg, device
+        self.offsets = np.arange(cfg.block_size + 1)
+
+    def get_batch(self, split, generator, rank=0, world_size=1):
+        """Under DDP every rank draws the offsets of every rank's micro-batch from the same generator and keeps its own:
+        together the ranks train on exactly the micro-batches one process would."""
+        data = self.splits[split]
+        ix = [torch.randint(len(data) - self.cfg.block_size, (self.cfg.batch_size, 1), generator=generator) for _ in range(world_size)][rank]
+        xy = torch.from_numpy(data[ix.numpy() + self.offsets].astype(np.int64))  # (B, T+1) gathered in one indexing op
+        x, y = xy[:, :-1], xy[:, 1:]
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+class CausalSelfAttention(nn.Module):
+    """All heads in one module: one projection makes q, k, v for every head at once."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dropout, self.attention, self.flash_block = cfg.n_head, cfg.dropout, cfg.attention, cfg.flash_block
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        # lower-triangular mask: position t may attend to positions 0..t
+        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.attention == "fused":  # FlashAttention's kernel where the device has one
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        elif self.attention == "tiled":  # the same algorithm, written out
+            y = flash_attention(q, k, v, self.flash_block, self.dropout if self.training else 0.0)
+        else:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+            att = att.masked_fill(~self.mask[:T, :T], float("-inf"))
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = att @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+def flash_attention(q, k, v, block, dropout=0.0):
+    """Causal attention by FlashAttention's algorithm (Dao et al. 2022, arXiv 2205.14135), (B, H, T, D) -> (B, H, T, D),
+    without forming the T x T matrix of scores. For each block of queries the blocks of keys up to the diagonal are
+    visited in turn, keeping per query the running max m of its scores, the running sum l of exp(score - m) and the
+    running sum acc of exp(score - m) * value; when a block raises the max, the sums so far are rescaled by
+    exp(m_old - m_new). At the end acc / l is softmax(scores) @ V exactly. The fused kernel does this in on-chip memory;
+    here each tile is a few PyTorch operations, to read (autograd keeps the tiles, so it saves no memory)."""
+    T, scale = q.size(2), 1.0 / math.sqrt(q.size(-1))
+    pos = torch.arange(T, device=q.device)
+    out = []
+    for i in range(0, T, block):  # a block of queries
+        qi = q[:, :, i : i + block].float() * scale
+        m = qi.new_full((*qi.shape[:-1], 1), float("-inf"))  # running max of each query's scores
+        l = qi.new_zeros((*qi.shape[:-1], 1))  # running sum of exp(score - m)
+        acc = torch.zeros_like(qi)  # running sum of exp(score - m) * value
+        for j in range(0, i + block, block):  # blocks of keys up to the diagonal: later ones are masked entirely
+            s = qi @ k[:, :, j : j + block].float().transpose(-2, -1)  # (B, H, queries, keys)
+            if j == i:  # the diagonal block: a query sees the keys at or before it
+                s = s.masked_fill(pos[j : j + block] > pos[i : i + block, None], float("-inf"))
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            p = torch.exp(s - m_new)
+            rescale = torch.exp(m - m_new)  # 0 on the first block, where m is -inf
+            l = l * rescale + p.sum(-1, keepdim=True)
+            acc = acc * rescale + (F.dropout(p, dropout) if dropout else p) @ v[:, :, j : j + block].float()
+            m = m_new
+        out.append(acc / l)
+    return torch.cat(out, dim=2).to(q.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.gelu = cfg.gelu
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu)))
+
+
+def load_balancing_loss(probs, chosen):
+    """Switch Transformer's auxiliary loss E * sum_i f_i * P_i (Fedus et al. 2021, eq. 4). probs (N, E): the router's
+    probabilities; chosen (N, k): the experts each token was sent to. f_i is the share of the choices that went to
+    expert i, P_i the mean probability given to it: 1 when the router is uniform, E when one expert takes every token
+    with probability 1. f has no gradient; P carries it, pushing probability away from the busiest experts."""
+    E = probs.size(-1)
+    f = torch.bincount(chosen.flatten(), minlength=E).float() / chosen.numel()
+    return E * (f * probs.mean(0)).sum()
+
+
+def router_z_loss(logits):
+    """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): the mean squared log-sum-exp of the router logits, which keeps
+    them small (a bf16 softmax of large logits is inexact). Zero logits give (ln E)^2."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+class MoE(nn.Module):
+    """n_experts MLPs and a router: each token goes to the moe_k experts with the largest router probabilities, and
+    their outputs are summed, weighted by those probabilities renormalised to sum to 1 over the chosen experts.
+    Upcycled from an MLP (from_dense), every expert is a copy of it, so the layer computes what the MLP did."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_experts, self.moe_k = cfg.n_experts, cfg.moe_k
+        self.router = nn.Linear(cfg.n_embd, cfg.n_experts, bias=False)
+        nn.init.normal_(self.router.weight, mean=0.0, std=0.02)  # random: the copies get different tokens and move apart
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
+        self.register_buffer("usage", torch.zeros(cfg.n_experts, dtype=torch.long), persistent=False)  # choices counted in eval mode
+        self.balance_loss = self.z_loss = 0.0  # the auxiliary losses of the last forward
+
+    @classmethod
+    def from_dense(cls, mlp, cfg):
+        """Sparse upcycling: n_experts copies of a trained MLP and a new router."""
+        moe = cls(cfg).to(next(mlp.parameters()).device)
+        for expert in moe.experts:
+            expert.load_state_dict(mlp.state_dict())
+        return moe
+
+    def forward(self, x):
+        B, T, C = x.size()
+        x = x.reshape(B * T, C)
+        logits = self.router(x).float()  # (N, E): softmax and z-loss in float32, also under autocast
+        probs = F.softmax(logits, dim=-1)
+        top_p, chosen = probs.topk(self.moe_k, dim=-1)  # (N, k)
+        # the chosen experts' weights sum to 1, so copies of one MLP add up to it. With k = 1 that weight is the constant
+        # 1 and the router would get no gradient: p / p.detach() is 1 too, but its gradient is that of p
+        weights = top_p / (top_p.sum(-1, keepdim=True) if self.moe_k > 1 else top_p.detach())
+        self.balance_loss, self.z_loss = load_balancing_loss(probs, chosen), router_z_loss(logits)
+        if not self.training:
+            self.usage += torch.bincount(chosen.flatten(), minlength=self.n_experts)
+        # dispatch: the N * k choices sorted by expert, so that each expert runs once, on all of its tokens
+        order = chosen.flatten().argsort()
+        counts = torch.bincount(chosen.flatten(), minlength=self.n_experts).tolist()  # the group sizes (one wait for the GPU)
+        tokens, gates = (order // self.moe_k).split(counts), weights.flatten()[order].split(counts)
+        out = torch.zeros_like(x)
+        for expert, t, g in zip(self.experts, tokens, gates):  # an expert no token chose runs on 0 rows: zero gradient, still in the graph (DDP)
+            out.index_add_(0, t, expert(x[t]) * g[:, None].to(x.dtype))
+        return out.view(B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm: normalise the input of each sublayer, keep the residual stream untouched."""
+
+    def __init__(self, cfg, moe=False):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MoE(cfg) if moe else MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+def moe_layer_ids(cfg):
+    """The layers --moe_layers names: odd (1, 3, 5, ...: every other layer, as in GShard and Switch), all, or indices."""
+    if cfg.n_experts == 1:
+        return []
+    if cfg.moe_layers in ("odd", "all"):
+        ids = list(range(1 if cfg.moe_layers == "odd" else 0, cfg.n_layer, 2 if cfg.moe_layers == "odd" else 1))
+    else:
+        try:
+            ids = sorted({int(s) for s in cfg.moe_layers.split(",")})
+        except ValueError:
+            die(f"--moe_layers {cfg.moe_layers} is not odd, all, or comma-separated layer indices")
+    if not ids or not all(0 <= i < cfg.n_layer for i in ids):
+        die(f"--moe_layers {cfg.moe_layers} names no layer, or one outside 0..{cfg.n_layer - 1}, of this {cfg.n_layer}-layer model")
+    return ids
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(vocab_size, cfg.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # learned position embeddings
+        self.drop = nn.Dropout(cfg.dropout)
+        moe = moe_layer_ids(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, i in moe) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def moes(self):
+        return [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
+
+    def num_params(self, active=False):
+        """Parameters without the position embeddings; active=True: only those one token uses (moe_k of the experts)."""
+        n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        if active:
+            n -= sum((m.n_experts - m.moe_k) * sum(p.numel() for p in m.experts[0].parameters()) for m in self.moes())
+        return n
+
+    def forward(self, idx, targets=None, start=0):
+        """start: positions before it are only context (a sliding window's, or sampling's): no logits, no loss there."""
+        B, T = idx.size()
+        assert T <= self.cfg.block_size, f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}"
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x[:, start:]))
+        loss = None if targets is None else F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, start:].reshape(-1), ignore_index=-1)
+        if loss is not None and self.training and self.moes():  # one of each per MoE layer, as in Switch and ST-MoE
+            loss = loss + self.cfg.balance_coef * sum(m.balance_loss for m in self.moes()) + self.cfg.z_coef * sum(m.z_loss for m in self.moes())
+        return logits, loss
+
+    def configure_optimizer(self, cfg, device_type):
+        # weight decay on matrices (Linear weights, embeddings); not on biases and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+
+    def estimate_mfu(self, tokens_per_sec, device):
+        """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s (PaLM, appendix B)."""
+        L, H, Q, T = self.cfg.n_layer, self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head, self.cfg.block_size
+        flops_per_token = 6 * self.num_params(active=True) + 12 * L * H * Q * T
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12)
+        return flops_per_token * tokens_per_sec / peak
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, ban=()):
+        """Append max_new_tokens tokens to idx (B, T), each sampled from the model's next-token distribution after a
+        repetition penalty, banned sequences (ban: lists of token ids), temperature, top-k and top-p, in this order."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.cfg.block_size :]  # the model sees at most block_size tokens
+            logits, _ = self(context, start=context.size(1) - 1)  # logits of the last position only
+            logits = logits[:, -1, :].float()
+            if repetition_penalty != 1.0:  # CTRL (Keskar et al. 2019): every token already in the text becomes less likely
+                seen = logits.gather(1, idx)
+                logits.scatter_(1, idx, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
+            for seq in ban:  # a banned sequence loses its last token wherever the tokens before it were just generated
+                prefix = torch.tensor(seq[:-1], device=idx.device)
+                if idx.size(1) >= len(prefix):
+                    hit = (idx[:, idx.size(1) - len(prefix) :] == prefix).all(dim=1)
+                    logits[hit, seq[-1]] = float("-inf")
+            if temperature == 0:  # greedy
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = float("-inf")
+                if top_p < 1.0:
+                    logits = top_p_filter(logits, top_p)
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+def top_p_filter(logits, p):
+    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most likely tokens whose probabilities sum to
+    at least p, -inf for the rest. logits (B, V)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # the mass of the more likely tokens
+    sorted_logits[before >= p] = float("-inf")  # p was reached without this token: drop it (the first always stays)
+    return logits.scatter(-1, order, sorted_logits)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The starting model: GPT-2's weights, a checkpoint, or a small GPT-2 from scratch; then upcycling
+
+
+def from_hf(hf):
+    """A transformers GPT2LMHeadModel as (architecture, state dict) for GPT. GPT-2's Conv1D layers keep their weights as
+    (in, out), a Linear as (out, in): the four matrices of each block are transposed; every name loses 'transformer.'."""
+    c = hf.config
+    gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(c.activation_function)
+    if gelu is None or (c.n_inner or 4 * c.n_embd) != 4 * c.n_embd or c.layer_norm_epsilon != 1e-5 or c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights:
+        die("this GPT-2 configuration (activation, MLP width, LayerNorm epsilon or attention scaling) differs from GPT-2's; this script cannot load it")
+    arch = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions, bias=True, gelu=gelu, n_experts=1)
+    sd = {}
+    for name, w in hf.state_dict().items():
+        if name.split(".")[-2:] in (["attn", "bias"], ["attn", "masked_bias"]):
+            continue  # the causal-mask buffers of older transformers versions
+        name = re.sub(r"^h\.", "blocks.", re.sub(r"^transformer\.", "", name))
+        if re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", name):
+            w = w.t()
+        sd[name] = w.float().contiguous()
+    sd.setdefault("lm_head.weight", sd["wte.weight"])  # tied
+    return arch, sd, c.vocab_size
+
+
+def hf_weights(name):
+    """OpenAI's GPT-2 through transformers, downloaded into the Hugging Face cache once."""
+    fix = "start from a checkpoint of this repository with --init_from PATH, or from random weights with --init_from scratch"
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        die(f"--init_from {name} needs the transformers package (pip install transformers); or {fix}")
+    print(f"loading {name} from the Hugging Face Hub (transformers)")
+    try:
+        hf = GPT2LMHeadModel.from_pretrained(name)
+    except OSError as e:  # offline (HF_HUB_OFFLINE=1 included), the Hub unreachable
+        reason = (str(e).strip().splitlines() or [""])[0][:150]
+        die(f"could not load --init_from {name} ({type(e).__name__}: {reason}); connect once so that transformers caches it, or {fix}")
+    return from_hf(hf)
+
+
+def checkpoint_weights(path, device):
+    """A checkpoint of ex1's architecture trained on GPT-2's BPE: its architecture and state dict. ex1's scripts
+    train with the exact GELU and no experts; this script's checkpoints say what they have."""
+    ckpt = load_checkpoint(path, device, COMPATIBLE, "--init_from needs ex1's GPT: a checkpoint of ex3_pretrain_finetune.py --tokenizer gpt2, or of this script")
+    if ckpt.get("tokenizer") != "gpt2":
+        die(f"{path} was trained with a character vocabulary, not GPT-2's BPE; train one with ex3_pretrain_finetune.py --tokenizer gpt2")
+    saved = ckpt["config"]
+    arch = {name: saved.get(name, default) for name, default in zip(ARCH, (None,) * 5 + ("none", 1, 1, "odd"))}
+    return arch, ckpt["model"], ckpt["model"]["lm_head.weight"].size(0)
+
+
+def start_model(cfg, tok, device):
+    """The model fine-tuning starts from, the same every call (seeded); sets cfg's architecture to it. Dense, unless
+    it is a checkpoint of this script that has experts (they are kept)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from == "scratch":
+        cfg.block_size = cfg.block_size or 128
+        return GPT(replace(cfg, n_experts=1), tok.vocab_size).to(device)
+    arch, sd, vocab_size = hf_weights(cfg.init_from) if cfg.init_from in GPT2_MODELS else checkpoint_weights(cfg.init_from, device)
+    if vocab_size != tok.vocab_size:
+        die(f"--init_from {cfg.init_from} has a vocabulary of {vocab_size}, not GPT-2's {tok.vocab_size}")
+    context, arch["block_size"] = arch["block_size"], cfg.block_size or arch["block_size"]
+    if arch["block_size"] > context:
+        die(f"--block_size {cfg.block_size} is longer than the context of --init_from {cfg.init_from} ({context}); use at most {context}")
+    for name in ARCH[:6] if arch["n_experts"] == 1 else ARCH:  # experts: only those of the checkpoint, if it has any
+        setattr(cfg, name, arch[name])
+    sd = {**sd, "wpe.weight": sd["wpe.weight"][: cfg.block_size]}  # a shorter context keeps the first position embeddings
+    model = GPT(replace(cfg, n_experts=arch["n_experts"]), tok.vocab_size).to(device)
+    model.load_state_dict(sd)
+    return model
+
+
+def upcycle(model, cfg, x):
+    """Replace the MLP of each layer in --moe_layers by n_experts copies of it and a router; x, a batch of token ids,
+    shows that the logits did not change."""
+    if cfg.n_experts == 1 or model.moes():
+        return
+    with torch.no_grad():
+        dense, _ = model.eval()(x)
+        before = model.num_params()
+        for i in moe_layer_ids(cfg):
+            model.blocks[i].mlp = MoE.from_dense(model.blocks[i].mlp, cfg)
+        model.cfg = cfg
+        diff = (model.eval()(x)[0] - dense).abs().max().item()
+    model.train()
+    print(f"upcycled the MLPs of layers {', '.join(map(str, moe_layer_ids(cfg)))} into {cfg.n_experts} experts each, top-{cfg.moe_k}: "
+          f"{before / 1e6:.2f}M -> {model.num_params() / 1e6:.2f}M parameters; largest logit change {diff:.1e}")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def setup_ddp(cfg):
+    """Under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE): join the process group, one process per device. Every
+    process but rank 0 prints nothing and logs nothing. Returns this process's rank: 0 without torchrun."""
+    if "RANK" not in os.environ:
+        return 0
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        cfg.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(cfg.device)
+    # the others wait at a barrier while the first process downloads GPT-2 and WikiText: allow an hour
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo", timeout=timedelta(minutes=60))
+    if cfg.gradient_accumulation_steps % world_size:
+        die(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} counts micro-batches over all {world_size} processes; make it a multiple of {world_size}")
+    if rank:
+        sys.stdout, cfg.wandb = open(os.devnull, "w"), False
+    return rank
+
+
+@contextmanager
+def local_rank_zero_first():
+    """Under torchrun the first process on each machine runs the block (downloads) before the others, which then find
+    its files and reuse them."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if dist.is_initialized() and not first:
+        dist.barrier()
+    yield
+    if dist.is_initialized() and first:
+        dist.barrier()
+
+
+def setup_device(cfg):
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    if cfg.dtype == "auto":
+        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = getattr(torch, cfg.dtype)
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    return device, autocast
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def expert_usage(model):
+    """One line per MoE layer: each expert's share of the choices counted since the usage was last zeroed, and the
+    load-balancing loss those shares make with uniform probabilities (1: balanced, n_experts: one expert takes all)."""
+    lines = []
+    for i, block in enumerate(model.blocks):
+        if isinstance(block.mlp, MoE) and block.mlp.usage.sum():
+            share = block.mlp.usage / block.mlp.usage.sum()
+            lines.append(f"  layer {i} experts | use {' '.join(f'{100 * s:3.0f}%' for s in share.tolist())} | largest/mean {share.max().item() * len(share):.2f}")
+    return lines
+
+
+def reset_usage(model):
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.usage.zero_()
+
+
+@torch.no_grad()
+def estimate_loss(model, loader, cfg, autocast):
+    """Mean loss over eval_iters batches per split; the same batches every time, so evaluations compare."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        reset_usage(model)  # count the experts' choices afresh: what is left at the end is the val split's
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = torch.zeros(cfg.eval_iters)
+        for k in range(cfg.eval_iters):
+            x, y = loader.get_batch(split, gen)
+            with autocast:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def perplexity(model, ids, cfg, device, autocast):
+    """exp(mean loss) over every token of ids after the first, with a sliding window: windows of block_size tokens
+    test_stride apart, each scoring only the tokens that no earlier window scored (the first window all of its own), so
+    every token is predicted once, with at least block_size - test_stride tokens of context where the text allows.
+    Under DDP each process scores a share of the windows. Returns (perplexity, total loss in nats, tokens scored)."""
+    T, stride = cfg.block_size, min(cfg.test_stride or cfg.block_size // 2, cfg.block_size) or 1
+    windows, done = [], 0  # (start, length, new tokens); done: the targets ids[1 : done + 1] are already scored
+    for s in range(0, len(ids) - 1, stride):
+        length = min(T, len(ids) - 1 - s)
+        windows.append((s, length, s + length - done))
+        done = s + length
+        if done == len(ids) - 1:
+            break
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    model.eval()
+    reset_usage(model)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    for (length, new), group in itertools.groupby(windows[rank::world_size], key=lambda w: w[1:]):  # equal shapes, batched
+        starts = [w[0] for w in group]
+        for b in range(0, len(starts), cfg.batch_size):
+            xy = torch.from_numpy(ids[np.array(starts[b : b + cfg.batch_size])[:, None] + np.arange(length + 1)].astype(np.int64)).to(device)
+            with autocast:
+                _, loss = model(xy[:, :-1], xy[:, 1:], start=length - new)
+            nll += loss.double() * new * len(xy)
+    if dist.is_initialized():
+        dist.all_reduce(nll)
+    model.train()
+    return math.exp(nll.item() / (len(ids) - 1)), nll.item(), len(ids) - 1
+
+
+def report_perplexity(model, splits, cfg, device, autocast, when):
+    """Print the test perplexity per token and per word of WikiText (its words and line ends: 245,569 in the test
+    split, the unit of the GPT-2 paper's 29.41), and where the model has experts, their use on the test split."""
+    t0 = time.time()
+    ppl, nll, n = perplexity(model, splits["test"], cfg, device, autocast)
+    words = len(splits["test_text"].split()) + splits["test_text"].count("\n")
+    stride = min(cfg.test_stride or cfg.block_size // 2, cfg.block_size) or 1
+    print(f"test perplexity {when}: {ppl:.2f} per token ({n:,} tokens), {math.exp(nll / words):.2f} per word ({words:,})"
+          f" | window {cfg.block_size}, stride {stride} | {time.time() - t0:.1f} s")
+    for line in expert_usage(model):
+        print(line)
+    return ppl
+
+
+def load_checkpoint(path, device, scripts=(SCRIPT,), fix="use that script, or another --out_dir"):
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}; train first (python {SCRIPT}.py) or point --out_dir at a folder holding ckpt.pt")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
+        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+        die(f"{path} was written by {found}, not {' or '.join(scripts)}; {fix}")
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class CSVLog:
+    """out_dir/log.csv: one row per log line (batch loss) and per evaluation (train and val estimates)."""
+
+    columns = ["iter", "train_loss", "val_loss", "lr", "ms_per_iter"]
+
+    def __init__(self, path, start_iter):
+        rows = []
+        if start_iter > 0 and os.path.exists(path):  # resuming: drop rows past the checkpoint
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iter"]) < start_iter]
+        self.f = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.f, self.columns)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+
+    def write(self, **row):
+        self.writer.writerow(row)
+        self.f.flush()
+
+
+def train(cfg, model, loader, tok, device, autocast, ckpt=None):
+    raw_model = model
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    accum = cfg.gradient_accumulation_steps // world_size  # this process's micro-batches per step
+    optimizer = model.configure_optimizer(cfg, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    gen = torch.Generator().manual_seed(cfg.seed)  # drives the training batches
+    iter_num, best_val = 0, float("inf")
+    if ckpt is not None:  # --resume: restore everything that shapes the next step
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["batch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        print(f"resuming from iter {iter_num} (best val {best_val:.4f})")
+    if cfg.compile:
+        print("compiling the model (takes a minute)...")
+        model = torch.compile(model)
+    eval_model = model  # evaluation runs outside DDP: every rank scores the same batches, with no communication
+    if world_size > 1:
+        # copies rank 0's weights to all; the buffers (causal masks, expert counts) need no broadcast at every step
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    log = CSVLog(os.path.join(cfg.out_dir, "log.csv") if rank == 0 else os.devnull, iter_num)  # one writer: rank 0
+    if cfg.wandb:
+        import wandb
+
+        wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # over all processes
+    print(f"tokens per iteration: {tokens_per_iter:,}" + (f" ({world_size} processes x {accum} micro-batches)" if world_size > 1 else ""))
+
+    t0, t_start, dts = time.time(), time.time(), []
+    for it in range(iter_num, cfg.max_iters + 1):
+        lr = get_lr(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            losses = estimate_loss(eval_model, loader, cfg, autocast)
+            print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
+            for line in expert_usage(raw_model):
+                print(line)
+            log.write(iter=it, train_loss=f"{losses['train']:.6f}", val_loss=f"{losses['val']:.6f}", lr=f"{lr:.3e}", ms_per_iter="")
+            if cfg.wandb:
+                wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            if losses["val"] < best_val and rank == 0:  # one writer: rank 0
+                best_val = losses["val"]
+                state = {
+                    "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "tokenizer": tok.name,
+                    "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                }  # fmt: skip
+                save_checkpoint(ckpt_path, state)
+                print(f"saved {ckpt_path}")
+            t0 = time.time()  # keep evaluation out of the per-iteration timing
+        if it == cfg.max_iters:
+            break
+
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = loader.get_batch("train", gen, rank, world_size)  # on a GPU this overlaps with the previous step's kernels
+            sync = world_size == 1 or micro == accum - 1  # DDP all-reduces the gradients once, in the last backward
+            with nullcontext() if sync else model.no_sync():
+                with autocast:
+                    _, loss = model(x, y)
+                    loss = loss / accum  # the sum over micro-batches is the mean (and DDP averages over processes)
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        dts.append(dt)
+        if it % cfg.log_interval == 0:
+            if world_size > 1:
+                dist.all_reduce(loss_sum)  # the mean loss over every process's micro-batches
+                loss_sum /= world_size
+            lossf = loss_sum.item()  # .item() waits for the GPU: only when logging (with the experts' auxiliary losses)
+            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {tokens_per_iter / dt / 1000:.1f}k tok/s"
+            if device.type == "cuda":
+                line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / world_size / dt, device):.1f}%"  # per GPU
+            print(line)
+            log.write(iter=it, train_loss=f"{lossf:.6f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
+    if dts:
+        median = sorted(dts)[len(dts) // 2] * 1000
+        print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
+    log.f.close()
+    if cfg.wandb:
+        wandb.finish()
+    return best_val
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and main
+
+
+def clean_wikitext(text):
+    """WikiText's tokenisation undone for reading: 1 @,@ 000 -> 1,000, well @-@ known -> well-known, 3 @.@ 5 -> 3.5,
+    no space before closing punctuation or after opening brackets, it 's -> it's, " quoted " -> "quoted", <unk> removed."""
+    text = re.sub(r" @(.)@ ", r"\1", text)
+    text = re.sub(r" ?<unk>", "", text)
+    text = re.sub(r" ([.,;:!?%)\]}]|'s\b|'t\b|'re\b|'ve\b|'ll\b|'d\b|'m\b)", r"\1", text)
+    text = re.sub(r"([(\[{$]) ", r"\1", text)
+    text = re.sub(r'" ([^"\n]*?) "', r'"\1"', text)
+    return re.sub(r"(?m)^ +| +$", "", re.sub(r"  +", " ", text))
+
+
+def banned_sequences(words, tok):
+    """The token sequences --ban forbids: each comma-separated word, with and without a leading space."""
+    return [seq for w in filter(None, (s.strip() for s in words.split(","))) for seq in {tuple(tok.encode(w)), tuple(tok.encode(" " + w))}]
+
+
+def sample(model, start, tok, cfg, device, autocast, prompt):
+    """The fine-tuned model, and the model it started from (if given), continue the same prompt with the same seed."""
+    idx = torch.tensor([tok.encode(prompt)] * cfg.num_samples, dtype=torch.long, device=device)
+    ban = [list(seq) for seq in banned_sequences(cfg.ban, tok)]
+    for name, m in ([("starting model", start)] if start is not None else []) + [("fine-tuned", model)]:
+        torch.manual_seed(cfg.seed)  # the same --seed draws the same samples
+        m.eval()
+        with autocast:
+            out = m.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, ban)
+        for i, row in enumerate(out.tolist()):
+            text = tok.decode(row)
+            print(f"--- sample {i + 1}, {name} ---\n{clean_wikitext(text) if cfg.clean else text}")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank = setup_ddp(cfg)
+    device, autocast = setup_device(cfg)
+    tok = GPT2Tokenizer()
+
+    if cfg.prompt:  # sampling only: the fine-tuned model from its checkpoint, the starting model from where it started
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        saved = Config(**ckpt["config"])
+        model = GPT(saved, tok.vocab_size).to(device)
+        model.load_state_dict(ckpt["model"])
+        start = start_model(replace(saved), tok, device) if cfg.compare else None
+        sample(model, start, tok, cfg, device, autocast, cfg.prompt)
+        return
+
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        saved = Config(**ckpt["config"])
+        for name in ARCH + ("init_from",):  # the architecture comes from the checkpoint
+            setattr(cfg, name, getattr(saved, name))
+    with local_rank_zero_first():  # under torchrun one process per machine downloads; the others reuse its files
+        model = None if ckpt else start_model(cfg, tok, device)  # the same weights on every rank (seeded)
+        splits = load_wikitext(cfg, tok)
+    loader = DataLoader(splits, cfg, device)
+    if ckpt:
+        model = GPT(cfg, tok.vocab_size).to(device)
+        model.load_state_dict(ckpt["model"])
+    else:
+        upcycle(model, cfg, loader.get_batch("val", torch.Generator().manual_seed(0))[0][:1])
+    torch.manual_seed(cfg.seed + rank)  # other dropout masks on each rank; DDP gives every rank rank 0's weights
+    print(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M used per token), device {device}, dtype {cfg.dtype}, attention {cfg.attention}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    before = report_perplexity(model, splits, cfg, device, autocast, "before fine-tuning" if not ckpt else f"at iter {ckpt['iter_num']} (resumed)")
+    if cfg.max_iters == 0 and not ckpt:  # zero-shot: the starting model's perplexity only
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
+    try:
+        train(cfg, model, loader, tok, device, autocast, ckpt)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the best checkpoint so far is in {cfg.out_dir}", file=sys.stderr)
+        sys.exit(130)
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 has written the checkpoint
+    model.load_state_dict(torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), map_location=device, weights_only=True)["model"])  # the best val loss
+    after = report_perplexity(model, splits, cfg, device, autocast, "after fine-tuning (best val checkpoint)")
+    print(f"test perplexity per token: before {before:.2f} | after {after:.2f}")
+    if rank == 0:
+        start = start_model(replace(cfg), tok, device) if cfg.compare else None
+        sample(model, start, tok, cfg, device, autocast, tok.start)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

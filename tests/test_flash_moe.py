@@ -1,0 +1,393 @@
+"""flash_moe_finetune.py: GPT-2's weights loaded exactly, upcycling that changes nothing, flash attention equal to
+explicit attention, the router's losses, the sampling controls, sliding-window perplexity, and runs through main."""
+
+import copy
+import math
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, assert_causal, user_error
+from torch.nn import functional as F
+
+import flash_moe_finetune as fm
+
+TINY = ["--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2", "--device", "cpu",
+        "--eval_iters", "2", "--max_new_tokens", "8", "--test_tokens", "300", "--learning_rate", "1e-2", "--warmup_iters", "0"]  # fmt: skip
+WIKI = ' = Lobster = \n \n The lobster is a <unk> animal . It \'s red @-@ tipped , 1 @,@ 000 g ( 3 @.@ 5 lb ) and " highly esteemed " .\n'
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def gpt2_cache(monkeypatch, tmp_path_factory):
+    """GPT-2's BPE offline: TIKTOKEN_CACHE_DIR as set (by .ci/run), or a temporary copy of ../shared/data/tiktoken_cache
+    (tiktoken deletes a cached file whose hash does not match, so never the original)."""
+    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
+        shared = os.path.join(ROOT, "..", "shared", "data", "tiktoken_cache")
+        if not os.path.isdir(shared):
+            pytest.skip("GPT-2's BPE files are not available offline: set TIKTOKEN_CACHE_DIR, or provide ../shared/data/tiktoken_cache")
+        cache = tmp_path_factory.mktemp("tiktoken_cache")
+        for name in os.listdir(shared):
+            shutil.copy(os.path.join(shared, name), cache)
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+
+
+@pytest.fixture
+def wikitext(tmp_path):
+    """A folder of WikiText-style splits, about 1,500 GPT-2 tokens each."""
+    folder = tmp_path / "wikitext"
+    folder.mkdir()
+    for i, split in enumerate(("train", "valid", "test")):
+        (folder / f"{split}.txt").write_text((WIKI.replace("Lobster", f"Lobster {i}") + " The crab is green .\n") * 25, encoding="utf-8")
+    return str(folder)
+
+
+def tiny_cfg(**kw):
+    return fm.Config(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.0, **kw})
+
+
+def perturbed(model, scale=0.05):
+    """model with every parameter moved off its initial value: biases and LayerNorms no longer 0 and 1."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+@pytest.mark.parametrize("attention", ["fused", "tiled", "explicit"])
+def test_causal(attention):
+    torch.manual_seed(0)
+    assert_causal(fm.GPT(tiny_cfg(attention=attention, flash_block=4, n_experts=4, moe_layers="all"), 11).eval(), 11)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPT-2's weights
+
+
+def test_hugging_face_gpt2_converted_gives_the_same_logits(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = perturbed(transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=101, n_positions=24, n_embd=32, n_layer=3, n_head=4))).eval()
+    idx = torch.randint(101, (2, 24))
+    with torch.no_grad():
+        theirs = hf(idx).logits
+    # through --init_from gpt2, with the download replaced by this model; --block_size 16 crops the position embeddings
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", classmethod(lambda cls, name: hf))
+    for block_size in (0, 16):
+        cfg = fm.Config(init_from="gpt2", block_size=block_size)
+        model = fm.start_model(cfg, SimpleNamespace(vocab_size=101), CPU).eval()
+        assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias, cfg.gelu, cfg.block_size) == (3, 4, 32, True, "tanh", block_size or 24)
+        assert model.lm_head.weight is model.wte.weight  # still tied
+        with torch.no_grad():
+            ours, _ = model(idx[:, : cfg.block_size])
+        assert (ours - theirs[:, : cfg.block_size]).abs().max() < 1e-4
+
+
+def test_init_from_an_ex3_gpt2_checkpoint(tmp_path, gpt2_cache):
+    """ex3's --tokenizer gpt2 checkpoints: ex1's parameter names, no biases, the exact GELU (kept: not GPT-2's tanh)."""
+    import ex3_pretrain_finetune as ex3
+
+    torch.manual_seed(0)
+    cfg3 = ex3.Config(n_layer=2, n_head=2, n_embd=16, block_size=16, tokenizer="gpt2")
+    ex3_model = perturbed(ex3.GPT(cfg3, 50257), 0.3).eval()  # large weights: the two GELUs differ by ~1e-3 here
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"script": "ex3_pretrain_finetune", "model": ex3_model.state_dict(), "config": asdict(cfg3), "tokenizer": "gpt2", "vocab": None}, path)
+    cfg = fm.Config(init_from=path, n_experts=4)
+    model = fm.start_model(cfg, fm.GPT2Tokenizer(), CPU).eval()
+    assert (cfg.n_layer, cfg.n_embd, cfg.bias, cfg.gelu, cfg.block_size, cfg.n_experts) == (2, 16, False, "none", 16, 4) and not model.moes()
+    idx = torch.randint(50257, (2, 16))
+    with torch.no_grad():
+        assert (model(idx)[0] - ex3_model(idx)[0]).abs().max() < 1e-5
+        model.blocks[0].mlp.gelu = "tanh"
+        assert (model(idx)[0] - ex3_model(idx)[0]).abs().max() > 1e-4  # the check can see the GELU
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Upcycling and the router
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_upcycled_model_equals_the_dense_one(k):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_experts=4, moe_k=k, moe_layers="all", bias=True)
+    dense = perturbed(fm.GPT(replace(cfg, n_experts=1), 50)).eval()
+    x = torch.randint(50, (4, 16))
+    with torch.no_grad():
+        reference, _ = dense(x)
+        model = copy.deepcopy(dense)
+        fm.upcycle(model, cfg, x[:1])
+        assert len(model.moes()) == 2 and model.num_params() > dense.num_params()
+        assert (model.eval()(x)[0] - reference).abs().max() < 1e-5
+        assert all((m.usage > 0).sum() >= 2 for m in model.moes())  # the tokens are spread over the experts
+
+
+def router_grads(k, identical=True, balance_coef=0.0):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_experts=4, moe_k=k, moe_layers="all", balance_coef=balance_coef, z_coef=0.0)
+    model = perturbed(fm.GPT(replace(cfg, n_experts=1), 50))
+    x, y = torch.randint(50, (4, 16)), torch.randint(50, (4, 16))
+    fm.upcycle(model, cfg, x[:1])
+    if not identical:
+        with torch.no_grad():
+            model.moes()[0].experts[1].c_fc.weight.mul_(1.5)
+    model.train()
+    _, loss = model(x, y)
+    loss.backward()
+    expert_grad = max(e.c_fc.weight.grad.abs().max().item() for m in model.moes() for e in m.experts)
+    return max(m.router.weight.grad.abs().max().item() for m in model.moes()), expert_grad
+
+
+def test_with_identical_experts_the_router_gets_no_gradient_from_the_lm_loss():
+    router, experts = router_grads(k=2)
+    assert experts > 1e-3 and router < 1e-6 * experts  # renormalised weights sum to 1: nothing to learn yet
+    assert router_grads(k=2, identical=False)[0] > 1e-5  # once the experts differ, it does
+    assert router_grads(k=2, balance_coef=0.01)[0] > 1e-5  # the load-balancing loss reaches it from the start
+    assert router_grads(k=1)[0] > 1e-5  # top-1: p / p.detach() is 1, with p's gradient
+
+
+def test_load_balancing_and_z_loss():
+    E = 4
+    uniform = torch.full((12, E), 1 / E)
+    for chosen in (torch.randint(E, (12, 2)), torch.zeros(12, 1, dtype=torch.long)):  # any routing
+        assert fm.load_balancing_loss(uniform, chosen).item() == pytest.approx(1.0, abs=1e-6)
+    one_hot = F.one_hot(torch.zeros(12, dtype=torch.long), E).float()
+    assert fm.load_balancing_loss(one_hot, torch.zeros(12, 1, dtype=torch.long)).item() == pytest.approx(E)  # all on expert 0
+    assert fm.router_z_loss(torch.zeros(9, E)).item() == pytest.approx(math.log(E) ** 2, abs=1e-6)
+    assert fm.router_z_loss(torch.full((9, E), 3.0)).item() == pytest.approx((3 + math.log(E)) ** 2, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flash attention
+
+
+@pytest.mark.parametrize("B,H,T,D,block", [(2, 3, 1, 8, 16), (2, 3, 37, 8, 16), (1, 2, 64, 16, 16), (3, 1, 20, 4, 7), (1, 4, 5, 32, 8)])
+def test_tiled_and_fused_attention_equal_explicit_attention(B, H, T, D, block):
+    torch.manual_seed(T)
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    explicit = F.softmax((q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~mask, float("-inf")), dim=-1) @ v
+    g = torch.randn_like(explicit)
+    want = torch.autograd.grad(explicit, (q, k, v), g)
+    for out in (fm.flash_attention(q, k, v, block), F.scaled_dot_product_attention(q, k, v, is_causal=True)):
+        assert (out - explicit).abs().max() < 1e-5
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), want):
+            assert (a - b).abs().max() < 1e-5
+
+
+def test_attention_flag_switches_the_model_path():
+    torch.manual_seed(0)
+    models = {a: fm.GPT(tiny_cfg(attention=a, flash_block=5, block_size=23), 31).eval() for a in ("fused", "tiled", "explicit")}
+    for m in models.values():
+        m.load_state_dict(models["explicit"].state_dict())
+    x = torch.randint(31, (2, 23))
+    with torch.no_grad():
+        ref = models["explicit"](x)[0]
+        assert (models["tiled"](x)[0] - ref).abs().max() < 1e-5 and (models["fused"](x)[0] - ref).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+class Stub(fm.GPT):
+    """A 'model' whose next-token logits follow a table: after token a, table[a] gets 10 (without an entry, `second`
+    does), `second` 5, every other token -20."""
+
+    def __init__(self, vocab_size, table, second):
+        super().__init__(fm.Config(n_layer=1, n_head=1, n_embd=4, block_size=64, n_experts=1), vocab_size)
+        self.table, self.second, self.vocab_size = table, second, vocab_size
+
+    def forward(self, idx, targets=None, start=0):
+        logits = torch.full((idx.size(0), idx.size(1) - start, self.vocab_size), -20.0)
+        logits[:, -1, self.second] = 5.0
+        for b, last in enumerate(idx[:, -1].tolist()):
+            logits[b, -1, self.table.get(last, self.second)] = 10.0
+        return logits, None
+
+
+def test_banned_words_never_appear(gpt2_cache):
+    tok = fm.GPT2Tokenizer()
+    unk = tok.encode(" <unk>")  # three tokens: ' <', 'unk', '>'
+    assert len(unk) == 3 and tuple(unk) in fm.banned_sequences("<unk>, nothing", tok)
+    the = tok.encode(" the")[0]
+    model = Stub(tok.vocab_size, {the: unk[0], unk[0]: unk[1], unk[1]: unk[2], unk[2]: unk[0]}, the)  # writes ' <unk>' forever
+    idx = torch.tensor([tok.encode("It was")] * 2)
+    assert "<unk>" in tok.decode(model.generate(idx, 12, temperature=0)[0].tolist())  # the check can see it
+    ban = [list(s) for s in fm.banned_sequences("<unk>", tok)]
+    for temperature in (0, 1.0):
+        torch.manual_seed(0)
+        for row in model.generate(idx, 12, temperature=temperature, top_k=2, ban=ban).tolist():
+            assert "<unk>" not in tok.decode(row) and " <unk" in tok.decode(row)  # it tried, and the last token was refused
+    # a one-token word is refused everywhere, though it is the model's favourite
+    out = model.generate(idx, 12, temperature=0, ban=[[unk[0]]]).tolist()
+    assert all(unk[0] not in row[2:] for row in out)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+    for p, kept in ((0.4, {1}), (0.7, {1, 3}), (0.9, {1, 2, 3}), (0.99, {0, 1, 2, 3})):
+        assert set(torch.isfinite(fm.top_p_filter(logits, p))[0].nonzero().flatten().tolist()) == kept
+
+
+def test_repetition_penalty():
+    model = Stub(20, {1: 7, 7: 7}, 3)  # always favours token 7 (10), then token 3 (5)
+    greedy = lambda penalty: model.generate(torch.tensor([[1]]), 2, temperature=0, repetition_penalty=penalty)[0].tolist()  # noqa: E731
+    assert greedy(1.0) == [1, 7, 7] and greedy(2.5) == [1, 7, 3]  # 10 / 2.5 < 5: once written, 7 loses to the runner-up
+
+
+def test_clean_wikitext():
+    assert fm.clean_wikitext(WIKI) == '= Lobster =\n\nThe lobster is a animal. It\'s red-tipped, 1,000 g (3.5 lb) and "highly esteemed".\n'
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Perplexity
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    cfg = tiny_cfg(block_size=16, batch_size=3, test_stride=5)
+    model = fm.GPT(cfg, 37)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # zero logits everywhere
+    ids = np.random.default_rng(0).integers(0, 37, 101).astype(np.uint16)
+    ppl, nll, n = fm.perplexity(model, ids, cfg, CPU, nullcontext())
+    assert n == 100 and ppl == pytest.approx(37, rel=1e-5) and nll == pytest.approx(100 * math.log(37), rel=1e-5)
+
+
+def test_sliding_window_scores_each_token_once_with_its_context():
+    """Stride 1: every token is predicted from the block_size tokens before it (all of them near the start)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(block_size=8, batch_size=4, test_stride=1)
+    model = fm.GPT(cfg, 23).eval()
+    ids = np.random.default_rng(1).integers(0, 23, 30).astype(np.uint16)
+    t = torch.from_numpy(ids.astype(np.int64))
+    with torch.no_grad():
+        brute = sum(F.cross_entropy(model(t[None, max(0, i - 8) : i])[0][0, -1], t[i]).item() for i in range(1, 30))
+    ppl, nll, n = fm.perplexity(model, ids, cfg, CPU, nullcontext())
+    assert n == 29 and nll == pytest.approx(brute, rel=1e-5)
+    assert fm.perplexity(model, ids, replace(cfg, test_stride=3), CPU, nullcontext())[2] == 29
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs through main
+
+
+def test_smoke_upcycle_finetune_evaluate_sample_resume(tmp_path, wikitext, gpt2_cache, capsys):
+    out = str(tmp_path / "out")
+    args = TINY + ["--data_dir", wikitext, "--out_dir", out, "--n_experts", "4", "--moe_layers", "all", "--eval_interval", "3", "--log_interval", "1"]
+    fm.main(args + ["--max_iters", "6"])
+    text = capsys.readouterr().out
+    assert "upcycled the MLPs of layers 0, 1 into 4 experts each, top-2" in text
+    change = float(text.split("largest logit change ")[1].split()[0])
+    assert change < 1e-5
+    before = float(text.split("test perplexity before fine-tuning: ")[1].split()[0])
+    after = float(text.split("test perplexity after fine-tuning (best val checkpoint): ")[1].split()[0])
+    assert after < before  # it learned the repeated text
+    assert text.count("  layer 1 experts | use") >= 4  # at each evaluation and each perplexity
+    assert "--- sample 1, starting model ---" in text and "--- sample 1, fine-tuned ---" in text
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["tokenizer"] == "gpt2" and ckpt["config"]["n_experts"] == 4 and "blocks.0.mlp.experts.3.c_fc.weight" in ckpt["model"]
+
+    # --resume continues from the checkpoint (iteration 6) with the experts it has
+    fm.main(args + ["--max_iters", "9", "--resume"])
+    assert f"resuming from iter {ckpt['iter_num']}" in capsys.readouterr().out
+    # sampling alone: the fine-tuned checkpoint and the model it started from, cleaned, <unk> banned
+    fm.main(["--out_dir", out, "--prompt", "The lobster", "--max_new_tokens", "12", "--device", "cpu", "--top_k", "0"])
+    text = capsys.readouterr().out
+    assert "--- sample 1, starting model ---\nThe lobster" in text and "--- sample 1, fine-tuned ---\nThe lobster" in text
+    assert "<unk>" not in text
+
+
+def test_zero_shot_and_dense(tmp_path, wikitext, gpt2_cache, capsys):
+    fm.main(TINY + ["--data_dir", wikitext, "--out_dir", str(tmp_path / "o"), "--n_experts", "1", "--max_iters", "0", "--attention", "tiled"])
+    text = capsys.readouterr().out
+    assert "test perplexity before fine-tuning" in text and "upcycled" not in text and "tokens per iteration" not in text
+    assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
+
+
+def test_user_errors(tmp_path, wikitext, gpt2_cache, capsys, monkeypatch):
+    base = TINY + ["--data_dir", wikitext, "--out_dir", str(tmp_path / "o")]
+    # offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1 in conftest), or without transformers: one line naming the flag to use instead
+    line = user_error(capsys, fm.main, base + ["--init_from", "gpt2"])
+    assert "gpt2" in line and "--init_from PATH" in line and "--init_from scratch" in line
+    monkeypatch.setattr(fm, "DATA_DIR", str(tmp_path / "data"))  # no WikiText cached there
+    line = user_error(capsys, fm.main, TINY + ["--out_dir", str(tmp_path / "o")])
+    assert "wikitext-2-raw-v1" in line and "--data_dir" in line
+    assert not os.path.exists(tmp_path / "data" / "wikitext-2-raw-v1")  # nothing half-written
+    os.remove(os.path.join(wikitext, "train.txt"))
+    assert "--train_split valid" in user_error(capsys, fm.main, base)
+    base += ["--train_split", "valid"]
+    assert "--moe_k" in user_error(capsys, fm.main, base + ["--moe_k", "5"])
+    assert "--moe_layers" in user_error(capsys, fm.main, base + ["--moe_layers", "0,7"])
+    assert "--train_split" in user_error(capsys, fm.main, base + ["--train_split", "test"])
+    assert "--attention" in user_error(capsys, fm.main, base + ["--attention", "sparse"])
+    assert "no such file" in user_error(capsys, fm.main, base + ["--init_from", "gpt-2"])
+    assert "longer than the context" in user_error(capsys, fm.main, base + ["--block_size", "32", "--init_from", str(ex1_checkpoint(tmp_path, "gpt2"))])
+    assert "character vocabulary" in user_error(capsys, fm.main, base + ["--init_from", str(ex1_checkpoint(tmp_path, None))])
+    assert "switchhead_moe" in user_error(capsys, fm.main, base + ["--init_from", str(ex1_checkpoint(tmp_path, None, "switchhead_moe"))])
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        fm.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{name} " in text or f"--{name}\n" in text or f"--{name}," in text or f"--{name} |" in text for name in fm.Config.__dataclass_fields__)
+
+
+def ex1_checkpoint(tmp_path, tokenizer, script="ex1_gpt"):
+    """A checkpoint as ex1's scripts write it: block 16, no biases."""
+    cfg = tiny_cfg(n_embd=16, bias=False)
+    path = tmp_path / f"{script}-{tokenizer}.pt"
+    model = fm.GPT(cfg, 50257)
+    torch.save({"script": script, "model": model.state_dict(), "config": {k: v for k, v in asdict(cfg).items() if k in fm.ARCH[:5]}, "tokenizer": tokenizer}, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed data parallel
+
+WORKER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch
+import flash_moe_finetune as fm
+
+models = []
+TRAIN = fm.train
+fm.train = lambda cfg, model, *a, **k: (models.append(model), TRAIN(cfg, model, *a, **k))[1]
+fm.main(sys.argv[1:])
+out = sys.argv[sys.argv.index("--out_dir") + 1]
+torch.save(models[0].state_dict(), os.path.join(out, "rank" + os.environ.get("RANK", "0") + ".pt"))
+"""
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, wikitext, gpt2_cache):
+    """torchrun --nproc_per_node 2 on the CPU (gloo) with experts: an expert no token of a rank's micro-batch chose
+    still takes part in the all-reduce; the weights end identical on both ranks and equal to one process's."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(root=ROOT))
+    args = TINY + ["--data_dir", wikitext, "--n_experts", "8", "--moe_k", "1", "--gradient_accumulation_steps", "2", "--max_iters", "3", "--eval_interval", "3",
+                   "--max_new_tokens", "1", "--no-compare", "--dropout", "0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    ddp, one = str(tmp_path / "ddp"), str(tmp_path / "one")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    p = subprocess.run(torchrun + [str(worker), *args, "--out_dir", ddp], capture_output=True, text=True, timeout=180, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert p.stdout.count("test perplexity before") == 1 and "2 processes x 1 micro-batches" in p.stdout  # only rank 0 prints
+    q = subprocess.run([sys.executable, str(worker), *args, "--out_dir", one], capture_output=True, text=True, timeout=120, env=env)
+    assert q.returncode == 0, q.stderr[-3000:]
+    ppl = lambda out: float(out.split("test perplexity after fine-tuning (best val checkpoint): ")[1].split()[0])  # noqa: E731
+    assert ppl(p.stdout) == pytest.approx(ppl(q.stdout), rel=1e-4)  # each process scored half of the windows
+    r0, r1, single = (torch.load(os.path.join(d, f), weights_only=True) for d, f in ((ddp, "rank0.pt"), (ddp, "rank1.pt"), (one, "rank0.pt")))
+    for name, w in r0.items():
+        assert torch.equal(w, r1[name]), name
+        assert torch.allclose(w, single[name], atol=1e-5), name
