@@ -317,15 +317,17 @@ def plot(results, path, target):
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): no picture")
         return
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, (evals, *_) in results.items():
-        ax.plot([e[2] for e in evals], [e[1] for e in evals], marker=".", label=name, linewidth=2.5 if name == "ex1" or name.startswith("ex4 defaults (") else 1.2)
-    ax.axhline(target, color="gray", linestyle="--", linewidth=0.8)
+    # against iterations (the same on any machine, however busy) and against training time
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
     vals = [e[1] for evals, *_ in results.values() for e in evals]
-    ax.set_ylim(min(vals) - 0.03, min(max(vals), min(vals) + 0.8))  # the interesting part: the last 0.8 of the descent
-    ax.set(xlabel="training time, s (evaluations excluded)", ylabel="val loss", title="TinyShakespeare, ex1's CPU model size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, x, xlabel in zip(axes, (0, 2), ("iteration", "training time, s (evaluations excluded)")):
+        for name, (evals, *_) in results.items():
+            ax.plot([e[x] for e in evals], [e[1] for e in evals], marker=".", label=name, linewidth=2.5 if name == "ex1" or name.startswith("ex4 defaults (") else 1.2)
+        ax.axhline(target, color="gray", linestyle="--", linewidth=0.8)
+        ax.set_ylim(min(vals) - 0.03, min(max(vals), min(vals) + 0.8))  # the interesting part: the last 0.8 of the descent
+        ax.set(xlabel=xlabel, ylabel="val loss", title="TinyShakespeare, ex1's CPU model size")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     print(f"saved {path}")
