@@ -21,8 +21,8 @@ Web:     python ex3_pretrain_finetune.py               (first streams 100M chara
              --master_addr IP_OF_NODE_0 --master_port 29500 ex3_pretrain_finetune.py
 Sample:  python ex3_pretrain_finetune.py --prompt "ROMEO:" --num_samples 3     (--stage picks the checkpoint)
 Parent:  ex1_gpt.py (diff -u ex1_gpt.py ex3_pretrain_finetune.py)
-Result:  finetuned against from-scratch val loss on TinyShakespeare: see README, Results (benchmarks/bench_ex3.py);
-         target: at least 0.05 lower after pretraining.
+Result:  pretrained 15,000 iterations on the Gutenberg books then finetuned 2,000: val 1.528 on TinyShakespeare,
+         against 1.893 from scratch with the same 2,000 iterations (README, Results; benchmarks/bench_ex3.py).
 """
 
 import argparse
