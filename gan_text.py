@@ -22,7 +22,8 @@ Init:    python switchhead_moe.py --block_size 64 --out_dir out/mle && python ga
 Compare: python benchmarks/bench_gan.py          (MLE only vs adversarial, temperature sweep, quality-diversity picture)
 Sample:  python gan_text.py --prompt "ROMEO:" --num_samples 3
 Parent:  switchhead_moe.py (diff -u switchhead_moe.py gan_text.py)
-Result:  not measured yet: run the comparison above (README, Results, gets its table).
+Result:  after 150 adversarial rounds the GAN ties the MLE generator on BLEU-4 at equal self-BLEU (0.063 vs 0.061, within
+         sampling noise) with a worse held-out NLL (1.915 vs 1.895): temperature-tuned MLE is as good (README, Results).
 """
 
 import argparse
