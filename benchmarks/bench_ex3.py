@@ -32,9 +32,7 @@ import csv
 import os
 import re
 import statistics
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -42,34 +40,12 @@ SCRIPT = os.path.join(ROOT, "ex3_pretrain_finetune.py")
 OUT = os.path.join(ROOT, "out", "bench_ex3")
 
 import torch  # noqa: E402
-from common import machine, table  # noqa: E402
+from common import machine, run, table  # noqa: E402
 
 
 def read_log(out_dir):
     with open(os.path.join(out_dir, "log.csv"), newline="") as f:
         return list(csv.DictReader(f))
-
-
-def run(cmd, threads=None, show=False):
-    """Run cmd in the repository; show its output as it comes (raw, progress lines included) or keep it quiet.
-    Returns its output and wall time; stops the benchmark if it fails."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    print("$ " + (f"OMP_NUM_THREADS={threads} " if threads else "") + " ".join(cmd), flush=True)
-    t = time.time()
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = bytearray()
-    while chunk := p.stdout.read1(1 << 16):
-        out += chunk
-        if show:
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-    p.wait()
-    text = out.decode("utf-8", "replace")
-    if p.returncode:
-        sys.exit(f"failed with exit status {p.returncode}:\n{text[-3000:]}")
-    return text, time.time() - t
 
 
 def data_flags(a):

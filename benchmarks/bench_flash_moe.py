@@ -38,10 +38,8 @@ With real GPT-2 weights (a machine that can download them; not measured here):
 
 import argparse
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -54,44 +52,7 @@ from torch.nn import functional as F  # noqa: E402
 
 sys.path.insert(0, ROOT)
 import flash_moe_finetune as fm  # noqa: E402
-
-
-def machine(threads=None):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    n = threads or torch.get_num_threads()
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores, {n} torch threads{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    print("\n".join(lines) + "\n", flush=True)
-
-
-def run(cmd, show=True):
-    """Run cmd in the repository, showing its output as it comes; returns the output and the wall time; stops the
-    benchmark if it fails."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    print("$ " + " ".join(cmd), flush=True)
-    t = time.time()
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = bytearray()
-    while chunk := p.stdout.read1(1 << 16):
-        out += chunk
-        if show:
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-    p.wait()
-    text = out.decode("utf-8", "replace")
-    if p.returncode:
-        sys.exit(f"failed with exit status {p.returncode}:\n{text[-3000:]}")
-    return text, time.time() - t
+from common import machine, run, table  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,7 +67,7 @@ def perplexities(text, when):
 
 def finetune(a, name, flags):
     out_dir = os.path.join(a.out, name)
-    text, wall = run([sys.executable, os.path.join(ROOT, "flash_moe_finetune.py"), "--out_dir", out_dir, *flags])
+    text, wall = run([sys.executable, os.path.join(ROOT, "flash_moe_finetune.py"), "--out_dir", out_dir, *flags], show=True)
     params = re.search(r"([\d.]+)M parameters \(([\d.]+)M used per token\)", text)
     done = re.search(r"done: (\d+) iterations in ([\d.]+) s, median ([\d.]+) ms/iter, best val ([\d.]+)", text)
     after = text.split("test perplexity after")[1]
@@ -133,7 +94,7 @@ def quality(a):
     text, pre_wall = run([sys.executable, os.path.join(ROOT, "ex3_pretrain_finetune.py"), "--stage", "pretrain", "--tokenizer", "gpt2", "--out_dir", base,
                           "--pretrain_data", a.books, *tokens, *shakespeare, *size, "--max_iters", str(pre_iters), "--eval_interval", str(pre_iters),
                           "--eval_iters", str(evals), "--learning_rate", "1e-3", "--min_lr", "1e-4", "--warmup_iters", str(pre_iters // 16),
-                          "--log_interval", str(every), "--max_new_tokens", "30", "--device", "cpu"])  # fmt: skip
+                          "--log_interval", str(every), "--max_new_tokens", "30", "--device", "cpu"], show=True)  # fmt: skip
     pre_val = float(re.search(r"done: \d+ iterations in [\d.]+ s, median [\d.]+ ms/iter, best val ([\d.]+)", text).group(1))
     corpus = re.search(r"pretraining corpus: ([\d,]+) tokens", text).group(1)
     # 2. and 3. fine-tuned on WikiText-2 with experts, and dense

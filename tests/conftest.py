@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -69,3 +70,17 @@ def assert_repeatable_samples(main, out_dir, capsys, prompt="All:"):
         main(["--out_dir", out_dir, "--prompt", prompt, "--max_new_tokens", "40", "--num_samples", "2", "--device", "cpu"])
         draws.append(capsys.readouterr().out)
     assert draws[0] == draws[1] and draws[0].count("--- sample") == 2 and "\n" + prompt in draws[0]
+
+
+@pytest.fixture
+def gpt2_cache(monkeypatch, tmp_path_factory):
+    """GPT-2's BPE offline: TIKTOKEN_CACHE_DIR as set (by .ci/run), or a temporary copy of ../shared/data/tiktoken_cache
+    (tiktoken deletes a cached file whose hash does not match, so never the original)."""
+    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
+        shared = os.path.join(ROOT, "..", "shared", "data", "tiktoken_cache")
+        if not os.path.isdir(shared):
+            pytest.skip("GPT-2's BPE files are not available offline: set TIKTOKEN_CACHE_DIR, or provide ../shared/data/tiktoken_cache")
+        copy = tmp_path_factory.mktemp("tiktoken_cache")
+        for name in os.listdir(shared):
+            shutil.copy(os.path.join(shared, name), copy)
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(copy))

@@ -3,7 +3,6 @@
 import math
 import os
 import random
-import shutil
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -29,20 +28,6 @@ def corpus(tmp_path):
         body = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(150))
         (folder / f"book{n}.txt").write_text(BOOK.format(n=n, body=body), encoding="utf-8")
     return str(folder)
-
-
-@pytest.fixture
-def gpt2_cache(monkeypatch, tmp_path_factory):
-    """GPT-2's BPE offline: TIKTOKEN_CACHE_DIR as set (by .ci/run), or a temporary copy of ../shared/data/tiktoken_cache
-    (tiktoken deletes a cached file whose hash does not match, so never the original)."""
-    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
-        shared = os.path.join(ROOT, "..", "shared", "data", "tiktoken_cache")
-        if not os.path.isdir(shared):
-            pytest.skip("GPT-2's BPE files are not available offline: set TIKTOKEN_CACHE_DIR, or provide ../shared/data/tiktoken_cache")
-        copy = tmp_path_factory.mktemp("tiktoken_cache")
-        for name in os.listdir(shared):
-            shutil.copy(os.path.join(shared, name), copy)
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(copy))
 
 
 def losses(out_dir):

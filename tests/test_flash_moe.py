@@ -4,7 +4,6 @@ explicit attention, the router's losses, the sampling controls, sliding-window p
 import copy
 import math
 import os
-import shutil
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -23,20 +22,6 @@ TINY = ["--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd",
         "--eval_iters", "2", "--max_new_tokens", "8", "--test_tokens", "300", "--learning_rate", "1e-2", "--warmup_iters", "0"]  # fmt: skip
 WIKI = ' = Lobster = \n \n The lobster is a <unk> animal . It \'s red @-@ tipped , 1 @,@ 000 g ( 3 @.@ 5 lb ) and " highly esteemed " .\n'
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def gpt2_cache(monkeypatch, tmp_path_factory):
-    """GPT-2's BPE offline: TIKTOKEN_CACHE_DIR as set (by .ci/run), or a temporary copy of ../shared/data/tiktoken_cache
-    (tiktoken deletes a cached file whose hash does not match, so never the original)."""
-    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
-        shared = os.path.join(ROOT, "..", "shared", "data", "tiktoken_cache")
-        if not os.path.isdir(shared):
-            pytest.skip("GPT-2's BPE files are not available offline: set TIKTOKEN_CACHE_DIR, or provide ../shared/data/tiktoken_cache")
-        cache = tmp_path_factory.mktemp("tiktoken_cache")
-        for name in os.listdir(shared):
-            shutil.copy(os.path.join(shared, name), cache)
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
 
 
 @pytest.fixture
