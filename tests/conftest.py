@@ -84,3 +84,20 @@ def gpt2_cache(monkeypatch, tmp_path_factory):
         for name in os.listdir(shared):
             shutil.copy(os.path.join(shared, name), copy)
         monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(copy))
+
+
+def torchrun_and_single(tmp_path, worker_src, args):
+    """Run the script worker_src under torchrun --nproc_per_node 2 (gloo, 1 thread each) into tmp_path/ddp and as one
+    plain process into tmp_path/one; both must succeed. Returns the two out_dirs and the two completed processes."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(worker_src)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    ddp, one = str(tmp_path / "ddp"), str(tmp_path / "one")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    p = subprocess.run(torchrun + [str(worker), *args, "--out_dir", ddp], capture_output=True, text=True, timeout=180, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    q = subprocess.run([sys.executable, str(worker), *args, "--out_dir", one], capture_output=True, text=True, timeout=120, env=env)
+    assert q.returncode == 0, q.stderr[-3000:]
+    return ddp, one, p, q

@@ -3,14 +3,12 @@
 import math
 import os
 import random
-import subprocess
-import sys
 from contextlib import nullcontext
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TEXT, assert_causal, read_log, user_error
+from conftest import ROOT, TEXT, assert_causal, read_log, torchrun_and_single, user_error
 
 import ex3_pretrain_finetune as ex3
 
@@ -212,22 +210,12 @@ torch.save({{"params": models[0].state_dict(), "allreduces": allreduces[0]}}, os
 def test_torchrun_two_processes_equal_one(tmp_path, text_file, corpus):
     """torchrun --nproc_per_node 2 on the CPU (gloo): parameters identical across ranks, the loss curve of one process
     with the same global batch (4 micro-batches: 2 per rank), and one gradient all-reduce per step, not per micro-batch."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER.format(root=ROOT))
     steps = 5
     args = TINY + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--stage", "pretrain", "--max_iters", str(steps), "--warmup_iters", "0",
                    "--eval_interval", str(steps), "--log_interval", "1", "--gradient_accumulation_steps", "4", "--learning_rate", "1e-2", "--max_new_tokens", "5"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    ddp, one = str(tmp_path / "ddp"), str(tmp_path / "one")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    p = subprocess.run(torchrun + [str(worker), *args, "--out_dir", ddp], capture_output=True, text=True, timeout=180, env=env)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    ddp, one, p, q = torchrun_and_single(tmp_path, WORKER.format(root=ROOT), args)
     assert p.stdout.count("iter 0 | train") == 1 and "2 processes x 2 micro-batches" in p.stdout  # only rank 0 prints
-    p = subprocess.run([sys.executable, str(worker), *args, "--out_dir", one], capture_output=True, text=True, timeout=120, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "reusing" in p.stdout  # the corpus torchrun's rank 0 encoded
+    assert "reusing" in q.stdout  # the corpus torchrun's rank 0 encoded
 
     a, b = losses(os.path.join(ddp, "pretrain")), losses(os.path.join(one, "pretrain"))
     assert [r[0] for r in a] == [r[0] for r in b] and len(a) == steps + 2  # a loss every step, and two evaluations

@@ -4,8 +4,6 @@ explicit attention, the router's losses, the sampling controls, sliding-window p
 import copy
 import math
 import os
-import subprocess
-import sys
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from types import SimpleNamespace
@@ -13,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_causal, user_error
+from conftest import ROOT, assert_causal, torchrun_and_single, user_error
 from torch.nn import functional as F
 
 import flash_moe_finetune as fm
@@ -356,20 +354,10 @@ torch.save(models[0].state_dict(), os.path.join(out, "rank" + os.environ.get("RA
 def test_torchrun_two_processes_equal_one(tmp_path, wikitext, gpt2_cache):
     """torchrun --nproc_per_node 2 on the CPU (gloo) with experts: an expert no token of a rank's micro-batch chose
     still takes part in the all-reduce; the weights end identical on both ranks and equal to one process's."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER.format(root=ROOT))
     args = TINY + ["--data_dir", wikitext, "--n_experts", "8", "--moe_k", "1", "--gradient_accumulation_steps", "2", "--max_iters", "3", "--eval_interval", "3",
                    "--max_new_tokens", "1", "--no-compare", "--dropout", "0"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    ddp, one = str(tmp_path / "ddp"), str(tmp_path / "one")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    p = subprocess.run(torchrun + [str(worker), *args, "--out_dir", ddp], capture_output=True, text=True, timeout=180, env=env)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    ddp, one, p, q = torchrun_and_single(tmp_path, WORKER.format(root=ROOT), args)
     assert p.stdout.count("test perplexity before") == 1 and "2 processes x 1 micro-batches" in p.stdout  # only rank 0 prints
-    q = subprocess.run([sys.executable, str(worker), *args, "--out_dir", one], capture_output=True, text=True, timeout=120, env=env)
-    assert q.returncode == 0, q.stderr[-3000:]
     ppl = lambda out: float(out.split("test perplexity after fine-tuning (best val checkpoint): ")[1].split()[0])  # noqa: E731
     assert ppl(p.stdout) == pytest.approx(ppl(q.stdout), rel=1e-4)  # each process scored half of the windows
     r0, r1, single = (torch.load(os.path.join(d, f), weights_only=True) for d, f in ((ddp, "rank0.pt"), (ddp, "rank1.pt"), (one, "rank0.pt")))
