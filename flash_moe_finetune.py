@@ -26,9 +26,9 @@ Offline:   python flash_moe_finetune.py --init_from out/ex3_pretrain_finetune/pr
                --data_dir ../shared/data/wikitext-2 --train_split valid       (a GPT-2-architecture model of ex3)
 Sample:    python flash_moe_finetune.py --prompt "The castle was built in" --num_samples 2
 Parent:    ex1_gpt.py (diff -u ex1_gpt.py flash_moe_finetune.py)
-Result:    offline, a small model of this repository upcycled and fine-tuned (MoE against dense, same budget): README,
-           Results (benchmarks/bench_flash_moe.py). GPT-2 small zero-shot and fine-tuned: the commands above, not
-           measured here (no weights offline); the GPT-2 paper reports 29.41 per word for the 117M model.
+Result:    offline, a 7.2M-parameter model of this repository (pretrained on Gutenberg) fine-tuned 300 iterations on WikiText-2
+           valid: test perplexity 26,371 -> 208.9 per token upcycled, 209.6 dense (README, Results). GPT-2 small zero-shot
+           and fine-tuned: the commands above, not run here (no weights offline); the paper reports 29.41 per word.
 """
 
 import argparse
