@@ -10,7 +10,7 @@ model is scored by greedy decoding and exact match on every held-out problem.
 Run:     python ex2_addition.py                     (CPU, about a minute and a half)
 Ask:     python ex2_addition.py --prompt 123+456    (answers from the saved checkpoint)
 Parent:  ex1_gpt.py (diff -u ex1_gpt.py ex2_addition.py)
-Result:  100% exact match on all 100,000 held-out 3-digit problems (see README, Results).
+Result:  100% exact match on all 100,001 held-out 3-digit problems in 1 min 31 s on 2 CPU cores (README, Results).
 """
 
 import argparse
