@@ -1,10 +1,11 @@
 """
 SwitchHead against dense attention at matched parameters: val loss, attention cost, time and peak memory.
 
-    python benchmarks/bench_switchhead.py                  the full comparison: 3 models x 3 seeds x 2000 iterations at
-                                                           block 256; about 2 hours on 2 CPU cores (estimated from short
-                                                           runs at ~0.3-0.45 s per iteration, not timed end to end)
-    python benchmarks/bench_switchhead.py --seeds 1337 --max_iters 500     a reduced run, about 15 minutes
+    python benchmarks/bench_switchhead.py --jobs 2         the full comparison: 3 models x 3 seeds x 2000 iterations at
+                                                           block 256, two runs at a time with one thread each: 59 minutes
+                                                           on 2 CPU cores (the README's table)
+    python benchmarks/bench_switchhead.py                  the same one run at a time, with all the cores (not timed)
+    python benchmarks/bench_switchhead.py --seeds 1337 --max_iters 500     a reduced run, 3 runs of ~3 minutes (estimated)
     python benchmarks/bench_switchhead.py --quick          a check of the pipeline in about a minute (numbers meaningless)
     python benchmarks/bench_switchhead.py --device cuda -- --compile       on a GPU; flags after -- go to every run
 
@@ -30,6 +31,7 @@ process that only imports torch); on CUDA torch.cuda.max_memory_allocated of the
 """
 
 import argparse
+import concurrent.futures
 import csv
 import os
 import statistics
@@ -56,16 +58,16 @@ if torch.cuda.is_available():
 """
 
 
-def run(cmd, log_path):
+def run(cmd, log_path, env=None):
     """Run cmd with its output in log_path; its exit status and peak resident memory in MB (this process only)."""
     with open(log_path, "w") as log:
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     return p.returncode, usage.ru_maxrss / 1024  # ru_maxrss is in kB on Linux
 
 
-def run_model(name, seed, args, extra):
+def run_model(name, seed, args, extra, env):
     out_dir = os.path.join(ROOT, "out", "bench_switchhead", f"{name.replace(' ', '_')}-{seed}")
     os.makedirs(out_dir, exist_ok=True)
     flags = MODELS[name] + [
@@ -74,7 +76,7 @@ def run_model(name, seed, args, extra):
         "--max_new_tokens", "0", *extra,
     ]  # fmt: skip
     stdout_path = os.path.join(out_dir, "stdout.txt")
-    status, rss_mb = run([sys.executable, "-c", RUNNER, os.path.join(ROOT, "switchhead_moe.py"), *flags], stdout_path)
+    status, rss_mb = run([sys.executable, "-c", RUNNER, os.path.join(ROOT, "switchhead_moe.py"), *flags], stdout_path, env)
     with open(stdout_path) as f:
         printed = f.read()
     if status != 0:
@@ -100,21 +102,28 @@ def main():
     parser.add_argument("--eval_iters", type=int, default=200, help="val batches in the final evaluation")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores / jobs torch threads")
     parser.add_argument("--quick", action="store_true", help="1 seed, 10 iterations at block 32, 2 eval batches")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     if args.quick:
         args.seeds, args.max_iters, args.block_size, args.eval_iters = args.seeds[:1], 10, 32, 2
     print(f"block {args.block_size}, {args.max_iters} iterations, {args.eval_iters} val batches, seeds {args.seeds}, device {args.device} {' '.join(extra)}")
-    print(f"(torch threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores)", flush=True)
+    env = dict(os.environ)
+    if args.jobs > 1:  # parallel runs at full threads each would thrash the cores
+        env.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // args.jobs)))
+    print(f"(torch threads: OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores, {args.jobs} run(s) at a time)", flush=True)
     _, floor = run([sys.executable, "-c", "import torch"], os.devnull)
 
-    results = {}
-    for name in args.models:
-        for seed in args.seeds:
-            r = run_model(name, seed, args, extra)
-            results.setdefault(name, []).append(r)
+    runs = [(name, seed) for name in args.models for seed in args.seeds]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the child processes
+        futures = {pool.submit(run_model, name, seed, args, extra, env): (name, seed) for name, seed in runs}
+        for f in concurrent.futures.as_completed(futures):
+            (name, seed), r = futures[f], f.result()
             print(f"  {name:<13} seed {seed}: val {r['val']:.4f} | {r['ms']:.1f} ms/iter | peak {r['mem_mb']:.0f} MB", flush=True)
+    results = {}
+    for f, (name, seed) in sorted(futures.items(), key=lambda kv: runs.index(kv[1])):
+        results.setdefault(name, []).append(f.result())
 
     summary = {}
     for name, rs in results.items():
@@ -147,8 +156,11 @@ def main():
               f" time per iteration {100 * sw['ms'] / d8['ms']:.0f}%, peak memory {100 * sw['mb'] / d8['mb']:.0f}% (whole process)")  # fmt: skip
     if sw and d2:
         margin, spread = d2["val"] - sw["val"], max(sw["spread"], d2["spread"])
-        verdict = "beats it by more than" if margin > spread else "does not beat it by more than"
-        print(f"SwitchHead vs dense 2-head: {margin:+.4f} lower val loss; SwitchHead {verdict} the seed spread ({spread:.4f}, the larger of the two)")
+        if margin > 0:
+            verdict = f"{margin:.4f} lower val loss, {'more' if margin > spread else 'no more'} than the seed spread: it {'beats' if margin > spread else 'does not beat'} it"
+        else:
+            verdict = f"{-margin:.4f} higher val loss ({'more' if -margin > spread else 'no more'} than the seed spread): it does not beat it"
+        print(f"SwitchHead vs dense 2-head: {verdict} (seed spread {spread:.4f}, the larger of the two)")
 
 
 if __name__ == "__main__":
