@@ -13,13 +13,16 @@ At start-up the script prints the paper's cost accounting (multiply-accumulates 
 attention layer, against the dense model with n_head * n_experts heads; each evaluation shows how often each
 expert is chosen.
 
-Run:     python switchhead_moe.py                   (2000 iterations at block 256: roughly 15-20 minutes on 2 CPU cores,
-                                                    estimated from 30-iteration runs, evaluations included)
+Run:     python switchhead_moe.py                   (2000 iterations at block 256, about 17 minutes on one CPU core:
+                                                    620 s of steps and 9 evaluations of 47 s each)
 Dense:   python switchhead_moe.py --n_experts 1 --n_head 8     (the baseline with n_head * n_experts heads)
-Compare: python benchmarks/bench_switchhead.py      (SwitchHead, dense 8-head, dense 2-head; 3 seeds each)
+Compare: python benchmarks/bench_switchhead.py --jobs 2   (SwitchHead, dense 8-head, dense 2-head; 3 seeds each)
 Sample:  python switchhead_moe.py --prompt "ROMEO:" --num_samples 3
 Parent:  ex1_gpt.py (diff -u ex1_gpt.py switchhead_moe.py)
-Result:  not measured yet: run the comparison above (README, Results, gets its table).
+Result:  at block 256, 2000 iterations, 3 seeds: val 1.8257 against 1.7742 for the dense 8-head model (+2.9%)
+         and 1.7832 for the dense 2-head one, at 48% of the attention MACs and 27% of the attention memory.
+         At this size, using 2 of the 4 experts and the narrower queries and keys cost about 0.02 each,
+         and 2 heads lose nothing to 8 (README, Results).
 """
 
 import argparse
