@@ -13,8 +13,8 @@ At start-up the script prints the paper's cost accounting (multiply-accumulates 
 attention layer, against the dense model with n_head * n_experts heads; each evaluation shows how often each
 expert is chosen.
 
-Run:     python switchhead_moe.py                   (2000 iterations at block 256, about 17 minutes on one CPU core:
-                                                    620 s of steps and 9 evaluations of 47 s each)
+Run:     python switchhead_moe.py                   (2000 iterations at block 256, about 17 minutes on one CPU core,
+                                                    from the benchmark's runs: 620 s of steps, 9 evaluations of 47 s)
 Dense:   python switchhead_moe.py --n_experts 1 --n_head 8     (the baseline with n_head * n_experts heads)
 Compare: python benchmarks/bench_switchhead.py --jobs 2   (SwitchHead, dense 8-head, dense 2-head; 3 seeds each)
 Sample:  python switchhead_moe.py --prompt "ROMEO:" --num_samples 3

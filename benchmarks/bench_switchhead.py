@@ -117,12 +117,12 @@ def main():
 
     runs = [(name, seed) for name in args.models for seed in args.seeds]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the child processes
-        futures = {pool.submit(run_model, name, seed, args, extra, env): (name, seed) for name, seed in runs}
+        futures = [pool.submit(run_model, name, seed, args, extra, env) for name, seed in runs]
         for f in concurrent.futures.as_completed(futures):
-            (name, seed), r = futures[f], f.result()
+            (name, seed), r = runs[futures.index(f)], f.result()
             print(f"  {name:<13} seed {seed}: val {r['val']:.4f} | {r['ms']:.1f} ms/iter | peak {r['mem_mb']:.0f} MB", flush=True)
     results = {}
-    for f, (name, seed) in sorted(futures.items(), key=lambda kv: runs.index(kv[1])):
+    for (name, _), f in zip(runs, futures):
         results.setdefault(name, []).append(f.result())
 
     summary = {}
@@ -156,11 +156,8 @@ def main():
               f" time per iteration {100 * sw['ms'] / d8['ms']:.0f}%, peak memory {100 * sw['mb'] / d8['mb']:.0f}% (whole process)")  # fmt: skip
     if sw and d2:
         margin, spread = d2["val"] - sw["val"], max(sw["spread"], d2["spread"])
-        if margin > 0:
-            verdict = f"{margin:.4f} lower val loss, {'more' if margin > spread else 'no more'} than the seed spread: it {'beats' if margin > spread else 'does not beat'} it"
-        else:
-            verdict = f"{-margin:.4f} higher val loss ({'more' if -margin > spread else 'no more'} than the seed spread): it does not beat it"
-        print(f"SwitchHead vs dense 2-head: {verdict} (seed spread {spread:.4f}, the larger of the two)")
+        print(f"SwitchHead vs dense 2-head: val loss {abs(margin):.4f} {'lower' if margin > 0 else 'higher'}; it {'beats' if margin > spread else 'does not beat'}"
+              f" it by more than the seed spread ({spread:.4f}, the larger of the two)")
 
 
 if __name__ == "__main__":
