@@ -88,9 +88,9 @@ def test_user_errors(tmp_path, text_file, capsys):
     out = str(tmp_path / "o")
     ex1.main(TINY + ["--data", text_file, "--out_dir", out, "--max_iters", "2", "--eval_interval", "1", "--max_new_tokens", "1"])
     assert "'Z'" in user_error(capsys, ex1.main, ["--out_dir", out, "--prompt", "Zounds"])  # no Z in the tiny text
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     ckpt["script"] = "ex2_addition"
-    torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+    torch.save(ckpt, os.path.join(out, "best.pt"))
     assert "ex2_addition" in user_error(capsys, ex1.main, ["--out_dir", out, "--prompt", "All"])
 
 
