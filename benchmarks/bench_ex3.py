@@ -61,7 +61,7 @@ def data_flags(a):
 
 def quality(a):
     out_dir = os.path.join(OUT, "quality-quick" if a.quick else "quality")
-    flags = ["--out_dir", out_dir, "--log_interval", "100", "--device", "cpu"] + data_flags(a)
+    flags = ["--out_dir", out_dir, "--overwrite", "--log_interval", "100", "--device", "cpu"] + data_flags(a)
     if a.quick:
         flags += ["--n_layer", "2", "--n_embd", "64", "--max_iters", "300", "--finetune_iters", "100", "--eval_interval", "100", "--eval_iters", "20", "--max_new_tokens", "100"]
     text, wall = run([sys.executable, SCRIPT, "--stage", "all", *flags, *a.extra], a.threads, show=True)
@@ -107,7 +107,7 @@ def ddp(a):
     rows, curves = [], []
     for i, (name, launcher, threads) in enumerate(runs):
         out_dir = os.path.join(OUT, f"ddp{'-quick' if a.quick else ''}-{i}")
-        run(launcher + [SCRIPT, "--out_dir", out_dir, *flags], threads)
+        run(launcher + [SCRIPT, "--out_dir", out_dir, "--overwrite", *flags], threads)
         log = [r for r in read_log(os.path.join(out_dir, "pretrain")) if r["ms_per_iter"]]
         ms = statistics.median(float(r["ms_per_iter"]) for r in log[10:])
         rows.append([name, f"{ms:.1f}", f"{2 * 12 * 64 / ms:.1f}k"])
@@ -139,7 +139,7 @@ def gpu(a):
     rows = []
     for name, launcher, procs in launches:
         out_dir = os.path.join(OUT, f"gpu-{procs}")
-        text, _ = run(launcher + [SCRIPT, "--out_dir", out_dir, "--gradient_accumulation_steps", str(procs), *flags])
+        text, _ = run(launcher + [SCRIPT, "--out_dir", out_dir, "--overwrite", "--gradient_accumulation_steps", str(procs), *flags])
         steps_seen = [(int(i), float(t), float(m)) for i, t, m in re.findall(r"iter (\d+) \| loss [\d.]+ \| [\d.]+ ms \| ([\d.]+)k tok/s \| mfu ([\d.]+)%", text)]
         later = [s for s in steps_seen if s[0] >= min(20, steps // 2)]
         rows.append([name, f"{statistics.median(s[1] for s in later):,.0f}k", f"{statistics.median(s[2] for s in later):.1f}%"])

@@ -271,7 +271,7 @@ def bench_train(a):
     results = {}
     for name, script, flags in train_runs(a):
         out_dir = os.path.join(a.out_dir, re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"))
-        cmd = [sys.executable, os.path.join(ROOT, script), *common, "--out_dir", out_dir, *flags]
+        cmd = [sys.executable, os.path.join(ROOT, script), *common, "--out_dir", out_dir, "--overwrite", *flags]
         print(f"{name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)

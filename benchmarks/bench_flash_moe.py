@@ -67,7 +67,7 @@ def perplexities(text, when):
 
 def finetune(a, name, flags):
     out_dir = os.path.join(a.out, name)
-    text, wall = run([sys.executable, os.path.join(ROOT, "flash_moe_finetune.py"), "--out_dir", out_dir, *flags], show=True)
+    text, wall = run([sys.executable, os.path.join(ROOT, "flash_moe_finetune.py"), "--out_dir", out_dir, "--overwrite", *flags], show=True)
     params = re.search(r"([\d.]+)M parameters \(([\d.]+)M used per token\)", text)
     done = re.search(r"done: (\d+) iterations in ([\d.]+) s, median ([\d.]+) ms/iter, best val ([\d.]+)", text)
     after = text.split("test perplexity after")[1]
@@ -91,14 +91,14 @@ def quality(a):
     # 1. the starting model: pretrained by ex3 on the books with GPT-2's BPE
     base = os.path.join(a.out, "base")
     shakespeare = ["--data", a.shakespeare] if a.shakespeare else []
-    text, pre_wall = run([sys.executable, os.path.join(ROOT, "ex3_pretrain_finetune.py"), "--stage", "pretrain", "--tokenizer", "gpt2", "--out_dir", base,
+    text, pre_wall = run([sys.executable, os.path.join(ROOT, "ex3_pretrain_finetune.py"), "--stage", "pretrain", "--tokenizer", "gpt2", "--out_dir", base, "--overwrite",
                           "--pretrain_data", a.books, *tokens, *shakespeare, *size, "--max_iters", str(pre_iters), "--eval_interval", str(pre_iters),
                           "--eval_iters", str(evals), "--learning_rate", "1e-3", "--min_lr", "1e-4", "--warmup_iters", str(pre_iters // 16),
                           "--log_interval", str(every), "--max_new_tokens", "30", "--device", "cpu"], show=True)  # fmt: skip
     pre_val = float(re.search(r"done: \d+ iterations in [\d.]+ s, median [\d.]+ ms/iter, best val ([\d.]+)", text).group(1))
     corpus = re.search(r"pretraining corpus: ([\d,]+) tokens", text).group(1)
     # 2. and 3. fine-tuned on WikiText-2 with experts, and dense
-    common = ["--init_from", os.path.join(base, "pretrain", "ckpt.pt"), "--data_dir", a.wikitext, "--train_split", "valid", "--max_iters", str(ft_iters),
+    common = ["--init_from", os.path.join(base, "pretrain", "best.pt"), "--data_dir", a.wikitext, "--train_split", "valid", "--max_iters", str(ft_iters),
               "--eval_interval", str(every), "--eval_iters", str(evals), "--log_interval", str(every), "--learning_rate", "1e-3", "--min_lr", "1e-4",
               "--warmup_iters", str(ft_iters // 10), "--dropout", "0", "--max_new_tokens", "60", "--device", "cpu"]  # fmt: skip
     common += (["--test_tokens", "5000"] if a.quick else []) + a.extra

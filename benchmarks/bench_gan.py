@@ -13,7 +13,7 @@ trade-off, or does a temperature-tuned MLE model win, as Caccia et al. (ICLR 202
 Steps, each a fresh process as a user would run it, with its output under out/bench_gan/:
   1. The MLE generator: python switchhead_moe.py --block_size 64 (its defaults otherwise: 2 heads x 4 experts,
      4 layers of 128, 2000 iterations), into out/bench_gan/mle.
-  2. The GAN: python gan_text.py --init_from out/bench_gan/mle/ckpt.pt (its defaults: D pre-trained 200 steps,
+  2. The GAN: python gan_text.py --init_from out/bench_gan/mle/best.pt (its defaults: D pre-trained 200 steps,
      150 rounds of 1 generator and 3 discriminator steps, batches of 64 sequences of 64 characters, sequence-level
      rewards), into out/bench_gan/gan. Its log.csv gives D's accuracy and the metrics over the rounds.
   3. Here, in this process: both generators measured the same way. NLL: the mean cross-entropy per character on
@@ -108,18 +108,18 @@ def main():
     mle_dir, gan_dir = os.path.join(OUT, "mle"), os.path.join(OUT, "gan")
     for d in (mle_dir, gan_dir):
         os.makedirs(d, exist_ok=True)
-    cmd = [sys.executable, os.path.join(ROOT, "switchhead_moe.py"), *common, *mle_flags, "--out_dir", mle_dir]
+    cmd = [sys.executable, os.path.join(ROOT, "switchhead_moe.py"), *common, *mle_flags, "--out_dir", mle_dir, "--overwrite"]
     print(f"MLE: {' '.join(cmd[1:])}", flush=True)
     t_mle = run(cmd, os.path.join(mle_dir, "stdout.txt"))
     print(f"  {t_mle / 60:.1f} min", flush=True)
-    cmd = [sys.executable, os.path.join(ROOT, "gan_text.py"), *common, *gan_flags, *extra, "--init_from", os.path.join(mle_dir, "ckpt.pt"), "--out_dir", gan_dir]
+    cmd = [sys.executable, os.path.join(ROOT, "gan_text.py"), *common, *gan_flags, *extra, "--init_from", os.path.join(mle_dir, "best.pt"), "--out_dir", gan_dir, "--overwrite"]
     print(f"GAN: {' '.join(cmd[1:])}", flush=True)
     t_gan = run(cmd, os.path.join(gan_dir, "stdout.txt"))
     print(f"  {t_gan / 60:.1f} min", flush=True)
 
     # 3: both generators, measured the same way
     t0 = time.time()
-    generators = {"MLE": load_generator(os.path.join(mle_dir, "ckpt.pt"), "switchhead_moe"), "GAN": load_generator(os.path.join(gan_dir, "ckpt.pt"), "gan_text")}
+    generators = {"MLE": load_generator(os.path.join(mle_dir, "best.pt"), "switchhead_moe"), "GAN": load_generator(os.path.join(gan_dir, "best.pt"), "gan_text")}
     vocab = generators["MLE"][1]
     cfg = gan.parse_args(common + ["--eval_samples", str(args.samples), "--eval_iters", str(args.eval_iters), "--device", "cpu"])
     tok = gan.CharTokenizer(vocab)

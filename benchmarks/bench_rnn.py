@@ -78,7 +78,7 @@ def matching_hidden(flags, target, vocab):
 def run(script, flags, out_dir, threads):
     """Run a script to completion; returns (its stdout, wall seconds). Stops the benchmark if the run fails."""
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    cmd = [sys.executable, os.path.join(ROOT, script), *flags, "--device", "cpu", "--out_dir", out_dir]
+    cmd = [sys.executable, os.path.join(ROOT, script), *flags, "--device", "cpu", "--out_dir", out_dir, "--overwrite"]
     print("$ " + " ".join(cmd[1:]), flush=True)
     t = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)

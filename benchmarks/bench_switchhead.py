@@ -71,7 +71,7 @@ def run_model(name, seed, args, extra, env):
     out_dir = os.path.join(ROOT, "out", "bench_switchhead", f"{name.replace(' ', '_')}-{seed}")
     os.makedirs(out_dir, exist_ok=True)
     flags = MODELS[name] + [
-        "--seed", str(seed), "--out_dir", out_dir, "--max_iters", str(args.max_iters), "--block_size", str(args.block_size),
+        "--seed", str(seed), "--out_dir", out_dir, "--overwrite", "--max_iters", str(args.max_iters), "--block_size", str(args.block_size),
         "--eval_iters", str(args.eval_iters), "--eval_interval", str(max(1, args.max_iters)), "--device", args.device,
         "--max_new_tokens", "0", *extra,
     ]  # fmt: skip

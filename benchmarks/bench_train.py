@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(script, seed, extra):
     out_dir = os.path.join(ROOT, "out", "bench", f"{os.path.splitext(script)[0]}-{seed}")
     t = time.time()
-    p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--seed", str(seed), "--out_dir", out_dir, *extra], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--seed", str(seed), "--out_dir", out_dir, "--overwrite", *extra], capture_output=True, text=True)
     wall = time.time() - t
     if p.returncode != 0:
         sys.exit(f"{script} --seed {seed} failed:\n{p.stderr[-2000:]}")

@@ -23,7 +23,7 @@ SHARED = "--n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12 --
 
 def ex1_ms(iters, out_dir):
     cmd = [sys.executable, os.path.join(ROOT, "ex1_gpt.py"), *SHARED, f"--max_iters={iters}", "--eval_interval=100000", "--eval_iters=1",
-           "--log_interval=1", "--max_new_tokens=0", "--device=cpu", f"--out_dir={out_dir}"]  # fmt: skip
+           "--log_interval=1", "--max_new_tokens=0", "--device=cpu", f"--out_dir={out_dir}", "--overwrite"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return [float(m) for m in re.findall(r"^iter \d+ \| loss [\d.]+ \| ([\d.]+) ms", out, re.M)]
 
