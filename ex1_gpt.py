@@ -105,7 +105,7 @@ def parse_args(argv=None):
     cfg = Config(**{k: v for k, v in args.items() if v is not unset})
     cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
     checks = [
-        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --block_size and --batch_size must be at least 1"),
+        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --n_embd, --block_size and --batch_size must be at least 1"),
         (cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
         (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),

@@ -5,7 +5,7 @@ Every problem is a string like "123+456=" followed by the sum, zero-padded to di
 "123+456=9750". Reversed, the answer comes out least significant digit first, the order in which carries
 are worked out, so each digit depends only on what the model has already written. The prompt positions are
 masked from the loss with -1 (only the answer is learned), a fixed tenth of all problems is held out, and the
-model is scored by greedy decoding and exact match on every held-out problem.
+model is scored by greedy decoding and exact match on every held-out problem (--test_problems N: on N of them).
 
 Run:     python ex2_addition.py                     (CPU, about a minute and a half)
 Ask:     python ex2_addition.py --prompt 123+456    (answers from the saved checkpoint)
@@ -19,6 +19,7 @@ import inspect
 import math
 import os
 import re
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -38,9 +39,11 @@ class Config:
     # I/O
     out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
     digits: int = 3  # digits in each operand
-    resume: bool = False  # continue training from out_dir/ckpt.pt
-    eval_interval: int = 500  # evaluate and checkpoint every this many iterations
+    resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state
+    overwrite: bool = False  # start over in an out_dir that holds this script's checkpoint (replaces ckpt.pt and best.pt)
+    eval_interval: int = 500  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 10  # batches per split in each evaluation
+    test_problems: int = 0  # held-out problems scored at the end (and as many training ones); 0 for all of them
     log_interval: int = 100  # print and log the training loss every this many iterations
     wandb: bool = False  # also log to Weights & Biases
     wandb_project: str = "gpt-ladder"  # wandb project name
@@ -69,11 +72,14 @@ class Config:
     dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     # sampling
-    prompt: str = ""  # if set, skip training: load out_dir/ckpt.pt and answer this problem, e.g. 123+456
+    prompt: str = ""  # if set, skip training: load out_dir/best.pt and answer this problem, e.g. 123+456
 
     @property
     def block_size(self):  # the model reads a problem without its last answer digit
         return 3 * self.digits + 2
+
+
+RESUMED = ("n_layer", "n_head", "n_embd", "bias", "digits")  # --resume takes the architecture and data from ckpt.pt
 
 
 def die(msg):
@@ -83,23 +89,30 @@ def die(msg):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)  # --lr is not --lr_decay_iters
     parser.error = lambda msg: die(f"{msg} (see --help)")
     comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
     for f in fields(Config):
         if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+            default = f"--{'' if f.default else 'no-'}{f.name}"
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f"{comments[f.name]} (default {default})")
         else:
             parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
-    cfg = Config(**vars(parser.parse_args(argv)))
+    unset = object()  # marks the flags not typed on the command line
+    args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
+    cfg = Config(**{k: v for k, v in args.items() if v is not unset})
+    cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
     checks = [
-        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head and --batch_size must be at least 1"),
+        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --n_embd and --batch_size must be at least 1"),
         (1 <= cfg.digits <= 9, f"--digits {cfg.digits} must be between 1 and 9"),
         (cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
         (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
+        (cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0, "--seed, --warmup_iters and --lr_decay_iters must be >= 0"),
+        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)"),
+        (cfg.test_problems >= 0, f"--test_problems {cfg.test_problems} must be >= 0 (0 for every held-out problem)"),
         (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
     ]
     for ok, msg in checks:
@@ -308,6 +321,8 @@ def setup_device(cfg):
         die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
     if cfg.dtype == "auto":
         cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if cfg.dtype == "float16" and device.type == "cpu":
+        die("--dtype float16 runs many times slower than float32 on the CPU; use float32 or bfloat16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
         torch.backends.cudnn.allow_tf32 = True
@@ -347,7 +362,7 @@ def estimate_loss(model, loader, cfg, autocast):
 
 def load_checkpoint(path, device):
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train first (python {SCRIPT}.py) or point --out_dir at a folder holding ckpt.pt")
+        die(f"no checkpoint at {path}; train first (python {SCRIPT}.py) or point --out_dir at the folder a run wrote")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -359,11 +374,60 @@ def load_checkpoint(path, device):
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def check_out_dir(out_dir, overwrite):
+    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another's never."""
+    for name in ("ckpt.pt", "best.pt"):
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            script, what = old["script"], f"{old['script']} at iteration {old['iter_num']}"
+        except Exception:
+            script, what = None, "an unreadable checkpoint"
+        if script not in (None, SCRIPT):
+            die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
+        if not overwrite:
+            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with --overwrite")
+
+
+def resume_config(cfg, saved, names):
+    """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
+    for name in names:
+        if name in cfg.given and getattr(cfg, name) != saved[name]:
+            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume, or start a new run in another --out_dir")
+        setattr(cfg, name, saved[name])
+
+
+class StopRequest:
+    """Inside `with STOP:`, Ctrl-C or SIGTERM sets .requested: training saves the latest state at the start of the
+    next iteration and exits. A second signal stops at once, leaving the last saved checkpoint."""
+
+    requested = False
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+
+
+STOP = StopRequest()
 
 
 class CSVLog:
@@ -403,17 +467,32 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
     if cfg.compile:
         print("compiling the model (takes a minute)...")
         model = torch.compile(model)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     log = CSVLog(os.path.join(cfg.out_dir, "log.csv"), iter_num)
     if cfg.wandb:
-        import wandb
+        try:
+            import wandb
 
-        wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+            wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+        except Exception as e:
+            die(f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log locally")
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print(f"tokens per iteration: {tokens_per_iter:,}")
 
+    def state(it):  # everything --resume needs to continue at iteration it
+        return {
+            "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
+            "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }  # fmt: skip
+
     t0, t_start, dts = time.time(), time.time(), []
     for it in range(iter_num, cfg.max_iters + 1):
+        if STOP.requested:  # Ctrl-C or SIGTERM: keep everything up to here
+            save_checkpoint(ckpt_path, state(it))
+            print(f"stopped: {ckpt_path} holds iteration {it}; continue with --resume", file=sys.stderr)
+            sys.exit(130)
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -424,16 +503,11 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", val_acc=f"{acc:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
             if cfg.wandb:
                 wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "val/acc": acc, "lr": lr})
-            if losses["val"] < best_val:
+            if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
                 best_val = losses["val"]
-                state = {
-                    "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
-                    "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                }  # fmt: skip
-                save_checkpoint(ckpt_path, state)
-                print(f"saved {ckpt_path}")
+                save_checkpoint(best_path, {k: v for k, v in state(it).items() if k != "optimizer"})
+                print(f"saved {best_path}")
+            save_checkpoint(ckpt_path, state(it))
             t0 = time.time()  # keep evaluation out of the per-iteration timing
         if it == cfg.max_iters:
             break
@@ -473,8 +547,10 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
 
 
 def answer(tokens, tok):
-    """Answer tokens, least significant digit first -> the integer they spell."""
-    return int(tok.decode(tokens.flip(0).tolist()))
+    """Answer tokens, least significant digit first -> the number they spell, as text. An under-trained model may
+    write '+' or '=' among them: then the text as written (read backwards, like a number), which is not a number."""
+    text = tok.decode(tokens.flip(0).tolist())
+    return str(int(text)) if text.isdigit() else text
 
 
 @torch.no_grad()
@@ -505,14 +581,20 @@ def sample(model, tok, cfg, device, autocast, prompt):
     model.eval()
     with autocast:
         out = model.generate(problem[:, :start], cfg.digits + 1, temperature=0)
-    print(f"{int(m[1])}+{int(m[2])}={answer(out[0, start:], tok)}")
+    written = answer(out[0, start:], tok)
+    note = "" if written.isdigit() else "  (not a number: '+' or '=' among the answer digits; train longer)"
+    print(f"{int(m[1])}+{int(m[2])}={written}{note}")
 
 
 def report(model, loader, tok, cfg, device, autocast):
-    """Exact match over every held-out problem and over as many training problems, with a few mistakes."""
+    """Exact match over every held-out problem (or --test_problems of them) and over as many training problems,
+    with a few mistakes."""
     t = time.time()
-    val_acc, mistakes = accuracy(model, loader.splits["val"], tok, cfg, device, autocast, show=5)
-    n = len(loader.splits["val"])
+    val = loader.splits["val"]
+    if cfg.test_problems:  # a random sample: the first ones all start with small numbers
+        val = val[torch.randperm(len(val))[: cfg.test_problems]]
+    val_acc, mistakes = accuracy(model, val, tok, cfg, device, autocast, show=5)
+    n = len(val)
     train_acc, _ = accuracy(model, loader.splits["train"][torch.randperm(len(loader.splits["train"]))[:n]], tok, cfg, device, autocast)
     print(f"held-out exact match: {100 * val_acc:.3f}% of {n:,} problems | train: {100 * train_acc:.3f}% of {n:,} | {time.time() - t:.1f} s")
     for line in mistakes:
@@ -527,7 +609,7 @@ def main(argv=None):
     tok = CharTokenizer(VOCAB)
 
     if cfg.prompt:  # answering only: everything needed is in the checkpoint
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), device)
         cfg.digits = ckpt["config"]["digits"]
         model = GPT(Config(**ckpt["config"]), len(tok.chars)).to(device)
         model.load_state_dict(ckpt["model"])
@@ -537,9 +619,9 @@ def main(argv=None):
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
-        saved = Config(**ckpt["config"])
-        for name in ("n_layer", "n_head", "n_embd", "digits", "bias"):  # the architecture comes from the checkpoint
-            setattr(cfg, name, getattr(saved, name))
+        resume_config(cfg, ckpt["config"], RESUMED)
+    else:
+        check_out_dir(cfg.out_dir, cfg.overwrite)
     loader = DataLoader(cfg, device)
     print(f"{len(loader.splits['train']):,} training problems, {len(loader.splits['val']):,} held out, e.g. {tok.decode(loader.splits['val'][0].tolist())}")
 
@@ -549,11 +631,12 @@ def main(argv=None):
     print(f"{model.num_params() / 1e6:.2f}M parameters, device {device}, dtype {cfg.dtype}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     try:
-        train(cfg, model, loader, tok, device, autocast, ckpt)
+        with STOP:
+            train(cfg, model, loader, tok, device, autocast, ckpt)
+        report(model, loader, tok, cfg, device, autocast)  # in the try: Ctrl-C while scoring is no traceback
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the best checkpoint so far is in {cfg.out_dir}", file=sys.stderr)
+        print(f"\ninterrupted; {cfg.out_dir}/ckpt.pt holds the last saved state", file=sys.stderr)
         sys.exit(130)
-    report(model, loader, tok, cfg, device, autocast)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,11 @@ import json
 import math
 import os
 import re
+import signal
+import socket
 import sys
 import time
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -66,8 +69,9 @@ class Config:
     tokenizer: str = "char"  # char (the finetuning text's characters) or gpt2 (GPT-2's BPE through tiktoken)
     unknown: str = ""  # char tokenizer: the vocabulary character that replaces characters outside it; empty: drop them
     stage: str = "all"  # pretrain, finetune (from out_dir/pretrain), scratch (the finetune budget from random weights), or all
-    resume: bool = False  # continue the stage from out_dir/<stage>/ckpt.pt
-    eval_interval: int = 500  # evaluate and checkpoint every this many iterations
+    resume: bool = False  # continue the stage from out_dir/<stage>/ckpt.pt, the latest saved state (all: those begun)
+    overwrite: bool = False  # start over in an out_dir that holds this script's checkpoints (replaces ckpt.pt and best.pt)
+    eval_interval: int = 500  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 200  # batches per split in each evaluation
     log_interval: int = 10  # print and log the training loss every this many iterations
     wandb: bool = False  # also log to Weights & Biases
@@ -100,36 +104,50 @@ class Config:
     dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     # sampling
-    prompt: str = ""  # if set, skip training: load the --stage checkpoint (all: finetune) and continue this text
+    prompt: str = ""  # if set, skip training: load the --stage best.pt (all: finetune) and continue this text
     num_samples: int = 1  # samples to draw
     max_new_tokens: int = 500  # tokens per sample
     temperature: float = 0.8  # <1 sharper, >1 more random
     top_k: int = 200  # sample only among the k most likely tokens; 0 for all
 
 
+RESUMED = ("n_layer", "n_head", "n_embd", "block_size", "bias",  # --resume takes the architecture and data from ckpt.pt
+           "data", "pretrain_data", "pretrain_tokens", "data_dir", "tokenizer", "unknown")
+
+
 def die(msg):
-    """A user error: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
+    """A user error: one line on stderr, exit status 2, no traceback. Under torchrun rank 0 says it; the others wait
+    first (torchrun ends every process once one exits), so they speak only about a mistake that rank 0 did not meet."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank:
+        time.sleep(10)
+    print(f"error: {msg}" if rank == 0 else f"error (rank {rank}): {msg}", file=sys.stderr)
     sys.exit(2)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)  # --lr is not --lr_decay_iters
     parser.error = lambda msg: die(f"{msg} (see --help)")
     comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
     for f in fields(Config):
         if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+            default = f"--{'' if f.default else 'no-'}{f.name}"
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f"{comments[f.name]} (default {default})")
         else:
             parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
-    cfg = Config(**vars(parser.parse_args(argv)))
+    unset = object()  # marks the flags not typed on the command line
+    args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
+    cfg = Config(**{k: v for k, v in args.items() if v is not unset})
+    cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
     checks = [
-        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --block_size and --batch_size must be at least 1"),
+        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --n_embd, --block_size and --batch_size must be at least 1"),
         (cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
         (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (cfg.learning_rate > 0 and cfg.finetune_lr > 0 and cfg.min_lr >= 0, "--learning_rate and --finetune_lr must be > 0 and --min_lr >= 0"),
+        (cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0, "--seed, --warmup_iters and --lr_decay_iters must be >= 0"),
+        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)"),
         (cfg.finetune_iters >= 0 and cfg.pretrain_tokens >= 0, "--finetune_iters and --pretrain_tokens must be >= 0"),
         (cfg.stage in STAGES + ("all",), f"--stage {cfg.stage} is not one of pretrain, finetune, scratch, all"),
         (cfg.tokenizer in ("char", "gpt2"), f"--tokenizer {cfg.tokenizer} is not char or gpt2"),
@@ -169,6 +187,8 @@ def download(url, path):
 
 def load_text(cfg):
     path = cfg.data or os.path.join(cfg.data_dir or DATA_DIR, "tinyshakespeare.txt")
+    if cfg.data and os.path.isdir(path):
+        die(f"--data {path} is a folder; give a UTF-8 text file")
     if cfg.data and not os.path.isfile(path):
         die(f"--data {path}: no such file")
     if not cfg.data and not os.path.isfile(path):
@@ -178,8 +198,8 @@ def load_text(cfg):
             text = f.read()
     except UnicodeDecodeError:
         die(f"{path} is not UTF-8 text")
-    if len(text) < 2 * (cfg.block_size + 1):
-        die(f"{path} has {len(text)} characters, too few for --block_size {cfg.block_size}")
+    if "\0" in text:
+        die(f"{path} looks like a binary file (it holds NUL characters); give a UTF-8 text file")
     return text
 
 
@@ -189,7 +209,8 @@ class CharTokenizer:
     def __init__(self, chars, unknown=""):
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size, self.start = len(self.chars), self.chars[0]  # sampling starts from the first character: a newline in Shakespeare
+        self.vocab_size = len(self.chars)
+        self.start = "".join(self.chars[:1])  # sampling starts from the first character: a newline in Shakespeare
         if unknown and unknown not in self.stoi:
             die(f"--unknown {unknown!r} is not in the vocabulary; use one of its characters, e.g. --unknown ' '")
         self.unknown = unknown
@@ -298,6 +319,13 @@ def stream_web_text():
     """FineWeb-Edu's documents, each followed by None, streamed: only what is read is downloaded."""
     name, config = WEB_DATASET
     fix = "pass --pretrain_data with local text files or folders instead"
+    hub = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    if not any(os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy")):
+        port = hub.port or (443 if hub.scheme == "https" else 80)
+        try:  # offline, datasets retries for half a minute before it fails: ask the Hub first, for 3 s
+            socket.create_connection((hub.hostname, port), timeout=3).close()
+        except OSError as e:
+            die(f"could not reach {hub.hostname} to stream {name} ({e}); {fix}")
     try:
         from datasets import load_dataset
     except ImportError:
@@ -383,6 +411,9 @@ class DataLoader:
     def __init__(self, ids, cfg, device):
         n = int(0.9 * len(ids))
         self.splits = {"train": ids[:n], "val": ids[n:]}
+        for split, data in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
+            if len(data) <= cfg.block_size:
+                die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a longer text or a smaller --block_size")
         self.cfg, self.device = cfg, device
         self.offsets = np.arange(cfg.block_size + 1)
 
@@ -532,33 +563,41 @@ class GPT(nn.Module):
 
 
 def setup_ddp(cfg):
-    """Under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE): join the process group, one process per device. Every
-    process but rank 0 prints nothing and logs nothing. Returns this process's rank: 0 without torchrun."""
+    """Under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE): join the process group, one process per device (chosen
+    by setup_device). Every process but rank 0 prints nothing and logs nothing. Returns this process's rank: 0 without
+    torchrun. Called after the checks of the arguments: a mistake ends each process alike, none left waiting."""
     if "RANK" not in os.environ:
         return 0
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
-        cfg.device = f"cuda:{local_rank}"
-        torch.cuda.set_device(cfg.device)
-    # the others wait at a barrier while the first process encodes the corpus: allow an hour
-    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo", timeout=timedelta(minutes=60))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if cfg.gradient_accumulation_steps % world_size:
         die(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} counts micro-batches over all {world_size} processes; make it a multiple of {world_size}")
+    if cfg.device.startswith("cuda"):
+        torch.cuda.set_device(cfg.device)
+    # the others wait while the first process on their machine downloads and encodes the data: allow an hour
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo", timeout=timedelta(minutes=60))
     if rank:
         sys.stdout, cfg.wandb = open(os.devnull, "w"), False
     return rank
 
 
 @contextmanager
-def local_rank_zero_first():
+def local_rank_zero_first(device):
     """Under torchrun the first process on each machine runs the block (download, encoding) before the others, which
-    then find its files and reuse them."""
+    then find its files and reuse them; if it stops (a user error), the others exit too, with its status 2."""
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    done = torch.ones((), device=device)  # becomes 0 where a first process failed
     if dist.is_initialized() and not first:
-        dist.barrier()
-    yield
-    if dist.is_initialized() and first:
-        dist.barrier()
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)  # waits for the first processes
+        if not done.item():
+            sys.exit(2)  # the first process said why
+    try:
+        yield
+    except BaseException:
+        done.zero_()
+        raise
+    finally:
+        if dist.is_initialized() and first:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)  # lets the others go on
 
 
 def setup_device(cfg):
@@ -570,8 +609,15 @@ def setup_device(cfg):
         die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: a GPU per process
+        if int(os.environ["LOCAL_WORLD_SIZE"]) > torch.cuda.device_count():  # the same verdict on every rank
+            die(f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}: this machine has {torch.cuda.device_count()} GPU(s)")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        cfg.device = str(device)
     if cfg.dtype == "auto":
         cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if cfg.dtype == "float16" and device.type == "cpu":
+        die("--dtype float16 runs many times slower than float32 on the CPU; use float32 or bfloat16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
         torch.backends.cudnn.allow_tf32 = True
@@ -623,11 +669,60 @@ def load_checkpoint(path, device):
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def check_out_dir(out_dir, overwrite):
+    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another's never."""
+    for name in ("ckpt.pt", "best.pt"):
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            script, what = old["script"], f"{old['script']} at iteration {old['iter_num']}"
+        except Exception:
+            script, what = None, "an unreadable checkpoint"
+        if script not in (None, SCRIPT):
+            die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
+        if not overwrite:
+            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with --overwrite")
+
+
+def resume_config(cfg, saved, names):
+    """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
+    for name in names:
+        if name in cfg.given and getattr(cfg, name) != saved[name]:
+            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume, or start a new run in another --out_dir")
+        setattr(cfg, name, saved[name])
+
+
+class StopRequest:
+    """Inside `with STOP:`, Ctrl-C or SIGTERM sets .requested: training saves the latest state at the start of the
+    next iteration and exits. A second signal stops at once, leaving the last saved checkpoint."""
+
+    requested = False
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+
+
+STOP = StopRequest()
 
 
 class CSVLog:
@@ -672,17 +767,38 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
     eval_model = model  # evaluation runs outside DDP: every rank scores the same batches, with no communication
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)  # copies rank 0's weights to all
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     log = CSVLog(os.path.join(cfg.out_dir, "log.csv") if rank == 0 else os.devnull, iter_num)  # one writer: rank 0
     if cfg.wandb:
-        import wandb
+        try:
+            import wandb
 
-        wandb.init(project=cfg.wandb_project, name=f"{SCRIPT}-{os.path.basename(cfg.out_dir)}", config=asdict(cfg))  # a run per stage
+            wandb.init(project=cfg.wandb_project, name=f"{SCRIPT}-{os.path.basename(cfg.out_dir)}", config=asdict(cfg))  # a run per stage
+        except Exception as e:
+            die(f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log locally")
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # over all processes
     print(f"tokens per iteration: {tokens_per_iter:,}" + (f" ({world_size} processes x {accum} micro-batches)" if world_size > 1 else ""))
 
+    def state(it):  # everything --resume needs to continue at iteration it
+        return {
+            "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars, "tokenizer": tok.name,
+            "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }  # fmt: skip
+
     t0, t_start, dts = time.time(), time.time(), []
     for it in range(iter_num, cfg.max_iters + 1):
+        stop = torch.tensor(float(STOP.requested), device=device)
+        if world_size > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same iteration
+        if stop.item():  # Ctrl-C or SIGTERM: keep everything up to here
+            if rank == 0:  # one writer: rank 0
+                save_checkpoint(ckpt_path, state(it))
+                print(f"stopped: {ckpt_path} holds iteration {it}; continue with --resume", file=sys.stderr)
+            if world_size > 1:
+                dist.barrier()  # torchrun stops every process once one exits: not before rank 0 has saved
+            sys.exit(130)
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -692,16 +808,13 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             log.write(iter=it, train_loss=f"{losses['train']:.6f}", val_loss=f"{losses['val']:.6f}", lr=f"{lr:.3e}", ms_per_iter="")
             if cfg.wandb:
                 wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
-            if losses["val"] < best_val and rank == 0:  # one writer: rank 0
+            if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
                 best_val = losses["val"]
-                state = {
-                    "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars, "tokenizer": tok.name,
-                    "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                }  # fmt: skip
-                save_checkpoint(ckpt_path, state)
-                print(f"saved {ckpt_path}")
+                if rank == 0:  # one writer: rank 0
+                    save_checkpoint(best_path, {k: v for k, v in state(it).items() if k != "optimizer"})
+                    print(f"saved {best_path}")
+            if rank == 0:
+                save_checkpoint(ckpt_path, state(it))
             t0 = time.time()  # keep evaluation out of the per-iteration timing
         if it == cfg.max_iters:
             break
@@ -759,25 +872,47 @@ def sample(model, tok, cfg, device, autocast, prompt):
         print(f"--- sample {i + 1} ---\n{tok.decode(row)}")
 
 
-def run_stage(stage, cfg, tok, ids, device, autocast):
-    """One stage in out_dir/<stage>; returns its best val loss and its model. pretrain: the large corpus from random
-    weights. finetune: Shakespeare from out_dir/pretrain/ckpt.pt at finetune_lr for finetune_iters. scratch: the same
-    budget from random weights at the pretraining learning rate: ex1's recipe."""
+def stage_checkpoints(cfg, stages, device):
+    """Before any data is read or any stage trains. With --resume: each stage's ckpt.pt (--stage all: only the stages
+    begun), from which the run takes its data and architecture flags. Without: no stage folder this run will write may
+    hold a checkpoint (check_out_dir)."""
+    ckpts = {}
+    if not cfg.resume:
+        for stage in stages:
+            check_out_dir(os.path.join(cfg.out_dir, stage), cfg.overwrite)
+        return ckpts
+    for stage in stages:
+        path = os.path.join(cfg.out_dir, stage, "ckpt.pt")
+        if cfg.stage != "all" or os.path.exists(path):  # --stage all: a stage not begun starts from the beginning
+            ckpts[stage] = load_checkpoint(path, device)
+    if not ckpts:  # --stage all --resume with no stage begun
+        load_checkpoint(os.path.join(cfg.out_dir, stages[0], "ckpt.pt"), device)
+    for ckpt in reversed(ckpts.values()):  # the first stage's flags; a typed value must match every stage's
+        resume_config(cfg, ckpt["config"], RESUMED)
+    return ckpts
+
+
+def check_vocabulary(ckpt, path, tok):
+    if (ckpt.get("tokenizer"), ckpt.get("vocab")) != (tok.name, tok.chars):
+        die(f"{path} was trained with another vocabulary (--tokenizer {ckpt.get('tokenizer')}, or another --data); use the same --tokenizer and --data, or another --out_dir")
+
+
+def run_stage(stage, cfg, tok, ids, device, autocast, ckpt=None):
+    """One stage in out_dir/<stage>, continuing from ckpt (its ckpt.pt) under --resume; returns its best val loss and
+    its model. pretrain: the large corpus from random weights. finetune: Shakespeare from out_dir/pretrain/best.pt at
+    finetune_lr for finetune_iters. scratch: the same budget from random weights at the pretraining learning rate:
+    ex1's recipe."""
     cfg = replace(cfg, out_dir=os.path.join(cfg.out_dir, stage))
     if stage != "pretrain":
         cfg.max_iters, cfg.lr_decay_iters = cfg.finetune_iters, 0
     if stage == "finetune":
         cfg.learning_rate = cfg.finetune_lr
-    ckpt, path = None, os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume and (cfg.stage != "all" or os.path.exists(path)):  # --stage all --resume: stages not begun start afresh
-        ckpt = load_checkpoint(path, device)
-    init, init_path = ckpt, path
+    init, init_path = ckpt, os.path.join(cfg.out_dir, "ckpt.pt")
     if stage == "finetune" and not ckpt:  # the pretrained weights; the optimizer starts afresh
-        init_path = os.path.join(os.path.dirname(cfg.out_dir), "pretrain", "ckpt.pt")
+        init_path = os.path.join(os.path.dirname(cfg.out_dir), "pretrain", "best.pt")
         init = load_checkpoint(init_path, device)
     if init:
-        if (init.get("tokenizer"), init.get("vocab")) != (tok.name, tok.chars):
-            die(f"{init_path} was trained with another vocabulary (--tokenizer {init.get('tokenizer')}, or another --data); use the same --tokenizer and --data, or another --out_dir")
+        check_vocabulary(init, init_path, tok)
         saved = Config(**init["config"])
         for name in ("n_layer", "n_head", "n_embd", "block_size", "bias"):  # the architecture comes from the checkpoint
             setattr(cfg, name, getattr(saved, name))
@@ -793,31 +928,44 @@ def run_stage(stage, cfg, tok, ids, device, autocast):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    rank = setup_ddp(cfg)
     device, autocast = setup_device(cfg)
+    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+    # every check that can fail comes before setup_ddp: under torchrun a mistake ends every process alike
+    ckpts = {} if cfg.prompt else stage_checkpoints(cfg, stages, device)
+    rank = setup_ddp(cfg)
     torch.manual_seed(cfg.seed + rank)  # other dropout masks on each rank; DDP gives every rank rank 0's initial weights
 
     if cfg.prompt:  # sampling only: everything needed is in the checkpoint
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "finetune" if cfg.stage == "all" else cfg.stage, "ckpt.pt"), device)
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "finetune" if cfg.stage == "all" else cfg.stage, "best.pt"), device)
         tok = get_tokenizer(ckpt["tokenizer"], ckpt["vocab"])
         model = GPT(Config(**ckpt["config"]), tok.vocab_size).to(device)
         model.load_state_dict(ckpt["model"])
         sample(model, tok, cfg, device, autocast, cfg.prompt)
         return
 
-    with local_rank_zero_first():  # under torchrun one process per machine downloads and encodes; the others reuse its files
+    for stage in stages if cfg.resume and cfg.stage == "all" else ():  # say which stages continue, before any trains
+        begun = f"continues from iteration {ckpts[stage]['iter_num']}" if stage in ckpts else None
+        print(f"--resume: stage {stage} {begun or 'has no ckpt.pt yet: it starts from the beginning'}")
+    with local_rank_zero_first(device):  # under torchrun one process per machine downloads and encodes; the others reuse its files
         text = load_text(cfg)
         tok = get_tokenizer(cfg.tokenizer, sorted(set(text)), cfg.unknown)
         ids = np.array(tok.encode(text), dtype=np.uint16)
         print(f"{len(text):,} characters, vocabulary of {tok.vocab_size}")
-        corpus = prepare_pretrain_data(cfg, tok) if cfg.stage in ("pretrain", "all") else None
+        for stage, ckpt in ckpts.items():  # every resumed stage now, not after hours of training the stages before it
+            check_vocabulary(ckpt, os.path.join(cfg.out_dir, stage, "ckpt.pt"), tok)
+        if cfg.stage == "all":
+            DataLoader(ids, cfg, device)  # a finetuning text too short fails now, not after pretraining
+        corpus = prepare_pretrain_data(cfg, tok) if "pretrain" in stages else None
 
     best, models = {}, {}
     try:
-        for stage in STAGES if cfg.stage == "all" else [cfg.stage]:
-            best[stage], models[stage] = run_stage(stage, cfg, tok, corpus if stage == "pretrain" else ids, device, autocast)
+        with STOP:
+            for stage in stages:
+                data = corpus if stage == "pretrain" else ids
+                best[stage], models[stage] = run_stage(stage, cfg, tok, data, device, autocast, ckpts.get(stage))
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the best checkpoint of each stage so far is in {cfg.out_dir}/<stage>", file=sys.stderr)
+        if rank == 0:
+            print(f"\ninterrupted; {cfg.out_dir}/{stage}/ckpt.pt holds the last saved state", file=sys.stderr)
         sys.exit(130)
     if cfg.stage == "all":
         name = os.path.basename(cfg.data) if cfg.data else "TinyShakespeare"

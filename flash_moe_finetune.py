@@ -3,8 +3,8 @@ flash_moe_finetune.py: a pretrained GPT-2 whose MLPs become mixtures of experts,
 
 A copy of ex1_gpt.py with GPT-2 in place of the character model. Tokens: GPT-2's BPE through tiktoken. Weights:
 --init_from gpt2 (gpt2-medium, -large, -xl) loads OpenAI's GPT-2 from the Hugging Face Hub, its Conv1D matrices
-transposed into Linear layers; --init_from PATH a checkpoint of this repository with ex1's architecture
-(ex3_pretrain_finetune.py --tokenizer gpt2, or this script); --init_from scratch a small GPT-2 from the flags.
+transposed into Linear layers; --init_from PATH a checkpoint of this repository with ex1's architecture (the best.pt
+of ex3_pretrain_finetune.py --tokenizer gpt2, or of this script); --init_from scratch a small GPT-2 from the flags.
 Sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055): the MLP of every layer in --moe_layers is copied into
 --n_experts experts, and a new router sends each token to --moe_k of them, weighted by its softmax probabilities
 renormalised over the chosen ones, so the upcycled model computes exactly what the dense one did until training
@@ -22,7 +22,7 @@ Zero-shot: python flash_moe_finetune.py --n_experts 1 --max_iters 0     (GPT-2's
 Dense:     python flash_moe_finetune.py --n_experts 1                   (the same fine-tune without experts)
 8 GPUs:    torchrun --standalone --nproc_per_node 8 flash_moe_finetune.py --init_from gpt2-medium \
                --gradient_accumulation_steps 8 --compile
-Offline:   python flash_moe_finetune.py --init_from out/ex3_pretrain_finetune/pretrain/ckpt.pt \
+Offline:   python flash_moe_finetune.py --init_from out/ex3_pretrain_finetune/pretrain/best.pt \
                --data_dir ../shared/data/wikitext-2 --train_split valid       (a GPT-2-architecture model of ex3)
 Sample:    python flash_moe_finetune.py --prompt "The castle was built in" --num_samples 2
 Parent:    ex1_gpt.py (diff -u ex1_gpt.py flash_moe_finetune.py)
@@ -38,11 +38,16 @@ import itertools
 import math
 import os
 import re
+import signal
+import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
+from functools import cache
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -66,9 +71,10 @@ class Config:
     out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
     data_dir: str = ""  # a folder holding WikiText-2's splits as train.txt, valid.txt, test.txt; empty: wikitext-2-raw-v1 through datasets, saved in data/
     train_split: str = "train"  # the split to fine-tune on: train, or valid where train.txt is missing (its last tenth is then the val split)
-    init_from: str = "gpt2"  # gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face weights), the path of a checkpoint of this repository, or scratch
-    resume: bool = False  # continue training from out_dir/ckpt.pt
-    eval_interval: int = 100  # evaluate and checkpoint every this many iterations
+    init_from: str = "gpt2"  # gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face weights), a best.pt of this repository (out/ex3_pretrain_finetune/pretrain/best.pt), or scratch
+    resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state
+    overwrite: bool = False  # start over in an out_dir that holds this script's checkpoint (replaces ckpt.pt and best.pt)
+    eval_interval: int = 100  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 20  # batches per split in each evaluation
     log_interval: int = 10  # print and log the training loss every this many iterations
     wandb: bool = False  # also log to Weights & Biases
@@ -109,7 +115,7 @@ class Config:
     dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     # sampling
-    prompt: str = ""  # if set, skip training: load out_dir/ckpt.pt and continue this text with it and with the model it started from
+    prompt: str = ""  # if set, skip training: load out_dir/best.pt and continue this text with it and with the model it started from
     num_samples: int = 1  # samples to draw from each model
     max_new_tokens: int = 100  # tokens per sample
     temperature: float = 0.8  # <1 sharper, >1 more random
@@ -121,34 +127,50 @@ class Config:
     compare: bool = True  # also sample from the starting model, with the same prompt and seed
 
 
+RESUMED = ARCH + ("init_from", "data_dir", "train_split")  # --resume takes the model and the data from ckpt.pt
+
+
 def die(msg):
-    """A user error: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
+    """A user error: one line on stderr, exit status 2, no traceback. Under torchrun rank 0 says it; the others wait
+    first (torchrun ends every process once one exits), so they speak only about a mistake that rank 0 did not meet."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank:
+        time.sleep(10)
+    print(f"error: {msg}" if rank == 0 else f"error (rank {rank}): {msg}", file=sys.stderr)
     sys.exit(2)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)  # --lr is not --lr_decay_iters
     parser.error = lambda msg: die(f"{msg} (see --help)")
     comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
     for f in fields(Config):
         if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+            default = f"--{'' if f.default else 'no-'}{f.name}"
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f"{comments[f.name]} (default {default})")
         else:
             parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
-    cfg = Config(**vars(parser.parse_args(argv)))
+    unset = object()  # marks the flags not typed on the command line
+    args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
+    cfg = Config(**{k: v for k, v in args.items() if v is not unset})
+    cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
+    no_init = f"--init_from {cfg.init_from}: no such file; give gpt2(-medium, -large, -xl), scratch or a best.pt"
+    if os.path.isdir(cfg.init_from):
+        no_init = f"--init_from {cfg.init_from} is a folder; give a checkpoint file in it, such as its best.pt"
     checks = [
-        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.block_size >= 0 and cfg.batch_size >= 1, "--n_layer, --n_head and --batch_size must be at least 1, --block_size at least 0"),
+        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 0 and cfg.batch_size >= 1, "--n_layer, --n_head, --n_embd and --batch_size must be at least 1, --block_size at least 0"),
         (cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
         (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
-        (cfg.init_from in GPT2_MODELS + ("scratch",) or os.path.isfile(cfg.init_from), f"--init_from {cfg.init_from}: no such file; give gpt2(-medium, -large, -xl), scratch or a checkpoint"),
+        (cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0, "--seed, --warmup_iters and --lr_decay_iters must be >= 0"),
+        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)"),
+        (cfg.init_from in GPT2_MODELS + ("scratch",) or os.path.isfile(cfg.init_from), no_init),
         (cfg.train_split in ("train", "valid"), f"--train_split {cfg.train_split} is not train or valid (the test split is only for measuring)"),
         (cfg.gelu in ("tanh", "none"), f"--gelu {cfg.gelu} is not tanh or none"),
         (cfg.attention in ("fused", "tiled", "explicit") and cfg.flash_block >= 1, f"--attention {cfg.attention} is not fused, tiled or explicit, or --flash_block is below 1"),
-        (cfg.n_experts >= 1 and (cfg.n_experts == 1 or 1 <= cfg.moe_k <= cfg.n_experts), f"--n_experts {cfg.n_experts} must be >= 1 and --moe_k {cfg.moe_k} between 1 and it"),
+        (cfg.n_experts >= 1 and cfg.moe_k >= 1 and (cfg.n_experts == 1 or cfg.moe_k <= cfg.n_experts), f"--n_experts {cfg.n_experts} must be >= 1 and --moe_k {cfg.moe_k} between 1 and it"),
         (cfg.balance_coef >= 0 and cfg.z_coef >= 0, "--balance_coef and --z_coef must be >= 0"),
         (cfg.test_stride >= 0 and cfg.test_tokens >= 0, "--test_stride and --test_tokens must be >= 0"),
         (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
@@ -165,10 +187,37 @@ def parse_args(argv=None):
 # Data
 
 
+@cache
+def hub_unreachable(timeout=3.0):
+    """The Hugging Face Hub's host if it does not answer within timeout seconds, else "". Offline, datasets and
+    transformers retry for half a minute before they fail; told so (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, set here
+    before they are imported) they load what they cached and fail at once on the rest. The probe runs in a thread: a
+    name lookup has no timeout."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return ""  # a direct connection says nothing about the way through a proxy
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, answered = (url.hostname, url.port or (80 if url.scheme == "http" else 443)), []
+
+    def probe():
+        try:
+            socket.create_connection(host, timeout=timeout).close()
+            answered.append(True)
+        except Exception:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not answered:
+        os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return "" if answered else url.hostname
+
+
 def download_wikitext(folder):
     """WikiText-2 through datasets, each split written once into folder as a text file (a row of the dataset is a line)."""
     name, config = WIKITEXT
     fix = "pass --data_dir with a folder holding WikiText-2's train.txt, valid.txt and test.txt"
+    offline = hub_unreachable()  # before datasets is imported: it reads HF_DATASETS_OFFLINE then
     try:
         from datasets import load_dataset
     except ImportError:
@@ -177,8 +226,10 @@ def download_wikitext(folder):
     try:
         ds = load_dataset(name, config)
     except Exception as e:  # offline (HF_DATASETS_OFFLINE=1 included), the Hub unreachable
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        die(f"could not download {name} ({config}) ({type(e).__name__}: {reason}); {fix}")
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        if offline:
+            reason = f"{offline} does not answer, and datasets has not cached it"
+        die(f"could not download {name} ({config}) ({reason}); {fix}")
     os.makedirs(folder, exist_ok=True)
     for split, hf_split in SPLITS.items():
         path = os.path.join(folder, f"{split}.txt")
@@ -191,6 +242,8 @@ def load_wikitext(cfg, tok):
     """The splits as arrays of GPT-2 token ids: train (--train_split), val (valid, or the last 10% of the training split
     when that is valid) and test. Files in --data_dir may be named train.txt or wiki.train.tokens / wiki.train.raw."""
     folder = cfg.data_dir or os.path.join(DATA_DIR, WIKITEXT[1])
+    if cfg.data_dir and os.path.isfile(folder):
+        die(f"--data_dir {folder} is a file; give the folder holding WikiText-2's train.txt, valid.txt and test.txt")
     if cfg.data_dir and not os.path.isdir(folder):
         die(f"--data_dir {folder}: no such folder")
     names = lambda split: [f"{split}.txt", f"wiki.{split}.tokens", f"wiki.{split}.raw"]  # noqa: E731
@@ -208,6 +261,8 @@ def load_wikitext(cfg, tok):
                 texts[split] = f.read()
         except UnicodeDecodeError:
             die(f"{path} is not UTF-8 text")
+        if "\0" in texts[split]:
+            die(f"{path} looks like a binary file (it holds NUL characters); give a UTF-8 text file")
     ids = {split: np.array(tok.encode(text), dtype=np.uint16) for split, text in texts.items()}
     splits = {"train": ids["train"], "val": ids["valid"]} if cfg.train_split == "train" else {}
     if cfg.train_split == "valid":  # no train split: hold out the end of the valid split for checkpoint selection
@@ -215,9 +270,6 @@ def load_wikitext(cfg, tok):
         splits = {"train": ids["valid"][:n], "val": ids["valid"][n:]}
     splits["test"] = ids["test"][: cfg.test_tokens or None]
     splits["test_text"] = texts["test"] if not cfg.test_tokens else tok.decode(splits["test"].tolist())
-    for split in ("train", "val", "test"):
-        if len(splits[split]) < (cfg.block_size or 128) + 2:
-            die(f"the {split} split has {len(splits[split]):,} tokens, too few for a block of {cfg.block_size or 128}; give more text or a smaller --block_size")
     print(f"WikiText-2 from {folder}: " + ", ".join(f"{s} {len(splits[s]):,}" for s in ("train", "val", "test")) + f" tokens (train: {cfg.train_split})")
     return splits
 
@@ -249,6 +301,10 @@ class DataLoader:
 
     def __init__(self, splits, cfg, device):
         self.splits = splits
+        for split in ("train", "val", "test"):  # a batch (a test window) has block_size + 1 tokens
+            data = splits[split]
+            if len(data) <= cfg.block_size:
+                die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a longer text or a smaller --block_size")
         self.cfg, self.device = cfg, device
         self.offsets = np.arange(cfg.block_size + 1)
 
@@ -545,6 +601,9 @@ def from_hf(hf):
     gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(c.activation_function)
     if gelu is None or (c.n_inner or 4 * c.n_embd) != 4 * c.n_embd or c.layer_norm_epsilon != 1e-5 or c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights:
         die("this GPT-2 configuration (activation, MLP width, LayerNorm epsilon or attention scaling) differs from GPT-2's; this script cannot load it")
+    if not c.tie_word_embeddings:  # GPT ties them: loading it would replace one matrix by the other
+        die("this GPT-2 configuration has untied input and output embeddings (tie_word_embeddings=False); "
+            "this script ties them and cannot load it")
     arch = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions, bias=True, gelu=gelu, n_experts=1)
     sd = {}
     for name, w in hf.state_dict().items():
@@ -561,11 +620,21 @@ def from_hf(hf):
 def hf_weights(name):
     """OpenAI's GPT-2 through transformers, downloaded into the Hugging Face cache once."""
     fix = "start from a checkpoint of this repository with --init_from PATH, or from random weights with --init_from scratch"
+    offline = hub_unreachable()
+    if offline:  # say so now if it was never downloaded, rather than after importing transformers
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+                die(f"could not load --init_from {name}: {offline} does not answer, and it is not cached; {fix}")
+        except ImportError:
+            pass  # nor is transformers: said below
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:
         die(f"--init_from {name} needs the transformers package (pip install transformers); or {fix}")
-    print(f"loading {name} from the Hugging Face Hub (transformers)")
+    where = f"cache ({offline} does not answer)" if offline else "Hub"
+    print(f"loading {name} from the Hugging Face {where} (transformers)")
     try:
         hf = GPT2LMHeadModel.from_pretrained(name)
     except OSError as e:  # offline (HF_HUB_OFFLINE=1 included), the Hub unreachable
@@ -628,33 +697,41 @@ def upcycle(model, cfg, x):
 
 
 def setup_ddp(cfg):
-    """Under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE): join the process group, one process per device. Every
-    process but rank 0 prints nothing and logs nothing. Returns this process's rank: 0 without torchrun."""
+    """Under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE): join the process group, one process per device (chosen
+    by setup_device). Every process but rank 0 prints nothing and logs nothing. Returns this process's rank: 0 without
+    torchrun. Called after the checks of the arguments: a mistake ends each process alike, none left waiting."""
     if "RANK" not in os.environ:
         return 0
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
-        cfg.device = f"cuda:{local_rank}"
-        torch.cuda.set_device(cfg.device)
-    # the others wait at a barrier while the first process downloads GPT-2 and WikiText: allow an hour
-    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo", timeout=timedelta(minutes=60))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if cfg.gradient_accumulation_steps % world_size:
         die(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} counts micro-batches over all {world_size} processes; make it a multiple of {world_size}")
+    if cfg.device.startswith("cuda"):
+        torch.cuda.set_device(cfg.device)
+    # the others wait while the first process on their machine downloads and encodes the data: allow an hour
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo", timeout=timedelta(minutes=60))
     if rank:
         sys.stdout, cfg.wandb = open(os.devnull, "w"), False
     return rank
 
 
 @contextmanager
-def local_rank_zero_first():
-    """Under torchrun the first process on each machine runs the block (downloads) before the others, which then find
-    its files and reuse them."""
+def local_rank_zero_first(device):
+    """Under torchrun the first process on each machine runs the block (download, encoding) before the others, which
+    then find its files and reuse them; if it stops (a user error), the others exit too, with its status 2."""
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    done = torch.ones((), device=device)  # becomes 0 where a first process failed
     if dist.is_initialized() and not first:
-        dist.barrier()
-    yield
-    if dist.is_initialized() and first:
-        dist.barrier()
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)  # waits for the first processes
+        if not done.item():
+            sys.exit(2)  # the first process said why
+    try:
+        yield
+    except BaseException:
+        done.zero_()
+        raise
+    finally:
+        if dist.is_initialized() and first:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)  # lets the others go on
 
 
 def setup_device(cfg):
@@ -666,8 +743,15 @@ def setup_device(cfg):
         die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: a GPU per process
+        if int(os.environ["LOCAL_WORLD_SIZE"]) > torch.cuda.device_count():  # the same verdict on every rank
+            die(f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}: this machine has {torch.cuda.device_count()} GPU(s)")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        cfg.device = str(device)
     if cfg.dtype == "auto":
         cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if cfg.dtype == "float16" and device.type == "cpu":
+        die("--dtype float16 runs many times slower than float32 on the CPU; use float32 or bfloat16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
         torch.backends.cudnn.allow_tf32 = True
@@ -770,7 +854,7 @@ def report_perplexity(model, splits, cfg, device, autocast, when):
 
 def load_checkpoint(path, device, scripts=(SCRIPT,), fix="use that script, or another --out_dir"):
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train first (python {SCRIPT}.py) or point --out_dir at a folder holding ckpt.pt")
+        die(f"no checkpoint at {path}; train first (python {SCRIPT}.py) or point --out_dir at the folder a run wrote")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -782,11 +866,60 @@ def load_checkpoint(path, device, scripts=(SCRIPT,), fix="use that script, or an
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def check_out_dir(out_dir, overwrite):
+    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another's never."""
+    for name in ("ckpt.pt", "best.pt"):
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            script, what = old["script"], f"{old['script']} at iteration {old['iter_num']}"
+        except Exception:
+            script, what = None, "an unreadable checkpoint"
+        if script not in (None, SCRIPT):
+            die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
+        if not overwrite:
+            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with --overwrite")
+
+
+def resume_config(cfg, saved, names):
+    """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
+    for name in names:
+        if name in cfg.given and getattr(cfg, name) != saved[name]:
+            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume, or start a new run in another --out_dir")
+        setattr(cfg, name, saved[name])
+
+
+class StopRequest:
+    """Inside `with STOP:`, Ctrl-C or SIGTERM sets .requested: training saves the latest state at the start of the
+    next iteration and exits. A second signal stops at once, leaving the last saved checkpoint."""
+
+    requested = False
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+
+
+STOP = StopRequest()
 
 
 class CSVLog:
@@ -832,17 +965,38 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
     if world_size > 1:
         # copies rank 0's weights to all; the buffers (causal masks, expert counts) need no broadcast at every step
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     log = CSVLog(os.path.join(cfg.out_dir, "log.csv") if rank == 0 else os.devnull, iter_num)  # one writer: rank 0
     if cfg.wandb:
-        import wandb
+        try:
+            import wandb
 
-        wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+            wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+        except Exception as e:
+            die(f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log locally")
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # over all processes
     print(f"tokens per iteration: {tokens_per_iter:,}" + (f" ({world_size} processes x {accum} micro-batches)" if world_size > 1 else ""))
 
+    def state(it):  # everything --resume needs to continue at iteration it
+        return {
+            "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "tokenizer": tok.name,
+            "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }  # fmt: skip
+
     t0, t_start, dts = time.time(), time.time(), []
     for it in range(iter_num, cfg.max_iters + 1):
+        stop = torch.tensor(float(STOP.requested), device=device)
+        if world_size > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same iteration
+        if stop.item():  # Ctrl-C or SIGTERM: keep everything up to here
+            if rank == 0:  # one writer: rank 0
+                save_checkpoint(ckpt_path, state(it))
+                print(f"stopped: {ckpt_path} holds iteration {it}; continue with --resume", file=sys.stderr)
+            if world_size > 1:
+                dist.barrier()  # torchrun stops every process once one exits: not before rank 0 has saved
+            sys.exit(130)
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -854,16 +1008,13 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             log.write(iter=it, train_loss=f"{losses['train']:.6f}", val_loss=f"{losses['val']:.6f}", lr=f"{lr:.3e}", ms_per_iter="")
             if cfg.wandb:
                 wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
-            if losses["val"] < best_val and rank == 0:  # one writer: rank 0
+            if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
                 best_val = losses["val"]
-                state = {
-                    "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "tokenizer": tok.name,
-                    "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                }  # fmt: skip
-                save_checkpoint(ckpt_path, state)
-                print(f"saved {ckpt_path}")
+                if rank == 0:  # one writer: rank 0
+                    save_checkpoint(best_path, {k: v for k, v in state(it).items() if k != "optimizer"})
+                    print(f"saved {best_path}")
+            if rank == 0:
+                save_checkpoint(ckpt_path, state(it))
             t0 = time.time()  # keep evaluation out of the per-iteration timing
         if it == cfg.max_iters:
             break
@@ -943,12 +1094,18 @@ def sample(model, start, tok, cfg, device, autocast, prompt):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    rank = setup_ddp(cfg)
     device, autocast = setup_device(cfg)
     tok = GPT2Tokenizer()
+    ckpt = None  # every check that can fail comes before setup_ddp: under torchrun a mistake ends every process alike
+    if cfg.resume and not cfg.prompt:
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        resume_config(cfg, ckpt["config"], RESUMED)
+    elif cfg.max_iters and not cfg.prompt:  # a zero-shot run (--max_iters 0) writes no checkpoint
+        check_out_dir(cfg.out_dir, cfg.overwrite)
+    rank = setup_ddp(cfg)
 
     if cfg.prompt:  # sampling only: the fine-tuned model from its checkpoint, the starting model from where it started
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), device)
         saved = Config(**ckpt["config"])
         model = GPT(saved, tok.vocab_size).to(device)
         model.load_state_dict(ckpt["model"])
@@ -956,13 +1113,7 @@ def main(argv=None):
         sample(model, start, tok, cfg, device, autocast, cfg.prompt)
         return
 
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
-        saved = Config(**ckpt["config"])
-        for name in ARCH + ("init_from",):  # the architecture comes from the checkpoint
-            setattr(cfg, name, getattr(saved, name))
-    with local_rank_zero_first():  # under torchrun one process per machine downloads; the others reuse its files
+    with local_rank_zero_first(device):  # under torchrun one process per machine downloads; the others reuse its files
         model = None if ckpt else start_model(cfg, tok, device)  # the same weights on every rank (seeded)
         splits = load_wikitext(cfg, tok)
     loader = DataLoader(splits, cfg, device)
@@ -980,13 +1131,15 @@ def main(argv=None):
             dist.destroy_process_group()
         return
     try:
-        train(cfg, model, loader, tok, device, autocast, ckpt)
+        with STOP:
+            train(cfg, model, loader, tok, device, autocast, ckpt)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the best checkpoint so far is in {cfg.out_dir}", file=sys.stderr)
+        if rank == 0:
+            print(f"\ninterrupted; {cfg.out_dir}/ckpt.pt holds the last saved state", file=sys.stderr)
         sys.exit(130)
     if dist.is_initialized():
-        dist.barrier()  # rank 0 has written the checkpoint
-    model.load_state_dict(torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), map_location=device, weights_only=True)["model"])  # the best val loss
+        dist.barrier()  # rank 0 has written best.pt
+    model.load_state_dict(load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), device)["model"])  # the best val loss
     after = report_perplexity(model, splits, cfg, device, autocast, "after fine-tuning (best val checkpoint)")
     print(f"test perplexity per token: before {before:.2f} | after {after:.2f}")
     if rank == 0:

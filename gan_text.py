@@ -3,7 +3,7 @@ gan_text.py: a text GAN. The SwitchHead GPT of switchhead_moe.py is the generato
 and the generator learns from the discriminator through REINFORCE (SeqGAN, Yu, Zhang, Wang, Yu, AAAI 2017).
 
 Three phases, each with its own iteration count. 1. MLE pre-training of the generator, switchhead_moe.py's training
-loop unchanged (--max_iters), or --init_from a switchhead_moe.py checkpoint instead. 2. Pre-training of the
+loop unchanged (--max_iters), or --init_from a switchhead_moe.py best.pt instead. 2. Pre-training of the
 discriminator (--d_pretrain_iters): embedding, LSTM, linear, sigmoid; D(x) is the probability that x is real text,
 trained with L_D = -mean(log D(real) + log(1 - D(fake))) on --seq_len-token sequences of the corpus and sequences the
 generator samples from a real first token. 3. Adversarial rounds (--adv_rounds), each of --g_steps generator steps
@@ -15,10 +15,13 @@ real batch to each generator step. Sampling is the GAN's inner loop: it keeps a 
 Every evaluation prints the generator's NLL on held-out text, D's accuracy on held-out real and fresh fake text,
 BLEU-2/3/4 of the samples against held-out text (quality) and their self-BLEU-4 (diversity: 1 when all samples are
 alike); samples are printed before and after the adversarial rounds.
+The phases share one --out_dir. ckpt.pt is the latest state, written at every evaluation of every phase and on
+Ctrl-C/SIGTERM: --resume continues from it in whichever phase it was written. best.pt, what --prompt samples from, is
+the best-val model in the MLE phase and the latest generator in the GAN phases: a GAN has no best model.
 
 Run:     python gan_text.py                      (MLE 2000 iterations, D 200 steps, 150 rounds, all at 64 characters:
                                                  about 15-20 minutes on 2 CPU cores, estimated from short runs)
-Init:    python switchhead_moe.py --block_size 64 --out_dir out/mle && python gan_text.py --init_from out/mle/ckpt.pt
+Init:    python switchhead_moe.py --block_size 64 && python gan_text.py --init_from out/switchhead_moe/best.pt
 Compare: python benchmarks/bench_gan.py          (MLE only vs adversarial, temperature sweep, quality-diversity picture)
 Sample:  python gan_text.py --prompt "ROMEO:" --num_samples 3
 Parent:  switchhead_moe.py (diff -u switchhead_moe.py gan_text.py)
@@ -32,6 +35,7 @@ import inspect
 import math
 import os
 import re
+import signal
 import sys
 import time
 import urllib.request
@@ -53,9 +57,10 @@ class Config:
     # I/O
     out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
     data: str = ""  # a local UTF-8 text file to train on; empty: TinyShakespeare, downloaded into data/
-    resume: bool = False  # continue training from out_dir/ckpt.pt, in whichever phase it was written
-    init_from: str = ""  # a switchhead_moe.py ckpt.pt to take the generator from instead of MLE pre-training (its architecture wins)
-    eval_interval: int = 250  # evaluate and checkpoint every this many iterations
+    resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state (of any phase)
+    overwrite: bool = False  # start over in an out_dir that holds this script's checkpoint (replaces ckpt.pt and best.pt)
+    init_from: str = ""  # a switchhead_moe.py best.pt to take the generator from instead of MLE pre-training (its architecture wins)
+    eval_interval: int = 250  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 200  # batches per split in each evaluation
     log_interval: int = 10  # print and log the training loss every this many iterations
     wandb: bool = False  # also log to Weights & Biases
@@ -100,18 +105,22 @@ class Config:
     rollouts: int = 0  # Monte-Carlo completions of each prefix for per-token rewards (SeqGAN); 0: one reward per sequence, D(x)
     baseline_decay: float = 0.9  # the baseline b follows the mean reward: b <- decay * b + (1 - decay) * mean(r)
     mle_weight: float = 0.0  # weight of an MLE loss on a real batch added to each generator step; 0: pure REINFORCE
-    adv_eval_interval: int = 25  # evaluate and checkpoint every this many discriminator pre-training steps or rounds
+    adv_eval_interval: int = 25  # evaluate and save ckpt.pt and best.pt every this many D pre-training steps or rounds
     eval_samples: int = 128  # sequences sampled at each evaluation for D accuracy, BLEU and self-BLEU (the same draws each time)
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     # sampling
-    prompt: str = ""  # if set, skip training: load out_dir/ckpt.pt and continue this text
+    prompt: str = ""  # if set, skip training: load out_dir/best.pt and continue this text
     num_samples: int = 1  # samples to draw
     max_new_tokens: int = 500  # tokens per sample
     temperature: float = 1.0  # <1 sharper, >1 more random (1: the distribution the GAN trains)
     top_k: int = 200  # sample only among the k most likely tokens; 0 for all
+
+
+RESUMED = ("n_layer", "n_head", "n_embd", "head_size", "n_experts", "moe_k", "gate", "block_size", "bias", "data", "init_from",
+           "d_embd", "d_hidden")  # --resume takes the architecture (the discriminator's too) and data from ckpt.pt
 
 
 def die(msg):
@@ -121,17 +130,21 @@ def die(msg):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)  # --lr is not --lr_decay_iters
     parser.error = lambda msg: die(f"{msg} (see --help)")
     comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
     for f in fields(Config):
         if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+            default = f"--{'' if f.default else 'no-'}{f.name}"
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f"{comments[f.name]} (default {default})")
         else:
             parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
-    cfg = Config(**vars(parser.parse_args(argv)))
+    unset = object()  # marks the flags not typed on the command line
+    args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
+    cfg = Config(**{k: v for k, v in args.items() if v is not unset})
+    cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
     checks = [
-        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --block_size and --batch_size must be at least 1"),
+        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --n_embd, --block_size and --batch_size must be at least 1"),
         (cfg.head_size > 0 or cfg.n_experts > 1 or cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}, or give --head_size"),
         (cfg.head_size >= 0 and cfg.n_experts >= 1, "--head_size must be >= 0 and --n_experts >= 1"),
         (cfg.gate in ("sigmoid", "softmax"), f"--gate {cfg.gate} is not one of sigmoid, softmax"),
@@ -142,6 +155,8 @@ def parse_args(argv=None):
         (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
+        (cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0, "--seed, --warmup_iters and --lr_decay_iters must be >= 0"),
+        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)"),
         (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
         (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
         (cfg.seq_len >= 2, f"--seq_len {cfg.seq_len} must be at least 2: a given first token and one sampled"),
@@ -188,6 +203,8 @@ def download(url, path):
 
 def load_text(cfg):
     path = cfg.data or os.path.join(DATA_DIR, "tinyshakespeare.txt")
+    if cfg.data and os.path.isdir(path):
+        die(f"--data {path} is a folder; give a UTF-8 text file")
     if cfg.data and not os.path.isfile(path):
         die(f"--data {path}: no such file")
     if not cfg.data and not os.path.isfile(path):
@@ -197,8 +214,8 @@ def load_text(cfg):
             text = f.read()
     except UnicodeDecodeError:
         die(f"{path} is not UTF-8 text")
-    if len(text) < 2 * (cfg.block_size + 1):
-        die(f"{path} has {len(text)} characters, too few for --block_size {cfg.block_size}")
+    if "\0" in text:
+        die(f"{path} looks like a binary file (it holds NUL characters); give a UTF-8 text file")
     return text
 
 
@@ -223,6 +240,9 @@ class DataLoader:
     def __init__(self, ids, cfg, device):
         n = int(0.9 * len(ids))
         self.splits = {"train": ids[:n], "val": ids[n:]}
+        for split, data in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
+            if len(data) <= cfg.block_size:
+                die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a longer text or a smaller --block_size")
         self.cfg, self.device = cfg, device
         self.offsets = torch.arange(cfg.block_size + 1)
 
@@ -236,7 +256,8 @@ class DataLoader:
         return x.to(self.device), y.to(self.device)
 
     def get_text(self, split, n, generator):
-        """n real sequences of seq_len tokens from split, at random offsets: what the discriminator learns to call real."""
+        """n real sequences of seq_len tokens from split, at random offsets: what the discriminator learns to call real.
+        Every split is long enough: it holds block_size + 1 tokens (checked above) and seq_len <= block_size."""
         data = self.splits[split]
         ix = torch.randint(len(data) - self.cfg.seq_len + 1, (n, 1), generator=generator)
         return data[ix + torch.arange(self.cfg.seq_len)].to(self.device)
@@ -705,6 +726,8 @@ def setup_device(cfg):
         die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
     if cfg.dtype == "auto":
         cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if cfg.dtype == "float16" and device.type == "cpu":
+        die("--dtype float16 runs many times slower than float32 on the CPU; use float32 or bfloat16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
         torch.backends.cudnn.allow_tf32 = True
@@ -758,7 +781,7 @@ def estimate_loss(model, loader, cfg, autocast):
 
 def load_checkpoint(path, device, script=SCRIPT):
     """A checkpoint written by script: this one (--resume, --prompt), or switchhead_moe for --init_from."""
-    where = "point --out_dir at a folder holding ckpt.pt" if script == SCRIPT else "give --init_from the ckpt.pt it wrote"
+    where = "point --out_dir at the folder a run wrote" if script == SCRIPT else "give --init_from the best.pt it wrote"
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}; train first (python {script}.py) or {where}")
     try:
@@ -772,11 +795,60 @@ def load_checkpoint(path, device, script=SCRIPT):
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def check_out_dir(out_dir, overwrite):
+    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another's never."""
+    for name in ("ckpt.pt", "best.pt"):
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            script, what = old["script"], f"{old['script']} at iteration {old['iter_num']}"
+        except Exception:
+            script, what = None, "an unreadable checkpoint"
+        if script not in (None, SCRIPT):
+            die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
+        if not overwrite:
+            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with --overwrite")
+
+
+def resume_config(cfg, saved, names):
+    """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
+    for name in names:
+        if name in cfg.given and getattr(cfg, name) != saved[name]:
+            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume, or start a new run in another --out_dir")
+        setattr(cfg, name, saved[name])
+
+
+class StopRequest:
+    """Inside `with STOP:`, Ctrl-C or SIGTERM sets .requested: training saves the latest state at the start of the
+    next iteration and exits. A second signal stops at once, leaving the last saved checkpoint."""
+
+    requested = False
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+
+
+STOP = StopRequest()
 
 
 PHASES = ("mle", "d_pretrain", "adversarial")
@@ -823,16 +895,32 @@ def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
     if cfg.compile:
         print("compiling the model (takes a minute)...")
         model = torch.compile(model)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     if cfg.wandb:
-        import wandb
+        try:
+            import wandb
 
-        wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+            wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+        except Exception as e:
+            die(f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log locally")
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print(f"tokens per iteration: {tokens_per_iter:,}")
 
+    def state(it):  # everything --resume needs to continue at iteration it
+        return {
+            "script": SCRIPT, "phase": "mle", "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "discriminator": disc.state_dict(), "d_optimizer": None, "baseline": None,
+            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
+            "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }  # fmt: skip
+
     t0, t_start, dts = time.time(), time.time(), []
     for it in range(iter_num, cfg.max_iters + 1):
+        if STOP.requested:  # Ctrl-C or SIGTERM: keep everything up to here
+            save_checkpoint(ckpt_path, state(it))
+            print(f"stopped: {ckpt_path} holds iteration {it}; continue with --resume", file=sys.stderr)
+            sys.exit(130)
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -844,17 +932,11 @@ def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
             log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
             if cfg.wandb:
                 wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
-            if losses["val"] < best_val:
+            if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
                 best_val = losses["val"]
-                state = {
-                    "script": SCRIPT, "phase": "mle", "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "discriminator": disc.state_dict(), "d_optimizer": None, "baseline": None,
-                    "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
-                    "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                }  # fmt: skip
-                save_checkpoint(ckpt_path, state)
-                print(f"saved {ckpt_path}")
+                save_checkpoint(best_path, {k: v for k, v in state(it).items() if k != "optimizer"})
+                print(f"saved {best_path}")
+            save_checkpoint(ckpt_path, state(it))
             t0 = time.time()  # keep evaluation out of the per-iteration timing
         if it == cfg.max_iters:
             break
@@ -949,9 +1031,10 @@ def held_out(loader, tok, cfg):
     return refs, loader.get_text("val", cfg.eval_samples, torch.Generator().manual_seed(cfg.seed + 1))
 
 
-def train_gan(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
-    """Phases 2 and 3: discriminator pre-training, then adversarial rounds. An evaluation and a checkpoint every
-    adv_eval_interval steps or rounds: a GAN has no best model, so the checkpoint is always the latest state."""
+def train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ckpt=None):
+    """Phases 2 and 3: discriminator pre-training, then adversarial rounds. An evaluation every adv_eval_interval steps
+    or rounds saves ckpt.pt, the latest state, and best.pt, the latest generator: a GAN has no best model
+    (no one number ranks its generators). Both carry best_val, the MLE phase's best val loss."""
     g_optimizer = model.configure_optimizer(cfg, device.type)
     for group in g_optimizer.param_groups:
         group["lr"] = cfg.adv_learning_rate
@@ -970,14 +1053,27 @@ def train_gan(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         print(f"resuming {phase} at step {start}")
     if cfg.wandb:
-        import wandb
+        try:
+            import wandb
 
-        if wandb.run is None:
-            wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+            if wandb.run is None:  # not started by phase 1
+                wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+        except Exception as e:
+            die(f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log locally")
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     refs, real_eval = held_out(loader, tok, cfg)
     print(f"GAN on sequences of {cfg.seq_len} tokens, {cfg.gan_batch_size} real and {cfg.gan_batch_size} fake per step;"
           f" rewards {'per token, ' + str(cfg.rollouts) + ' rollouts per prefix' if cfg.rollouts else 'per sequence, D(x)'}")  # fmt: skip
+
+    def state(name, it):  # everything --resume needs to continue at step it of phase name
+        return {
+            "script": SCRIPT, "phase": name, "model": model.state_dict(),
+            "optimizer": g_optimizer.state_dict() if name == "adversarial" else None,
+            "discriminator": disc.state_dict(), "d_optimizer": d_optimizer.state_dict(), "baseline": baseline,
+            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
+            "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }  # fmt: skip
 
     for name in PHASES[PHASES.index(phase) :]:
         steps, lr = (cfg.d_pretrain_iters, cfg.d_learning_rate) if name == "d_pretrain" else (cfg.adv_rounds, cfg.adv_learning_rate)
@@ -986,6 +1082,10 @@ def train_gan(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
         first = start if name == phase else 0
         t0, t_start = time.time(), time.time()
         for it in range(first, steps + 1):
+            if STOP.requested:  # Ctrl-C or SIGTERM: keep everything up to here
+                save_checkpoint(ckpt_path, state(name, it))
+                print(f"stopped: {ckpt_path} holds {name} step {it}; continue with --resume", file=sys.stderr)
+                sys.exit(130)
             # (round 0 holds the same models as the end of phase 2, evaluated there)
             if (it == steps or it % cfg.adv_eval_interval == 0) and not (name == "adversarial" and it == 0):
                 losses = estimate_loss(model, loader, cfg, autocast)
@@ -998,14 +1098,10 @@ def train_gan(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
                 log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="", **{k: f"{v:.4f}" for k, v in m.items()})
                 if cfg.wandb:
                     wandb.log({f"{name}/iter": it, f"{name}/val_nll": losses["val"], **{f"{name}/{k}": v for k, v in m.items()}})
-                state = {
-                    "script": SCRIPT, "phase": name, "model": model.state_dict(), "optimizer": g_optimizer.state_dict() if name == "adversarial" else None,
-                    "discriminator": disc.state_dict(), "d_optimizer": d_optimizer.state_dict(), "baseline": baseline, "config": asdict(cfg),
-                    "iter_num": it, "best_val_loss": None, "vocab": tok.chars, "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                }  # fmt: skip
-                save_checkpoint(ckpt_path, state)
-                print(f"saved {ckpt_path}")
+                # best.pt: the generator to sample from, the latest (a GAN has no best model), without the optimizers
+                save_checkpoint(best_path, {k: v for k, v in state(name, it).items() if k not in ("optimizer", "d_optimizer")})
+                save_checkpoint(ckpt_path, state(name, it))
+                print(f"saved {ckpt_path} and {best_path}")
                 t0 = time.time()  # keep evaluation out of the per-step timing
             if it == steps:
                 break
@@ -1050,7 +1146,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
 
     if cfg.prompt:  # sampling only: everything needed is in the checkpoint
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), device)
         tok = CharTokenizer(ckpt["vocab"])
         model = GPT(Config(**ckpt["config"]), len(tok.chars)).to(device)
         model.load_state_dict(ckpt["model"])
@@ -1060,13 +1156,13 @@ def main(argv=None):
     ckpt = init = None
     if cfg.resume:
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
-        saved = Config(**ckpt["config"])
-        for name in ("n_layer", "n_head", "n_embd", "head_size", "n_experts", "moe_k", "gate", "block_size", "bias", "d_embd", "d_hidden"):  # the architecture comes from the checkpoint
-            setattr(cfg, name, getattr(saved, name))
-    elif cfg.init_from:  # the generator from switchhead_moe.py: its architecture and vocabulary
-        init = load_checkpoint(cfg.init_from, device, script="switchhead_moe")
-        for name in ("n_layer", "n_head", "n_embd", "head_size", "n_experts", "moe_k", "gate", "block_size", "bias"):
-            setattr(cfg, name, init["config"][name])
+        resume_config(cfg, ckpt["config"], RESUMED)
+    else:
+        check_out_dir(cfg.out_dir, cfg.overwrite)
+        if cfg.init_from:  # the generator from switchhead_moe.py: its architecture and vocabulary
+            init = load_checkpoint(cfg.init_from, device, script="switchhead_moe")
+            for name in ("n_layer", "n_head", "n_embd", "head_size", "n_experts", "moe_k", "gate", "block_size", "bias"):
+                setattr(cfg, name, init["config"][name])
     if cfg.seq_len > cfg.block_size:
         die(f"--seq_len {cfg.seq_len} is longer than the generator's --block_size {cfg.block_size}; use at most {cfg.block_size}")
     text = load_text(cfg)
@@ -1089,16 +1185,20 @@ def main(argv=None):
     phase = ckpt["phase"] if ckpt else "d_pretrain" if init else "mle"
     log = CSVLog(os.path.join(cfg.out_dir, "log.csv"), (phase, ckpt["iter_num"]) if ckpt else None)
     try:
-        if phase == "mle":
-            train(cfg, model, disc, loader, tok, device, autocast, log, ckpt)
-        elif init:
-            print(f"generator from {cfg.init_from} (iter {init['iter_num']}, val {init['best_val_loss']:.4f}): no MLE pre-training here")
-        if phase != "adversarial":
-            print("samples of the MLE generator, before the adversarial rounds:")
-            sample(model, tok, cfg, device, autocast, tok.chars[0])
-        train_gan(cfg, model, disc, loader, tok, device, autocast, log, ckpt)
+        with STOP:
+            if phase == "mle":
+                best_val = train(cfg, model, disc, loader, tok, device, autocast, log, ckpt)
+            elif init:
+                best_val = init["best_val_loss"]
+                print(f"generator from {cfg.init_from} (iter {init['iter_num']}, val {best_val:.4f}): no MLE pre-training here")
+            else:
+                best_val = ckpt["best_val_loss"]
+            if phase != "adversarial":
+                print("samples of the MLE generator, before the adversarial rounds:")
+                sample(model, tok, cfg, device, autocast, tok.chars[0])
+            train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ckpt)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the latest checkpoint is in {cfg.out_dir}", file=sys.stderr)
+        print(f"\ninterrupted; {cfg.out_dir}/ckpt.pt holds the last saved state", file=sys.stderr)
         sys.exit(130)
     log.f.close()
     print("samples after the adversarial rounds:")

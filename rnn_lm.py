@@ -24,6 +24,7 @@ import inspect
 import math
 import os
 import re
+import signal
 import sys
 import time
 import urllib.request
@@ -45,8 +46,9 @@ class Config:
     # I/O
     out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
     data: str = ""  # a local UTF-8 text file to train on; empty: TinyShakespeare, downloaded into data/
-    resume: bool = False  # continue training from out_dir/ckpt.pt
-    eval_interval: int = 250  # evaluate and checkpoint every this many iterations
+    resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state
+    overwrite: bool = False  # start over in an out_dir that holds this script's checkpoint (replaces ckpt.pt and best.pt)
+    eval_interval: int = 250  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 200  # batches per split in each evaluation
     log_interval: int = 10  # print and log the training loss every this many iterations
     wandb: bool = False  # also log to Weights & Biases
@@ -79,11 +81,14 @@ class Config:
     dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     # sampling
-    prompt: str = ""  # if set, skip training: load out_dir/ckpt.pt and continue this text
+    prompt: str = ""  # if set, skip training: load out_dir/best.pt and continue this text
     num_samples: int = 1  # samples to draw
     max_new_tokens: int = 500  # tokens per sample
     temperature: float = 0.8  # <1 sharper, >1 more random
     top_k: int = 200  # sample only among the k most likely tokens; 0 for all
+
+
+RESUMED = ("cell", "activation", "n_layer", "n_embd", "n_hidden", "bidirectional", "data")  # --resume takes the architecture and data from ckpt.pt
 
 
 def die(msg):
@@ -93,15 +98,19 @@ def die(msg):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)  # --lr is not --lr_decay_iters
     parser.error = lambda msg: die(f"{msg} (see --help)")
     comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
     for f in fields(Config):
         if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+            default = f"--{'' if f.default else 'no-'}{f.name}"
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f"{comments[f.name]} (default {default})")
         else:
             parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
-    cfg = Config(**vars(parser.parse_args(argv)))
+    unset = object()  # marks the flags not typed on the command line
+    args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
+    cfg = Config(**{k: v for k, v in args.items() if v is not unset})
+    cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
     checks = [
         (cfg.n_layer >= 1 and cfg.n_embd >= 1 and cfg.n_hidden >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_embd, --n_hidden, --block_size and --batch_size must be at least 1"),
         (cfg.cell in ("elman", "lstm", "gru"), f"--cell {cfg.cell} is not one of elman, lstm, gru"),
@@ -111,6 +120,8 @@ def parse_args(argv=None):
         (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
+        (cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0, "--seed, --warmup_iters and --lr_decay_iters must be >= 0"),
+        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)"),
         (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
         (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
     ]
@@ -146,6 +157,8 @@ def download(url, path):
 
 def load_text(cfg):
     path = cfg.data or os.path.join(DATA_DIR, "tinyshakespeare.txt")
+    if cfg.data and os.path.isdir(path):
+        die(f"--data {path} is a folder; give a UTF-8 text file")
     if cfg.data and not os.path.isfile(path):
         die(f"--data {path}: no such file")
     if not cfg.data and not os.path.isfile(path):
@@ -155,8 +168,8 @@ def load_text(cfg):
             text = f.read()
     except UnicodeDecodeError:
         die(f"{path} is not UTF-8 text")
-    if len(text) < 2 * (cfg.block_size + 1):
-        die(f"{path} has {len(text)} characters, too few for --block_size {cfg.block_size}")
+    if "\0" in text:
+        die(f"{path} looks like a binary file (it holds NUL characters); give a UTF-8 text file")
     return text
 
 
@@ -182,12 +195,17 @@ class DataLoader:
     def __init__(self, ids, cfg, device):
         n = int(0.9 * len(ids))
         self.splits = {"train": ids[:n], "val": ids[n:]}
+        for split, data in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
+            if len(data) <= cfg.block_size:
+                die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a longer text or a smaller --block_size")
         self.cfg, self.device = cfg, device
         self.offsets = torch.arange(cfg.block_size + 1)
         if cfg.stateful:
             length = n // cfg.batch_size
             if length < cfg.block_size + 1:
-                die(f"--stateful needs at least --batch_size * (--block_size + 1) = {cfg.batch_size * (cfg.block_size + 1)} training characters, the training split has {n}")
+                need = cfg.batch_size * (cfg.block_size + 1)
+                die(f"--stateful needs at least --batch_size * (--block_size + 1) = {need} training characters, "
+                    f"the training split has {n}; use a longer text or a smaller --batch_size or --block_size")
             self.streams = ids[: length * cfg.batch_size].view(cfg.batch_size, length)  # (B, length): row b reads on where it stopped
             self.pos = 0  # where the next chunk starts in every stream
 
@@ -357,6 +375,8 @@ def setup_device(cfg):
         die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
     if cfg.dtype == "auto":
         cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if cfg.dtype == "float16" and device.type == "cpu":
+        die("--dtype float16 runs many times slower than float32 on the CPU; use float32 or bfloat16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
         torch.backends.cudnn.allow_tf32 = True
@@ -396,7 +416,7 @@ def estimate_loss(model, loader, cfg, autocast):
 
 def load_checkpoint(path, device):
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train first (python {SCRIPT}.py) or point --out_dir at a folder holding ckpt.pt")
+        die(f"no checkpoint at {path}; train first (python {SCRIPT}.py) or point --out_dir at the folder a run wrote")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -408,11 +428,60 @@ def load_checkpoint(path, device):
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def check_out_dir(out_dir, overwrite):
+    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another's never."""
+    for name in ("ckpt.pt", "best.pt"):
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            script, what = old["script"], f"{old['script']} at iteration {old['iter_num']}"
+        except Exception:
+            script, what = None, "an unreadable checkpoint"
+        if script not in (None, SCRIPT):
+            die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
+        if not overwrite:
+            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with --overwrite")
+
+
+def resume_config(cfg, saved, names):
+    """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
+    for name in names:
+        if name in cfg.given and getattr(cfg, name) != saved[name]:
+            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume, or start a new run in another --out_dir")
+        setattr(cfg, name, saved[name])
+
+
+class StopRequest:
+    """Inside `with STOP:`, Ctrl-C or SIGTERM sets .requested: training saves the latest state at the start of the
+    next iteration and exits. A second signal stops at once, leaving the last saved checkpoint."""
+
+    requested = False
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+
+
+STOP = StopRequest()
 
 
 class CSVLog:
@@ -455,19 +524,35 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
     if cfg.compile:
         print("compiling the model (takes a minute)...")
         model = torch.compile(model)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     log = CSVLog(os.path.join(cfg.out_dir, "log.csv"), iter_num)
     if cfg.wandb:
-        import wandb
+        try:
+            import wandb
 
-        wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+            wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
+        except Exception as e:
+            die(f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log locally")
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print(f"tokens per iteration: {tokens_per_iter:,}")
     if cfg.stateful:
         print(f"stateful: {cfg.batch_size} streams of {loader.streams.size(1):,} tokens, read {cfg.block_size} at a time; the state is carried, its gradient cut")
 
+    def state(it):  # everything --resume needs to continue at iteration it
+        return {
+            "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
+            "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "stream": {"pos": loader.pos, "hidden": hidden} if cfg.stateful else None,
+        }  # fmt: skip
+
     t0, t_start, dts = time.time(), time.time(), []
     for it in range(iter_num, cfg.max_iters + 1):
+        if STOP.requested:  # Ctrl-C or SIGTERM: keep everything up to here
+            save_checkpoint(ckpt_path, state(it))
+            print(f"stopped: {ckpt_path} holds iteration {it}; continue with --resume", file=sys.stderr)
+            sys.exit(130)
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -477,17 +562,11 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
             if cfg.wandb:
                 wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
-            if losses["val"] < best_val:
+            if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
                 best_val = losses["val"]
-                state = {
-                    "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
-                    "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "stream": {"pos": loader.pos, "hidden": hidden} if cfg.stateful else None,
-                }  # fmt: skip
-                save_checkpoint(ckpt_path, state)
-                print(f"saved {ckpt_path}")
+                save_checkpoint(best_path, {k: v for k, v in state(it).items() if k != "optimizer"})
+                print(f"saved {best_path}")
+            save_checkpoint(ckpt_path, state(it))
             t0 = time.time()  # keep evaluation out of the per-iteration timing
         if it == cfg.max_iters:
             break
@@ -549,7 +628,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
 
     if cfg.prompt:  # sampling only: everything needed is in the checkpoint
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), device)
         tok = CharTokenizer(ckpt["vocab"])
         model = RNNLM(Config(**ckpt["config"]), len(tok.chars)).to(device)
         model.load_state_dict(ckpt["model"])
@@ -561,11 +640,11 @@ def main(argv=None):
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
-        saved = Config(**ckpt["config"])
-        for name in ("cell", "activation", "n_layer", "n_embd", "n_hidden", "bidirectional"):  # the architecture comes from the checkpoint
-            setattr(cfg, name, getattr(saved, name))
+        resume_config(cfg, ckpt["config"], RESUMED)
         if cfg.bidirectional and cfg.stateful:
             die("--stateful cannot resume a --bidirectional checkpoint; drop --stateful")
+    else:
+        check_out_dir(cfg.out_dir, cfg.overwrite)
     text = load_text(cfg)
     tok = CharTokenizer(ckpt["vocab"] if ckpt else sorted(set(text)))
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
@@ -580,9 +659,10 @@ def main(argv=None):
         print(BIDIRECTIONAL_NOTE)
     os.makedirs(cfg.out_dir, exist_ok=True)
     try:
-        train(cfg, model, loader, tok, device, autocast, ckpt)
+        with STOP:
+            train(cfg, model, loader, tok, device, autocast, ckpt)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the best checkpoint so far is in {cfg.out_dir}", file=sys.stderr)
+        print(f"\ninterrupted; {cfg.out_dir}/ckpt.pt holds the last saved state", file=sys.stderr)
         sys.exit(130)
     sample(model, tok, cfg, device, autocast, tok.chars[0])  # start from the first character: a newline in Shakespeare
 

@@ -3,6 +3,12 @@
 import math
 import os
 import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -75,6 +81,24 @@ def test_corpus_encoding_unknown_characters_round_trip_and_reuse(tmp_path, capsy
     assert len(os.listdir(tmp_path / "data")) == 6  # three corpora, each a .bin and its .json; no .part left
 
 
+def test_web_text_unreachable_fails_fast(tmp_path, text_file):
+    """Without the Hugging Face offline variables and with no way to the Hub, streaming FineWeb-Edu fails within seconds
+    with one line (datasets alone retries for half a minute first)."""
+    unset = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    with socket.socket() as s:  # a port nothing listens on: the Hub is unreachable even on a machine that is online
+        s.bind(("127.0.0.1", 0))
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{s.getsockname()[1]}"
+    t = time.time()
+    subprocess.run([sys.executable, "-c", "import ex3_pretrain_finetune"], cwd=ROOT, env=env, check=True)
+    t_import, t = time.time() - t, time.time()  # importing torch takes seconds on a busy machine: not counted
+    args = TINY + ["--data", text_file, "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "o"), "--stage", "pretrain"]
+    p = subprocess.run([sys.executable, "ex3_pretrain_finetune.py", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("error: could not reach 127.0.0.1"), p.stderr[-2000:]
+    assert "--pretrain_data" in err[0] and time.time() - t - t_import < 10
+
+
 def test_web_text_offline_names_the_local_fix(tmp_path, text_file, capsys):
     """Without --pretrain_data the corpus is streamed through datasets; offline (HF_DATASETS_OFFLINE=1) that is one error line."""
     line = user_error(capsys, ex3.main, TINY + ["--data", text_file, "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "o"), "--stage", "pretrain"])
@@ -93,8 +117,8 @@ def test_finetune_starts_from_the_pretrained_weights(tmp_path, text_file, corpus
     ex3.main(common + ["--stage", "finetune", "--finetune_iters", "2", "--eval_interval", "1"])
     ex3.main(common + ["--stage", "scratch", "--finetune_iters", "2", "--eval_interval", "1"])
 
-    # the finetune stage's first evaluation is the pretrained model's loss on the finetuning text
-    ckpt = torch.load(os.path.join(out, "pretrain", "ckpt.pt"), weights_only=True)
+    # the finetune stage's first evaluation: the loss on the finetuning text of the pretrained model it starts from
+    ckpt = torch.load(os.path.join(out, "pretrain", "best.pt"), weights_only=True)
     cfg, tok = ex3.Config(**ckpt["config"]), ex3.CharTokenizer(ckpt["vocab"])
     loader = ex3.DataLoader(np.array(tok.encode(TEXT), dtype=np.uint16), cfg, torch.device("cpu"))
     pretrained = ex3.GPT(cfg, tok.vocab_size)
@@ -108,29 +132,73 @@ def test_finetune_starts_from_the_pretrained_weights(tmp_path, text_file, corpus
     assert first[2] < scratch[2] - 0.5
 
 
-def test_stage_all_smoke_and_resume(tmp_path, text_file, corpus, capsys):
+def test_stage_all_smoke_stop_and_resume(tmp_path, text_file, corpus, capsys, monkeypatch):
     common = TINY + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--learning_rate", "1e-2", "--log_interval", "1"]
+    common += ["--max_iters", "20", "--eval_interval", "10", "--lr_decay_iters", "20"]
+    common += ["--finetune_iters", "10", "--finetune_lr", "5e-3"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    ex3.main(common + ["--out_dir", full, "--max_iters", "20", "--eval_interval", "10", "--lr_decay_iters", "20", "--finetune_iters", "10", "--finetune_lr", "5e-3"])
+    ex3.main(common + ["--out_dir", full])
     out = capsys.readouterr().out
     assert "=== stage pretrain" in out and "=== stage finetune" in out and "=== stage scratch" in out and "--- sample 1 ---" in out
     summary = next(line for line in out.splitlines() if line.startswith("best val loss on tiny.txt after 10 iterations"))
     finetuned, scratch = (float(summary.split(word)[1].split()[0]) for word in ("finetuned", "from scratch"))
-    for stage in ex3.STAGES:
-        assert os.path.exists(os.path.join(full, stage, "ckpt.pt"))
+    for stage in ex3.STAGES:  # ckpt.pt: the last evaluation; best.pt: the best one, without the optimizer
+        ckpt, best = (torch.load(os.path.join(full, stage, f), weights_only=True) for f in ("ckpt.pt", "best.pt"))
+        assert ckpt["iter_num"] == (20 if stage == "pretrain" else 10) and "optimizer" in ckpt and "optimizer" not in best
     assert finetuned == pytest.approx(min(r[2] for r in losses(os.path.join(full, "finetune"))), abs=1e-4)
     assert scratch == pytest.approx(min(r[2] for r in losses(os.path.join(full, "scratch"))), abs=1e-4)
 
-    # --resume within a stage: pretrain to 10, then on to 20, gives the uninterrupted run's losses
-    ex3.main(common + ["--out_dir", part, "--stage", "pretrain", "--max_iters", "10", "--eval_interval", "10", "--lr_decay_iters", "20"])
-    ex3.main(common + ["--out_dir", part, "--stage", "pretrain", "--max_iters", "20", "--eval_interval", "10", "--lr_decay_iters", "20", "--resume"])
-    assert "resuming from iter 10" in capsys.readouterr().out
-    logged = lambda d: [(r["iter"], r["train_loss"], r["val_loss"]) for r in read_log(os.path.join(d, "pretrain"))]  # noqa: E731  (as text: nan-free)
-    assert logged(part) == logged(full)
+    # SIGTERM during pretraining: ckpt.pt keeps the iteration reached, the later stages never start
+    get_lr = ex3.get_lr
+    monkeypatch.setattr(ex3, "get_lr", lambda it, cfg: (it == 13 and os.kill(os.getpid(), signal.SIGTERM)) or get_lr(it, cfg))
+    with pytest.raises(SystemExit) as e:
+        ex3.main(common + ["--out_dir", part])
+    monkeypatch.undo()
+    said = f"stopped: {os.path.join(part, 'pretrain', 'ckpt.pt')} holds iteration 14; continue with --resume"
+    assert e.value.code == 130 and said in capsys.readouterr().err and sorted(os.listdir(part)) == ["pretrain"]
+    # --stage all --resume says what each stage does, then gives the uninterrupted run's losses in every stage
+    ex3.main(common + ["--out_dir", part, "--resume"])
+    out = capsys.readouterr().out
+    said = "--resume: stage pretrain continues from iteration 14\n--resume: stage finetune has no ckpt.pt yet: it starts"
+    assert said in out and out.index(said) < out.index("=== stage pretrain") and "resuming from iter 14" in out
+    for stage in ex3.STAGES:  # as text: nan-free
+        logged = [[(r["iter"], r["train_loss"], r["val_loss"]) for r in read_log(os.path.join(d, stage))] for d in (part, full)]
+        assert logged[0] == logged[1], stage
 
-    # sampling from a stage's checkpoint alone
+    # sampling reads the finetune stage's best.pt alone
+    os.remove(os.path.join(full, "finetune", "ckpt.pt"))
     ex3.main(["--out_dir", full, "--prompt", "All:", "--max_new_tokens", "10", "--device", "cpu"])
     assert "--- sample 1 ---\nAll:" in capsys.readouterr().out
+
+
+def test_a_new_run_checks_every_stage_folder_first(tmp_path, text_file, corpus, capsys):
+    """Without --resume, --stage all refuses a checkpoint in any stage's folder at once, before it reads any data: not
+    after pretraining, and not by replacing it."""
+    out, scratch = str(tmp_path / "out"), os.path.join(tmp_path, "out", "scratch", "ckpt.pt")
+    ex3.main(TINY + ["--out_dir", out, "--data", text_file, "--stage", "scratch", "--finetune_iters", "1"])
+    before = open(scratch, "rb").read()
+    missing = str(tmp_path / "missing.txt")
+    line = user_error(capsys, ex3.main, TINY + ["--out_dir", out, "--data", missing, "--pretrain_data", corpus])
+    assert scratch in line and "at iteration 1" in line and "--overwrite" in line
+    assert os.listdir(out) == ["scratch"] and open(scratch, "rb").read() == before
+
+
+def test_resume_takes_the_data_flags_from_the_checkpoint(tmp_path, text_file, corpus, capsys):
+    """--resume reads the data the run was started with (typing nothing, or the same values), and refuses another."""
+    out, other = str(tmp_path / "out"), str(tmp_path / "other.txt")
+    args = TINY + ["--out_dir", out, "--stage", "pretrain", "--eval_interval", "2"]
+    ex3.main(args + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--unknown", " ",
+                     "--pretrain_tokens", "5000", "--max_iters", "2"])  # fmt: skip
+    capsys.readouterr()
+    ex3.main(args + ["--max_iters", "4", "--resume", "--pretrain_data", corpus])  # without --data: the TinyShakespeare download
+    out_text = capsys.readouterr().out
+    assert "resuming from iter 2" in out_text and "reusing" in out_text and "encoding" not in out_text
+    open(other, "w").write(TEXT)
+    conflicts = {"--data": other, "--pretrain_data": other, "--pretrain_tokens": "4000", "--data_dir": str(tmp_path),
+                 "--tokenizer": "gpt2", "--unknown": "-", "--n_embd": "64"}  # fmt: skip
+    for flag, value in conflicts.items():
+        line = user_error(capsys, ex3.main, args + ["--max_iters", "6", "--resume", flag, value])
+        assert line.startswith(f"error: {flag} ") and "differs from the checkpoint's" in line
 
 
 def test_gpt2_tokenizer(tmp_path, text_file, corpus, capsys, gpt2_cache):
@@ -228,3 +296,62 @@ def test_torchrun_two_processes_equal_one(tmp_path, text_file, corpus):
     # the tiny model's gradients fit in one DDP bucket: one all-reduce per step; without no_sync it would be two
     assert r0["allreduces"] == r1["allreduces"] == steps and single["allreduces"] == 0
     assert os.path.exists(os.path.join(ddp, "pretrain", "ckpt.pt")) and not os.path.exists(os.path.join(ddp, "pretrain", "ckpt.pt.tmp"))
+
+
+def torchrun_env():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def test_torchrun_mistake_is_one_line(tmp_path, text_file):
+    """Under torchrun a bad flag (found before the process group starts) and a missing data file (found after) each give
+    one error line, rank 0's, even when rank 0 starts last, and no traceback from the script. torchrun then prints its
+    own ChildFailedError report, traceback included, as it does whenever a process fails: a script cannot stop that."""
+    worker = tmp_path / "worker.py"  # rank 0 late: the others must not end the run (torchrun stops all) before it says why
+    worker.write_text(f"import os, sys, time\nsys.path.insert(0, {ROOT!r})\ntime.sleep(3 if os.environ['RANK'] == '0' else 0)\n"
+                      "import ex3_pretrain_finetune as ex3\nex3.main(sys.argv[1:])\n")  # fmt: skip
+    missing = TINY + ["--data", str(tmp_path / "missing.txt"), "--stage", "scratch", "--gradient_accumulation_steps", "2"]
+    for args, expect in [(["--n_layer", "0"], "--n_layer"), (missing + ["--out_dir", str(tmp_path / "o")], "no such file")]:
+        p = subprocess.run(TORCHRUN + [str(worker), *args], capture_output=True, text=True, timeout=180, env=torchrun_env())
+        errors = [line for line in (p.stdout + p.stderr).splitlines() if "error: " in line]
+        assert p.returncode != 0 and len(errors) == 1, p.stderr[-3000:]
+        assert errors[0].startswith("error: ") and expect in errors[0]
+        assert 'ex3_pretrain_finetune.py", line' not in p.stderr  # a traceback from the script would name its lines
+        assert "exitcode  : 2" in p.stderr
+
+
+def test_torchrun_sigterm_to_one_process_stops_every_rank(tmp_path, text_file, corpus, capsys):
+    """SIGTERM to one process of two: both stop at the top of the same iteration, rank 0 saves it in ckpt.pt, and
+    --resume (here in one process) continues to the losses of a run that was never stopped."""
+    worker = tmp_path / "worker.py"  # writes its process id to pid<RANK>
+    worker.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport ex3_pretrain_finetune as ex3\n"
+                      f"open(os.path.join({str(tmp_path)!r}, 'pid' + os.environ['RANK']), 'w').write(str(os.getpid()))\n"
+                      "ex3.main(sys.argv[1:])\n")  # fmt: skip
+    args = TINY + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--stage", "pretrain",
+                   "--warmup_iters", "0", "--lr_decay_iters", "50", "--eval_interval", "1000", "--log_interval", "1",
+                   "--gradient_accumulation_steps", "2", "--learning_rate", "1e-2", "--max_new_tokens", "5"]  # fmt: skip
+    stopped, straight = str(tmp_path / "stopped"), str(tmp_path / "straight")
+    cmd = TORCHRUN + [str(worker), *args, "--max_iters", "100000", "--out_dir", stopped]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=torchrun_env())
+    try:
+        assert any(line.startswith("iter 3 | loss") for line in proc.stdout), proc.stderr.read()[-3000:]
+        os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)  # rank 1 alone
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    stops = re.findall(r"stopped: (.*) holds iteration (\d+); continue with --resume", err)
+    assert len(stops) == 1 and stops[0][0] == os.path.join(stopped, "pretrain", "ckpt.pt"), err[-3000:]
+    it = int(stops[0][1])
+    assert it > 3 and torch.load(stops[0][0], weights_only=True)["iter_num"] == it and "exitcode  : 130" in err
+
+    ex3.main(args + ["--max_iters", str(it + 3), "--out_dir", stopped, "--resume"])
+    assert f"resuming from iter {it}" in capsys.readouterr().out
+    ex3.main(args + ["--max_iters", str(it + 3), "--out_dir", straight])
+    a, b = losses(os.path.join(stopped, "pretrain")), losses(os.path.join(straight, "pretrain"))
+    assert [r[0] for r in a] == [r[0] for r in b] == [0] + list(range(it + 3)) + [it + 3]
+    assert np.allclose(np.array(a)[:, 1:], np.array(b)[:, 1:], atol=1e-5, rtol=0, equal_nan=True)

@@ -1,10 +1,11 @@
 """ex4_mqa_swiglu.py: grouped-query attention, SwiGLU, RoPE, sliding windows and the KV cache do what they claim."""
 
 import os
+from dataclasses import fields
 
 import pytest
 import torch
-from conftest import assert_causal, user_error
+from conftest import assert_causal, losses, user_error
 
 import ex1_gpt as ex1
 import ex4_mqa_swiglu as ex4
@@ -230,20 +231,31 @@ SMALL = ["--device", "cpu", "--n_layer", "2", "--n_head", "4", "--n_embd", "32",
 
 
 def test_smoke_every_switch_on(text_file, tmp_path, capsys):
-    out = str(tmp_path / "out")
-    on = ["--n_kv_head", "2", "--mlp", "swiglu", "--rope", "--window", "8", "--window_impl", "auto", "--kv_cache"]
+    out, straight = str(tmp_path / "out"), str(tmp_path / "straight")
+    on = ["--n_kv_head", "2", "--mlp", "swiglu", "--rope", "--window", "8", "--window_impl", "auto", "--kv_cache",
+          "--dropout", "0.1"]  # fmt: skip
     ex4.main([*SMALL, *on, "--data", text_file, "--out_dir", out, "--max_iters", "10", "--max_new_tokens", "40"])
     printed = capsys.readouterr().out
-    assert os.path.isfile(os.path.join(out, "ckpt.pt")) and os.path.isfile(os.path.join(out, "log.csv"))
+    assert os.path.isfile(os.path.join(out, "best.pt")) and os.path.isfile(os.path.join(out, "log.csv"))
     sample = printed.split("--- sample 1 ---\n")[1]
     assert len(sample) > 40
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["iter_num"] == 10 and ckpt["config"]["n_kv_head"] == 2 and ckpt["config"]["window"] == 8
 
-    ex4.main([*SMALL, "--data", text_file, "--out_dir", out, "--max_iters", "15", "--resume", "--max_new_tokens", "5"])
+    # --resume takes the architecture switches and --data from ckpt.pt; a different value typed is an error
+    resume = [*SMALL, "--out_dir", out, "--max_iters", "15", "--resume"]
+    assert "--window 4 differs" in user_error(capsys, ex4.main, resume + ["--window", "4"])
+    assert "--data" in user_error(capsys, ex4.main, resume + ["--data", text_file + "x"])
+    ex4.main([*SMALL, "--dropout", "0.1", "--out_dir", out, "--max_iters", "15", "--resume", "--max_new_tokens", "5"])
     printed = capsys.readouterr().out
     assert "resuming from iter 10" in printed and "iter 15 |" in printed
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["window"] == 8  # the architecture came from the checkpoint
+    ex4.main([*SMALL, *on, "--data", text_file, "--out_dir", straight, "--max_iters", "15", "--max_new_tokens", "5"])
+    assert losses(out) == losses(straight)  # resumed at 10, the same losses as the uninterrupted run, dropout and all
+
+    # without --resume, the checkpoint is never replaced, unless --overwrite
+    assert "--overwrite" in user_error(capsys, ex4.main, [*SMALL, "--data", text_file, "--out_dir", out])
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 15
 
     # sampling from the checkpoint runs past block_size (RoPE and a window), and the cache does not change the text
     texts = []
@@ -267,3 +279,10 @@ def test_smoke_every_switch_on(text_file, tmp_path, capsys):
 def test_user_errors(flags, words, text_file, tmp_path, capsys):
     line = user_error(capsys, ex4.main, [*SMALL, *flags, "--data", text_file, "--out_dir", str(tmp_path)])
     assert words in line
+
+
+def test_every_numeric_flag_rejects_minus_one(text_file, tmp_path, capsys):
+    short = [*SMALL, "--data", text_file, "--max_iters", "0", "--max_new_tokens", "1", "--out_dir", str(tmp_path)]
+    for f in fields(ex4.Config):
+        if f.type in (int, float):
+            assert f"--{f.name}" in user_error(capsys, ex4.main, short + [f"--{f.name}", "-1"])

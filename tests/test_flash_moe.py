@@ -1,17 +1,23 @@
 """flash_moe_finetune.py: GPT-2's weights loaded exactly, upcycling that changes nothing, flash attention equal to
-explicit attention, the router's losses, the sampling controls, sliding-window perplexity, and runs through main."""
+explicit attention, the router's losses, the sampling controls, sliding-window perplexity, and runs through main:
+checkpoints, Ctrl-C and resume, user errors, offline, and under torchrun."""
 
 import copy
 import math
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_causal, torchrun_and_single, user_error
+from conftest import ROOT, assert_causal, losses, torchrun_and_single, user_error
 from torch.nn import functional as F
 
 import flash_moe_finetune as fm
@@ -63,6 +69,7 @@ def test_hugging_face_gpt2_converted_gives_the_same_logits(monkeypatch):
         theirs = hf(idx).logits
     # through --init_from gpt2, with the download replaced by this model; --block_size 16 crops the position embeddings
     monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", classmethod(lambda cls, name: hf))
+    monkeypatch.setattr(fm, "hub_unreachable", lambda: "")
     for block_size in (0, 16):
         cfg = fm.Config(init_from="gpt2", block_size=block_size)
         model = fm.start_model(cfg, SimpleNamespace(vocab_size=101), CPU).eval()
@@ -73,6 +80,78 @@ def test_hugging_face_gpt2_converted_gives_the_same_logits(monkeypatch):
         assert (ours - theirs[:, : cfg.block_size]).abs().max() < 1e-4
 
 
+def test_untied_hugging_face_embeddings_are_refused(monkeypatch, capsys):
+    """Loaded as tied, the output matrix would be the input one: logits off by about 10. One line instead."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=101, n_positions=24, n_embd=32, n_layer=1, n_head=4)
+    config.tie_word_embeddings = False
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)  # really untied
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", classmethod(lambda cls, name: hf))
+    monkeypatch.setattr(fm, "hub_unreachable", lambda: "")
+    line = user_error(capsys, fm.start_model, fm.Config(init_from="gpt2"), SimpleNamespace(vocab_size=101), CPU)
+    assert "tie_word_embeddings=False" in line
+
+
+def no_hub(tmp_path):
+    """os.environ without the Hugging Face offline variables, its cache empty (HF_HOME), the Hub at a port where nothing
+    listens (HF_ENDPOINT): unreachable even on a machine that is online."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{s.getsockname()[1]}"
+    return {**env, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+
+
+OFFLINE = """
+import sys
+sys.path.insert(0, {root!r})
+import flash_moe_finetune as fm
+fm.DATA_DIR = {data!r}
+fm.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("what", ["init_from gpt2", "wikitext download"])
+def test_offline_without_the_hugging_face_variables_fails_at_once(what, tmp_path, wikitext, gpt2_cache):
+    """No network and no HF_HUB_OFFLINE: one line within seconds, not half a minute of retries (as a user runs it)."""
+    env = no_hub(tmp_path)
+    args = ["--init_from", "gpt2", "--data_dir", wikitext] if what == "init_from gpt2" else TINY
+    code = OFFLINE.format(root=ROOT, data=str(tmp_path / "data"))
+
+    def timed(*cmd):
+        t0 = time.time()
+        p = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=180, env=env)
+        return p, time.time() - t0
+
+    # the time to start Python and import what the run imports, on this machine now (the tests share 2 busy cores)
+    _, imports = timed("-c", "import torch, tiktoken, " + ("huggingface_hub" if "gpt2" in what else "datasets"))
+    p, seconds = timed("-c", code, *args, "--out_dir", str(tmp_path / "o"))
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), p.stderr
+    assert "127.0.0.1 does not answer" in err[0] and ("--init_from PATH" if "gpt2" in what else "--data_dir") in err[0]
+    assert seconds < imports + 10, (seconds, imports)  # the retries took 26-28 s
+
+
+def test_offline_gpt2_loads_from_the_hugging_face_cache(tmp_path, wikitext, gpt2_cache):
+    """No network and no HF_HUB_OFFLINE, but the weights were downloaded once: they load from the cache."""
+    transformers = pytest.importorskip("transformers")
+    repo = tmp_path / "hf" / "hub" / "models--gpt2"  # the layout of the Hugging Face cache
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = no_hub(tmp_path)
+    args = ["--init_from", "gpt2", "--data_dir", wikitext, "--device", "cpu", "--max_iters", "0", "--n_experts", "1",
+            "--test_tokens", "100", "--out_dir", str(tmp_path / "o")]  # fmt: skip
+    script = os.path.join(ROOT, "flash_moe_finetune.py")
+    p = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "loading gpt2 from the Hugging Face cache (127.0.0.1 does not answer)" in p.stdout
+    assert "test perplexity before" in p.stdout
+
+
 def test_init_from_an_ex3_gpt2_checkpoint(tmp_path, gpt2_cache):
     """ex3's --tokenizer gpt2 checkpoints: ex1's parameter names, no biases, the exact GELU (kept: not GPT-2's tanh)."""
     import ex3_pretrain_finetune as ex3
@@ -80,7 +159,7 @@ def test_init_from_an_ex3_gpt2_checkpoint(tmp_path, gpt2_cache):
     torch.manual_seed(0)
     cfg3 = ex3.Config(n_layer=2, n_head=2, n_embd=16, block_size=16, tokenizer="gpt2")
     ex3_model = perturbed(ex3.GPT(cfg3, 50257), 0.3).eval()  # large weights: the two GELUs differ by ~1e-3 here
-    path = str(tmp_path / "ckpt.pt")
+    path = str(tmp_path / "best.pt")
     torch.save({"script": "ex3_pretrain_finetune", "model": ex3_model.state_dict(), "config": asdict(cfg3), "tokenizer": "gpt2", "vocab": None}, path)
     cfg = fm.Config(init_from=path, n_experts=4)
     model = fm.start_model(cfg, fm.GPT2Tokenizer(), CPU).eval()
@@ -261,10 +340,11 @@ def test_sliding_window_scores_each_token_once_with_its_context():
 # Runs through main
 
 
-def test_smoke_upcycle_finetune_evaluate_sample_resume(tmp_path, wikitext, gpt2_cache, capsys):
-    out = str(tmp_path / "out")
-    args = TINY + ["--data_dir", wikitext, "--out_dir", out, "--n_experts", "4", "--moe_layers", "all", "--eval_interval", "3", "--log_interval", "1"]
-    fm.main(args + ["--max_iters", "6"])
+def test_smoke_upcycle_finetune_evaluate_sample_resume(tmp_path, wikitext, gpt2_cache, capsys, monkeypatch):
+    out, part = str(tmp_path / "out"), str(tmp_path / "part")
+    args = TINY + ["--n_experts", "4", "--moe_layers", "all", "--eval_interval", "3", "--log_interval", "1"]
+    args += ["--max_iters", "6"]
+    fm.main(args + ["--data_dir", wikitext, "--out_dir", out])
     text = capsys.readouterr().out
     assert "upcycled the MLPs of layers 0, 1 into 4 experts each, top-2" in text
     change = float(text.split("largest logit change ")[1].split()[0])
@@ -274,13 +354,33 @@ def test_smoke_upcycle_finetune_evaluate_sample_resume(tmp_path, wikitext, gpt2_
     assert after < before  # it learned the repeated text
     assert text.count("  layer 1 experts | use") >= 4  # at each evaluation and each perplexity
     assert "--- sample 1, starting model ---" in text and "--- sample 1, fine-tuned ---" in text
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)  # the latest state, whatever the val loss
+    assert ckpt["iter_num"] == 6 and "optimizer" in ckpt
     assert ckpt["tokenizer"] == "gpt2" and ckpt["config"]["n_experts"] == 4 and "blocks.0.mlp.experts.3.c_fc.weight" in ckpt["model"]
+    assert "optimizer" not in torch.load(os.path.join(out, "best.pt"), weights_only=True)  # the model to sample from
 
-    # --resume continues from the checkpoint (iteration 6) with the experts it has
-    fm.main(args + ["--max_iters", "9", "--resume"])
-    assert f"resuming from iter {ckpt['iter_num']}" in capsys.readouterr().out
-    # sampling alone: the fine-tuned checkpoint and the model it started from, cleaned, <unk> banned
+    # Ctrl-C during iteration 4: ckpt.pt holds iteration 5, and --resume (the data flag from the checkpoint) ends with
+    # the uninterrupted run's losses, dropout and all
+    get_lr = fm.get_lr
+    ctrl_c = lambda it, cfg: (it == 4 and os.kill(os.getpid(), signal.SIGINT), get_lr(it, cfg))[1]  # noqa: E731
+    monkeypatch.setattr(fm, "get_lr", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        fm.main(args + ["--data_dir", wikitext, "--out_dir", part])
+    assert e.value.code == 130
+    assert f"stopped: {part}{os.sep}ckpt.pt holds iteration 5; continue with --resume" in capsys.readouterr().err
+    monkeypatch.setattr(fm, "get_lr", get_lr)
+    line = user_error(capsys, fm.main, args + ["--out_dir", part, "--resume", "--data_dir", str(tmp_path)])
+    assert "differs from the checkpoint's" in line
+    fm.main(args + ["--out_dir", part, "--resume"])
+    assert "resuming from iter 5" in capsys.readouterr().out
+    assert losses(part) == losses(out)
+
+    # a new run never replaces a checkpoint without --overwrite; a zero-shot run writes none, so it may share the folder
+    assert "--overwrite" in user_error(capsys, fm.main, args + ["--data_dir", wikitext, "--out_dir", out])
+    fm.main(TINY + ["--data_dir", wikitext, "--out_dir", out, "--max_iters", "0"])
+    # sampling alone: the best checkpoint and the model it started from, cleaned, <unk> banned
+    os.remove(os.path.join(out, "ckpt.pt"))
+    capsys.readouterr()
     fm.main(["--out_dir", out, "--prompt", "The lobster", "--max_new_tokens", "12", "--device", "cpu", "--top_k", "0"])
     text = capsys.readouterr().out
     assert "--- sample 1, starting model ---\nThe lobster" in text and "--- sample 1, fine-tuned ---\nThe lobster" in text
@@ -316,12 +416,43 @@ def test_user_errors(tmp_path, wikitext, gpt2_cache, capsys, monkeypatch):
     assert "switchhead_moe" in user_error(capsys, fm.main, base + ["--init_from", str(ex1_checkpoint(tmp_path, None, "switchhead_moe"))])
 
 
+def test_every_bad_data_dir_is_one_line(tmp_path, wikitext, gpt2_cache, capsys):
+    base = TINY + ["--out_dir", str(tmp_path / "o"), "--data_dir"]
+    assert "no such folder" in user_error(capsys, fm.main, base + [str(tmp_path / "missing")])
+    assert "is a file" in user_error(capsys, fm.main, base + [os.path.join(wikitext, "train.txt")])
+    for name, content, says in [
+        ("valid.txt", None, "no valid.txt"),
+        ("train.txt", b"", "the train split has 0 tokens, too few for --block_size 16"),
+        ("test.txt", b" = A = \n", "the test split has"),
+        ("train.txt", WIKI.encode() + b"\0\0\0", "binary"),
+        ("valid.txt", "caf\u00e9 ".encode("latin-1") * 100, "not UTF-8"),
+    ]:
+        folder = tmp_path / f"case-{name}-{len(content or b'')}"
+        folder.mkdir()
+        for split in ("train", "valid", "test"):
+            if split + ".txt" != name:
+                (folder / f"{split}.txt").write_text(WIKI * 25, encoding="utf-8")
+            elif content is not None:
+                (folder / name).write_bytes(content)
+        assert says in user_error(capsys, fm.main, base + [str(folder)])
+
+
+def test_numeric_flags_reject_minus_one(capsys):
+    for f in fields(fm.Config):
+        if f.type in (int, float):
+            assert f"--{f.name}" in user_error(capsys, fm.parse_args, [f"--{f.name}", "-1"]), f.name
+    assert "--lr" in user_error(capsys, fm.parse_args, ["--lr", "1e-3"])  # not taken as --lr_decay_iters
+    assert "float16" in user_error(capsys, fm.main, ["--device", "cpu", "--dtype", "float16"])
+    assert "is a folder" in user_error(capsys, fm.parse_args, ["--init_from", ROOT])
+
+
 def test_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
         fm.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert all(f"--{name} " in text or f"--{name}\n" in text or f"--{name}," in text or f"--{name} |" in text for name in fm.Config.__dataclass_fields__)
+    assert "(default --compare)" in " ".join(text.split()) and "(default --no-compile)" in " ".join(text.split())
 
 
 def ex1_checkpoint(tmp_path, tokenizer, script="ex1_gpt"):
@@ -364,3 +495,77 @@ def test_torchrun_two_processes_equal_one(tmp_path, wikitext, gpt2_cache):
     for name, w in r0.items():
         assert torch.equal(w, r1[name]), name
         assert torch.allclose(w, single[name], atol=1e-5), name
+
+
+def torchrun(worker, args):
+    """torchrun --nproc_per_node 2 on the CPU (gloo, 1 thread each), whatever the outcome: the completed process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+
+
+GRAD_ACCUM = "--gradient_accumulation_steps 1 counts micro-batches over all 2 processes; make it a multiple of 2"
+
+
+def test_ddp_flags_are_checked_before_the_process_group(monkeypatch, capsys):
+    """Under torchrun every process exits with 2 before joining the process group; rank 0 prints the line at once, the
+    others only after a wait (in which torchrun, seeing rank 0 exit, ends them)."""
+    waits = []
+    monkeypatch.setattr(fm.time, "sleep", waits.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            fm.main(["--device", "cpu"])  # --gradient_accumulation_steps 1 cannot be shared by 2 processes
+        err = capsys.readouterr().err
+        line = f"error: {GRAD_ACCUM}\n" if rank == "0" else f"error (rank 1): {GRAD_ACCUM}\n"
+        assert e.value.code == 2 and err == line and not torch.distributed.is_initialized()
+    assert waits == [10]  # rank 1 waited, rank 0 did not
+
+
+STOP_WORKER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import flash_moe_finetune as fm
+
+get_lr = fm.get_lr
+def get_lr_stopping(it, cfg):  # as if Ctrl-C reached rank 1 alone, during iteration 2
+    if it == 2 and os.environ["RANK"] == "1":
+        fm.STOP.requested = True
+    return get_lr(it, cfg)
+fm.get_lr = get_lr_stopping
+fm.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_stops_every_rank_at_the_same_iteration(tmp_path, wikitext, gpt2_cache):
+    """A stop request on one rank stops all of them at the top of the next iteration; rank 0 saves that state."""
+    worker, out = tmp_path / "worker.py", str(tmp_path / "out")
+    worker.write_text(STOP_WORKER.format(root=ROOT))
+    args = ["--data_dir", wikitext, "--gradient_accumulation_steps", "2", "--max_iters", "6", "--eval_interval", "5"]
+    p = torchrun(worker, TINY + args + ["--no-compare", "--out_dir", out])
+    assert p.returncode != 0 and p.stderr.count("stopped: ") == 1, p.stderr[-3000:]
+    assert f"stopped: {out}{os.sep}ckpt.pt holds iteration 3; continue with --resume" in p.stderr
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 3
+    assert "flash_moe_finetune.py\", line" not in p.stderr  # no traceback from a worker (torchrun adds its own report)
+
+
+def test_torchrun_user_errors_are_one_line(tmp_path, wikitext, gpt2_cache):
+    """Under torchrun a bad flag (checked before the process group) and bad data (found by the first process, after
+    it): rank 0 alone prints the line, once, every process exits, and none prints a traceback."""
+    script = os.path.join(ROOT, "flash_moe_finetune.py")
+    args = TINY + ["--data_dir", wikitext, "--out_dir", str(tmp_path / "o")]
+    p = torchrun(script, args)  # --gradient_accumulation_steps 1 for 2 processes
+    errors = [line for line in p.stderr.splitlines() if "error: " in line]
+    assert p.returncode != 0 and errors == [f"error: {GRAD_ACCUM}"]
+    assert "flash_moe_finetune.py\", line" not in p.stderr  # no traceback from a worker (torchrun adds its own report)
+    with open(os.path.join(wikitext, "test.txt"), "ab") as f:
+        f.write(b"\0")
+    p = torchrun(script, args + ["--gradient_accumulation_steps", "2"])
+    errors = [line for line in p.stderr.splitlines() if "error: " in line]
+    assert p.returncode != 0 and len(errors) == 1 and "binary" in errors[0]
+    assert "flash_moe_finetune.py\", line" not in p.stderr

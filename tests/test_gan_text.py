@@ -4,6 +4,7 @@ run through main with every phase, checkpoint, resume, --prompt and --init_from.
 
 import math
 import os
+import signal
 
 import pytest
 import torch
@@ -211,40 +212,107 @@ def test_every_phase_checkpoint_resume_and_sample(tmp_path, text_file, capsys):
     ckpt = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     assert ckpt["phase"] == "adversarial" and ckpt["iter_num"] == 4
     assert {"model", "optimizer", "discriminator", "d_optimizer", "baseline"} <= ckpt.keys() and ckpt["optimizer"] is not None
+    # best.pt: the latest generator (a GAN has no best model), no optimizers; both carry the MLE phase's best val
+    best = torch.load(os.path.join(full, "best.pt"), weights_only=True)
+    assert (best["phase"], best["iter_num"]) == ("adversarial", 4) and not {"optimizer", "d_optimizer"} & best.keys()
+    assert all(torch.equal(best["model"][k], v) for k, v in ckpt["model"].items())
+    mle_best = min(float(r["val_loss"]) for r in rows if r["phase"] == "mle" and r["val_loss"])
+    assert ckpt["best_val_loss"] == best["best_val_loss"] == pytest.approx(mle_best, abs=1e-4)
 
     # stop after round 2, then resume to 4: the same log as the uninterrupted run, rollouts and all
     gan.main(common + ["--out_dir", part, "--adv_rounds", "2"])
-    gan.main(common + ["--out_dir", part, "--adv_rounds", "4", "--resume", "--d_hidden", "8"])  # the checkpoint's 16 wins
+    # the data and the architecture come from the checkpoint: --data may be left out, and a different value is an error
+    line = user_error(capsys, gan.main, common + ["--out_dir", part, "--resume", "--d_hidden", "8"])
+    assert "--d_hidden 8 differs from the checkpoint's 16" in line
+    resume = [a for a in common if a not in ("--data", text_file)]
+    gan.main(resume + ["--out_dir", part, "--adv_rounds", "4", "--resume"])
     assert "resuming adversarial at step 2" in capsys.readouterr().out
-    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "ms_per_iter"} for r in rows]  # noqa: E731
     assert drop_time(read_log(part)) == drop_time(rows)
 
-    # sampling from the checkpoint alone: the adversarially trained generator
+    # sampling from best.pt alone: the adversarially trained generator
     gan.main(["--out_dir", full, "--prompt", "All:", "--max_new_tokens", "30", "--num_samples", "2", "--device", "cpu"])
     out = capsys.readouterr().out
     assert out.count("--- sample") == 2 and "\nAll:" in out
 
 
+def drop_time(rows):
+    return [{k: v for k, v in r.items() if k != "ms_per_iter"} for r in rows]
+
+
+def interrupt_on_call(monkeypatch, name, n):
+    """Ctrl-C (a real SIGINT) during the n-th call of gan.<name> in the next run."""
+    calls, fn = [0], getattr(gan, name)
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(gan, name, wrapped)
+
+
+def test_ctrl_c_in_every_phase_saves_there_and_resume_continues_exactly(tmp_path, text_file, capsys, monkeypatch):
+    """Stopped between evaluations in each phase in turn, the run saves the step it reached; resumed each time, it
+    ends with exactly the log of a run that was never stopped."""
+    common = TINY + ["--data", text_file, "--max_iters", "4", "--eval_interval", "2", "--d_pretrain_iters", "2",
+                     "--adv_rounds", "4", "--adv_eval_interval", "2", "--d_steps", "2", "--dropout", "0.1"]  # fmt: skip
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    gan.main(common + ["--out_dir", full])
+    # interrupted in MLE iteration 2 (get_lr's 3rd call), D pre-training step 0 and round 0: each saves the next step
+    stops = [("get_lr", 3, "mle", 3, []), ("discriminator_step", 1, "d_pretrain", 1, ["--resume"]),
+             ("discriminator_step", 2, "adversarial", 1, ["--resume"])]  # fmt: skip
+    for name, n, phase, step, resume in stops:
+        with monkeypatch.context() as m:
+            interrupt_on_call(m, name, n)
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as e:
+                gan.main(common + ["--out_dir", part] + resume)
+        assert e.value.code == 130
+        holds = f"iteration {step}" if phase == "mle" else f"{phase} step {step}"
+        assert f"stopped: {part}{os.sep}ckpt.pt holds {holds}; continue with --resume" in capsys.readouterr().err
+        ckpt = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
+        assert (ckpt["phase"], ckpt["iter_num"]) == (phase, step)
+    gan.main(common + ["--out_dir", part, "--resume"])
+    assert "resuming adversarial at step 1" in capsys.readouterr().out
+    assert drop_time(read_log(part)) == drop_time(read_log(full))
+    for name in ("ckpt.pt", "best.pt"):
+        a, b = (torch.load(os.path.join(d, name), weights_only=True) for d in (full, part))
+        assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
+
+
 def test_init_from_a_switchhead_checkpoint(tmp_path, text_file, capsys):
     mle = str(tmp_path / "mle")
-    sh.main(["--device", "cpu", "--n_layer", "1", "--n_embd", "32", "--block_size", "16", "--batch_size", "4", "--eval_iters", "2",
-             "--data", text_file, "--out_dir", mle, "--max_iters", "2", "--max_new_tokens", "0"])  # fmt: skip
+    sh.main(["--device", "cpu", "--n_layer", "1", "--n_embd", "32", "--block_size", "16", "--batch_size", "4",
+             "--eval_iters", "2", "--data", text_file, "--out_dir", mle, "--max_iters", "2", "--eval_interval", "1",
+             "--max_new_tokens", "0"])  # fmt: skip
     capsys.readouterr()
+    init = torch.load(os.path.join(mle, "best.pt"), weights_only=True)
     out_dir = str(tmp_path / "gan")
-    gan.main(TINY + ["--data", text_file, "--out_dir", out_dir, "--init_from", os.path.join(mle, "ckpt.pt"), "--n_layer", "3",
-                     "--d_pretrain_iters", "1", "--adv_rounds", "1", "--max_new_tokens", "5"])  # fmt: skip
+    common = TINY + ["--data", text_file, "--d_pretrain_iters", "1", "--adv_rounds", "2", "--adv_eval_interval", "1",
+                     "--max_new_tokens", "5"]  # fmt: skip
+    init_from = os.path.join(mle, "best.pt")
+    gan.main(common + ["--out_dir", out_dir, "--init_from", init_from, "--n_layer", "3", "--adv_rounds", "1"])
     out = capsys.readouterr().out
     assert "no MLE pre-training here" in out and "iter 0 | train" not in out and "round 1 | NLL" in out
     ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
     assert ckpt["config"]["n_layer"] == 1  # the generator's architecture comes from switchhead_moe's checkpoint
+    assert ckpt["best_val_loss"] == init["best_val_loss"]  # the MLE phase's best val, done by switchhead_moe
     assert {r["phase"] for r in read_log(out_dir)} == {"d_pretrain", "adversarial"}
+    # --resume takes --init_from from the checkpoint too, and carries its best val on
+    gan.main(common + ["--out_dir", out_dir, "--resume", "--n_layer", "1"])
+    assert "resuming adversarial at step 1" in capsys.readouterr().out
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+    assert ckpt["iter_num"] == 2 and ckpt["config"]["init_from"] == init_from
+    assert ckpt["best_val_loss"] == init["best_val_loss"]
     # any other script's checkpoint (this script's own included) ends with one line
+    elsewhere = common + ["--out_dir", str(tmp_path / "other"), "--init_from"]
     other = str(tmp_path / "ex1.pt")
     torch.save({"script": "ex1_gpt"}, other)
-    assert "written by ex1_gpt, not switchhead_moe" in user_error(capsys, gan.main, TINY + ["--data", text_file, "--init_from", other])
-    own = os.path.join(out_dir, "ckpt.pt")
-    assert "written by gan_text, not switchhead_moe" in user_error(capsys, gan.main, TINY + ["--data", text_file, "--init_from", own])
-    assert "no checkpoint" in user_error(capsys, gan.main, TINY + ["--init_from", str(tmp_path / "missing.pt")])
+    assert "written by ex1_gpt, not switchhead_moe" in user_error(capsys, gan.main, elsewhere + [other])
+    own = os.path.join(out_dir, "best.pt")
+    assert "written by gan_text, not switchhead_moe" in user_error(capsys, gan.main, elsewhere + [own])
+    assert "no checkpoint" in user_error(capsys, gan.main, elsewhere + [str(tmp_path / "missing.pt")])
 
 
 def test_user_errors(tmp_path, text_file, capsys):
@@ -255,3 +323,20 @@ def test_user_errors(tmp_path, text_file, capsys):
     assert "--eval_samples" in user_error(capsys, gan.main, TINY + ["--eval_samples", "1"])
     assert "--init_from" in user_error(capsys, gan.main, TINY + ["--resume", "--init_from", "x.pt"])
     assert "no checkpoint" in user_error(capsys, gan.main, ["--out_dir", str(tmp_path), "--prompt", "hi"])
+
+
+BAD_DATA = [("missing", "no such file"), ("folder", "is a folder"), ("empty", "train split has 0 tokens"),
+            ("binary", "binary"), ("latin-1", "not UTF-8"), ("short", "val split has 15 tokens")]  # fmt: skip
+
+
+@pytest.mark.parametrize("case,expect", BAD_DATA)
+def test_bad_data_file(case, expect, tmp_path, capsys):
+    """Each is one line; "short": 150 characters, whose val split holds a GAN sequence (12) but no MLE batch (17)."""
+    path = tmp_path / "data.txt"
+    contents = {"empty": b"", "binary": b"\0\1 binary \0" * 40, "latin-1": "caf\u00e9 ".encode("latin-1") * 40,
+                "short": (("All:\nSpeak, speak.\n" * 10)[:150]).encode()}  # fmt: skip
+    if case in contents:
+        path.write_bytes(contents[case])
+    data = str(tmp_path) if case == "folder" else str(path)
+    for extra in ([], ["--max_iters", "0"]):  # no MLE step: the data is checked all the same
+        assert expect in user_error(capsys, gan.main, TINY + ["--data", data, "--out_dir", str(tmp_path / "o")] + extra)

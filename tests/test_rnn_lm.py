@@ -2,6 +2,7 @@
 --stateful truncated BPTT, and smoke runs through main for every cell, with checkpoint, resume and --prompt."""
 
 import os
+import signal
 
 import pytest
 import torch
@@ -188,7 +189,7 @@ def test_smoke(flags, text_file, tmp_path, capsys):
     out_dir = str(tmp_path / "out")
     rnn_lm.main([*TINY, *flags, "--data", text_file, "--out_dir", out_dir])
     out = capsys.readouterr().out
-    assert os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
+    assert os.path.isfile(os.path.join(out_dir, "ckpt.pt")) and os.path.isfile(os.path.join(out_dir, "best.pt"))
     assert "--- sample 1 ---" in out
     assert ("not a language model" in out) == ("--bidirectional" in flags)
     rows = read_log(out_dir)
@@ -219,6 +220,63 @@ def test_resume_continues_exactly(flags, text_file, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+STOP_FLAGS = [["--cell", "lstm", "--stateful"], ["--cell", "elman", "--stateful"], ["--cell", "gru", "--dropout", ".1"]]
+
+
+@pytest.mark.parametrize("flags", STOP_FLAGS)
+def test_stop_between_evaluations_saves_the_stream_and_resumes_exactly(flags, text_file, tmp_path, monkeypatch, capsys):
+    """Ctrl-C at iteration 3 saves iteration 4, between evaluations: with --stateful, ckpt.pt must hold where the
+    streams are and the state carried into the next chunk, or the resumed run reads other text from another state."""
+    common = [*TINY, *flags, "--data", text_file, "--eval_interval", "3", "--max_iters", "6", "--max_new_tokens", "0"]
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    rnn_lm.main([*common, "--out_dir", straight])
+    get_lr = rnn_lm.get_lr
+    ctrl_c_at_3 = lambda it, cfg: (it == 3 and os.kill(os.getpid(), signal.SIGINT)) or get_lr(it, cfg)
+    monkeypatch.setattr(rnn_lm, "get_lr", ctrl_c_at_3)
+    with pytest.raises(SystemExit) as e:
+        rnn_lm.main([*common, "--out_dir", stopped])
+    assert e.value.code == 130 and "ckpt.pt holds iteration 4; continue with --resume" in capsys.readouterr().err
+    ckpt = torch.load(os.path.join(stopped, "ckpt.pt"), weights_only=True)
+    assert ckpt["iter_num"] == 4
+    if "--stateful" in flags:
+        assert ckpt["stream"]["pos"] == 4 * 16 and all(s.size(1) == 4 for s in states(ckpt["stream"]["hidden"]))
+    monkeypatch.setattr(rnn_lm, "get_lr", get_lr)
+    rnn_lm.main([*common, "--out_dir", stopped, "--resume"])
+    assert "resuming from iter 4" in capsys.readouterr().out
+    losses = lambda out_dir: [(r["iter"], r["train_loss"], r["val_loss"], r["lr"]) for r in read_log(out_dir)]
+    assert losses(straight) == losses(stopped)
+
+
+def test_ckpt_at_every_evaluation_best_when_val_improves(text_file, tmp_path, monkeypatch, capsys):
+    vals = iter([2.0, 1.0, 3.0, 2.0])  # iterations 0, 2, 4: the best is at 2, the latest at 4; then a new run's 0
+    monkeypatch.setattr(rnn_lm, "estimate_loss", lambda *a: {"train": 1.0, "val": next(vals)})
+    out = str(tmp_path / "out")
+    rnn_lm.main([*TINY, "--stateful", "--data", text_file, "--out_dir", out])
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    assert (ckpt["iter_num"], ckpt["stream"]["pos"], best["iter_num"], best["best_val_loss"]) == (4, 64, 2, 1.0)
+    assert "optimizer" in ckpt and "optimizer" not in best
+    line = user_error(capsys, rnn_lm.main, [*TINY, "--data", text_file, "--out_dir", out])  # a new run leaves it alone
+    assert "rnn_lm at iteration 4" in line and "--overwrite" in line
+    rnn_lm.main([*TINY, "--max_iters", "0", "--data", text_file, "--out_dir", out, "--overwrite"])
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 0
+
+
+def test_resume_takes_architecture_and_data_from_the_checkpoint(text_file, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    rnn_lm.main([*TINY, "--cell", "gru", "--n_layer", "2", "--data", text_file, "--out_dir", out])
+    # neither the cell nor the data typed again (the default data would be a download): both come from ckpt.pt
+    resume = ["--device", "cpu", "--out_dir", out, "--resume", "--eval_iters", "2", "--max_new_tokens", "0"]
+    rnn_lm.main([*resume, "--max_iters", "6"])
+    assert "resuming from iter 4" in capsys.readouterr().out
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 6
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT.upper())
+    for flag, value in [("--cell", "lstm"), ("--n_hidden", "64"), ("--data", str(other))]:
+        line = user_error(capsys, rnn_lm.main, [*resume, "--max_iters", "8", flag, value])
+        assert f"{flag} " in line and "differs from the checkpoint" in line
+
+
 @pytest.mark.parametrize(
     "flags,words",
     [
@@ -227,10 +285,15 @@ def test_resume_continues_exactly(flags, text_file, tmp_path):
         (["--bidirectional", "--stateful"], "--bidirectional cannot be --stateful"),
         (["--n_hidden", "0"], "--n_hidden"),
         (["--stateful", "--batch_size", "500"], "--stateful needs"),
+        (["--data", "SHORT", "--block_size", "64"], "the val split has 60 tokens"),  # passed the old whole-text check
+        (["--data", "SHORT", "--block_size", "8", "--stateful", "--batch_size", "64"], "--stateful needs"),
     ],
 )
 def test_user_errors(flags, words, text_file, tmp_path, capsys):
-    line = user_error(capsys, rnn_lm.main, [*TINY, *flags, "--data", text_file, "--out_dir", str(tmp_path)])
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT[:600])
+    flags = [str(short) if f == "SHORT" else f for f in flags]
+    line = user_error(capsys, rnn_lm.main, [*TINY, "--data", text_file, *flags, "--out_dir", str(tmp_path / "out")])
     assert words in line
 
 

@@ -206,13 +206,18 @@ def test_train_sample_resume(tmp_path, text_file, capsys):
     sh.main(common + ["--out_dir", full, "--max_iters", "10", "--max_new_tokens", "30"])
     out = capsys.readouterr().out
     assert "--- sample 1 ---" in out and os.path.exists(os.path.join(full, "ckpt.pt"))
+    assert torch.load(os.path.join(full, "best.pt"), weights_only=True)["iter_num"] == 10  # sampling reads best.pt
     assert "needs" in out and "% of its MACs" in out  # the accounting against the dense 8-head model
     assert out.count("layer 1 expert use") == 3  # at iterations 0, 5 and 10
     assert float(read_log(full)[-1]["val_loss"]) < math.log(len(set(open(text_file).read())))
 
     # stop at 5, then resume to 10: the same losses as the uninterrupted run, dropout and routing and all
     sh.main(common + ["--out_dir", part, "--max_iters", "5"])
-    sh.main(common + ["--out_dir", part, "--max_iters", "10", "--resume", "--n_experts", "3"])  # the checkpoint's 4 win
+    training = ["--device", "cpu", "--eval_iters", "2", "--batch_size", "4", "--learning_rate", "1e-2", "--dropout",
+                "0.1", "--eval_interval", "5", "--log_interval", "1", "--lr_decay_iters", "10"]  # fmt: skip
+    resume = training + ["--out_dir", part, "--max_iters", "10", "--resume"]
+    assert "--n_experts 3 differs from the checkpoint's 4" in user_error(capsys, sh.main, resume + ["--n_experts", "3"])
+    sh.main(resume)  # no architecture and no --data: both come from ckpt.pt (the default data would be a download)
     assert "resuming from iter 5" in capsys.readouterr().out
     assert losses(part) == losses(full)
 
@@ -228,7 +233,7 @@ def test_softmax_and_dense_variants_train(tmp_path, text_file, capsys, flags):
     assert float(read_log(out)[-1]["val_loss"]) < float(read_log(out)[0]["val_loss"])
 
 
-def test_user_errors(tmp_path, capsys):
+def test_user_errors(tmp_path, text_file, capsys):
     assert "--moe_k 5" in user_error(capsys, sh.main, TINY + ["--n_experts", "4", "--moe_k", "5"])
     assert "--moe_k 0" in user_error(capsys, sh.main, TINY + ["--moe_k", "0"])
     assert "--moe_k 1" in user_error(capsys, sh.main, TINY + ["--gate", "softmax"])
@@ -238,3 +243,5 @@ def test_user_errors(tmp_path, capsys):
     assert "divisible" in user_error(capsys, sh.main, TINY + ["--n_experts", "1", "--n_head", "3"])
     assert "--head_size" in user_error(capsys, sh.main, TINY + ["--n_embd", "8", "--n_head", "4", "--n_experts", "8"])
     assert "no checkpoint" in user_error(capsys, sh.main, ["--out_dir", str(tmp_path), "--prompt", "hi"])
+    data = ["--data", text_file, "--out_dir", str(tmp_path / "o")]
+    assert "--n_embd" in user_error(capsys, sh.main, TINY + data + ["--n_embd", "-1", "--head_size", "8"])  # not a traceback
