@@ -943,6 +943,7 @@ class CSVLog:
 
 
 def train(cfg, model, loader, tok, device, autocast, ckpt=None):
+    # set up: the optimizer, the batch generator, and on --resume everything the checkpoint restores
     raw_model = model
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     accum = cfg.gradient_accumulation_steps // world_size  # this process's micro-batches per step
@@ -1000,6 +1001,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # evaluate and save: ckpt.pt every time, best.pt when val improves
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             losses = estimate_loss(eval_model, loader, cfg, autocast)
             print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
@@ -1036,6 +1038,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
+        # log: the iteration's time, and every log_interval a line and a row of log.csv
         t1 = time.time()
         dt, t0 = t1 - t0, t1
         dts.append(dt)

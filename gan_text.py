@@ -220,6 +220,8 @@ def load_text(cfg):
 
 
 class CharTokenizer:
+    name = "char"  # what a checkpoint's "tokenizer" says
+
     def __init__(self, chars):
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
@@ -924,6 +926,7 @@ def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # evaluate and save: ckpt.pt every time, best.pt when val improves
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             losses = estimate_loss(model, loader, cfg, autocast)
             print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
@@ -941,12 +944,14 @@ def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
         if it == cfg.max_iters:
             break
 
+        # forward and backward, gradients summed over the micro-batches
         for micro in range(cfg.gradient_accumulation_steps):
             x, y = loader.get_batch("train", gen)  # on a GPU this overlaps with the previous step's kernels
             with autocast:
                 _, loss = model(x, y)
                 loss = loss / cfg.gradient_accumulation_steps  # the sum over micro-batches is the mean
             scaler.scale(loss).backward()
+        # step: clip the gradient norm, update the weights
         if cfg.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -954,6 +959,7 @@ def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
+        # log: the iteration's time, and every log_interval a line and a row of log.csv
         t1 = time.time()
         dt, t0 = t1 - t0, t1
         dts.append(dt)

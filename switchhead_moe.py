@@ -190,6 +190,8 @@ def load_text(cfg):
 
 
 class CharTokenizer:
+    name = "char"  # what a checkpoint's "tokenizer" says
+
     def __init__(self, chars):
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
@@ -568,16 +570,17 @@ def estimate_loss(model, loader, cfg, autocast):
     return out
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path, device, scripts=(SCRIPT,)):
+    """A checkpoint written by one of scripts: this one, or the script whose model a later stage starts from."""
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train first (python {SCRIPT}.py) or point --out_dir at the folder a run wrote")
+        die(f"no checkpoint at {path}; train first (python {scripts[0]}.py), or give the folder or path a run wrote")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+    if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
         found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        die(f"{path} was written by {found}, not {SCRIPT}; use that script, or another --out_dir")
+        die(f"{path} was written by {found}, not {' or '.join(scripts)}; use that script, or another --out_dir")
     return ckpt
 
 
@@ -659,6 +662,7 @@ class CSVLog:
 
 
 def train(cfg, model, loader, tok, device, autocast, ckpt=None):
+    # set up: the optimizer, the batch generator, and on --resume everything the checkpoint restores
     raw_model = model
     optimizer = model.configure_optimizer(cfg, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
@@ -690,7 +694,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
     def state(it):  # everything --resume needs to continue at iteration it
         return {
             "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
+            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "tokenizer": tok.name, "vocab": tok.chars,
             "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }  # fmt: skip
@@ -704,6 +708,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # evaluate and save: ckpt.pt every time, best.pt when val improves
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             losses = estimate_loss(model, loader, cfg, autocast)
             print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
@@ -721,12 +726,14 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         if it == cfg.max_iters:
             break
 
+        # forward and backward, gradients summed over the micro-batches
         for micro in range(cfg.gradient_accumulation_steps):
             x, y = loader.get_batch("train", gen)  # on a GPU this overlaps with the previous step's kernels
             with autocast:
                 _, loss = model(x, y)
                 loss = loss / cfg.gradient_accumulation_steps  # the sum over micro-batches is the mean
             scaler.scale(loss).backward()
+        # step: clip the gradient norm, update the weights
         if cfg.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -734,6 +741,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
+        # log: the iteration's time, and every log_interval a line and a row of log.csv
         t1 = time.time()
         dt, t0 = t1 - t0, t1
         dts.append(dt)
@@ -748,6 +756,8 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         median = sorted(dts)[len(dts) // 2] * 1000
         print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
     log.f.close()
+    if cfg.wandb:
+        wandb.finish()
     return best_val
 
 
