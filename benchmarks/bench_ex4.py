@@ -33,13 +33,12 @@ Run on a quiet machine: the runs are timed one after another, so other work on t
   python benchmarks/bench_ex4.py all                 about 30 minutes: attention ~5, cache ~10, train ~13
   python benchmarks/bench_ex4.py attention           (--lengths 512,1024,... --window 256 --max_gb 16)
   python benchmarks/bench_ex4.py cache               (--gen_tokens 1000 --gen_layers 2)
-  python benchmarks/bench_ex4.py train               (--png benchmarks/ex4_train_curves.png)
+  python benchmarks/bench_ex4.py train               (--png benchmarks/pictures/ex4_train_curves.png)
   python benchmarks/bench_ex4.py all --quick         a check of the script itself: tiny sizes, about a minute
 Options: --threads N (torch threads; default all cores), --device cpu|cuda (attention and cache parts).
 """
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -52,7 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from common import machine, table  # noqa: E402
+from common import PICTURES, machine, read_log, table  # noqa: E402
 
 import ex4_mqa_swiglu as ex4  # noqa: E402
 
@@ -248,8 +247,7 @@ def train_runs(a):
 
 def read_run(out_dir, stdout):
     """Evaluations (iter, val, training seconds so far, elapsed seconds so far) from log.csv and the printed eval lines."""
-    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_log(out_dir)
     elapsed = {int(m[1]): float(m[2]) for m in re.finditer(r"^iter (\d+) \| train [\d.]+ \| val [\d.]+ \| ([\d.]+) s$", stdout, re.M)}
     evals, train_s, ms = [], 0.0, []
     for r in rows:
@@ -361,7 +359,7 @@ def main(argv=None):
     p.add_argument("--eval_iters", type=int, default=200, help="train: batches per evaluation (ex1's default)")
     p.add_argument("--target", type=float, default=1.89, help="train: the val loss to reach")
     p.add_argument("--out_dir", default=os.path.join(ROOT, "out", "bench_ex4"), help="train: the runs' out_dirs go under this")
-    p.add_argument("--png", default=os.path.join(ROOT, "benchmarks", "ex4_train_curves.png"), help="train: the picture")
+    p.add_argument("--png", default=os.path.join(PICTURES, "ex4_train_curves.png"), help="train: the picture")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--T", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

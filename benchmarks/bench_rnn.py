@@ -21,18 +21,16 @@ It prints a markdown table for the README.
 """
 
 import argparse
-import csv
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ex1_gpt  # noqa: E402
 import rnn_lm  # noqa: E402
+from common import read_log, run  # noqa: E402
 
 CELLS = [  # name, rnn_lm flags (n_hidden is added to match the parameter count)
     ("Elman-slide", ["--cell", "elman", "--activation", "slide"]),
@@ -75,22 +73,16 @@ def matching_hidden(flags, target, vocab):
     return min(range(8, 2049, 8), key=lambda h: abs(params(h) - target)), params
 
 
-def run(script, flags, out_dir, threads):
-    """Run a script to completion; returns (its stdout, wall seconds). Stops the benchmark if the run fails."""
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    cmd = [sys.executable, os.path.join(ROOT, script), *flags, "--device", "cpu", "--out_dir", out_dir, "--overwrite"]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    wall = time.time() - t
-    if p.returncode != 0:
-        sys.exit(f"error: {script} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
-    return p.stdout, wall
+def run_script(script, flags, out_dir, threads):
+    """Run a script to completion; returns (its output, wall seconds). Stops the benchmark if the run fails."""
+    text, wall, _ = run([sys.executable, os.path.join(ROOT, script), *flags, "--device", "cpu", "--out_dir", out_dir,
+                         "--overwrite"], threads)  # fmt: skip
+    return text, wall
 
 
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))
+def summary(out_dir):
+    """The last evaluation of a run and its median ms per iteration (the first fifth, warm-up, left out)."""
+    rows = read_log(out_dir)
     evals = [r for r in rows if r["val_loss"]]
     ms = [float(r["ms_per_iter"]) for r in rows if r["ms_per_iter"]]
     return {"iters": int(evals[-1]["iter"]), "train": float(evals[-1]["train_loss"]), "val": float(evals[-1]["val_loss"]), "ms": statistics.median(ms[len(ms) // 5 :]) if ms else float("nan")}
@@ -105,10 +97,10 @@ def bench(name, script, flags, args, max_new_tokens=0, iters=0):
     base = os.path.join(args.out, name.lower())
     common = [*flags, "--data", args.data, "--eval_iters", str(args.eval_iters)]
     if not iters:
-        run(script, [*common, "--max_iters", str(args.calibrate_iters), "--eval_interval", str(10**9), "--eval_iters", "1", "--log_interval", "1", "--max_new_tokens", "0"], base + "_timing", args.threads)
-        iters = max(1, int(args.budget * 1000 / read_log(base + "_timing")["ms"]))
-    stdout, wall = run(script, [*common, "--max_iters", str(iters), "--eval_interval", str(iters), "--log_interval", "10", "--max_new_tokens", str(max_new_tokens)], base, args.threads)
-    return {"name": name, "flags": " ".join(flags), "wall": wall, "sample": first_sample(stdout), **read_log(base)}
+        run_script(script, [*common, "--max_iters", str(args.calibrate_iters), "--eval_interval", str(10**9), "--eval_iters", "1", "--log_interval", "1", "--max_new_tokens", "0"], base + "_timing", args.threads)
+        iters = max(1, int(args.budget * 1000 / summary(base + "_timing")["ms"]))
+    stdout, wall = run_script(script, [*common, "--max_iters", str(iters), "--eval_interval", str(iters), "--log_interval", "10", "--max_new_tokens", str(max_new_tokens)], base, args.threads)
+    return {"name": name, "flags": " ".join(flags), "wall": wall, "sample": first_sample(stdout), **summary(base)}
 
 
 def main():

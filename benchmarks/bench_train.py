@@ -10,28 +10,20 @@ any line the script prints about exact match (ex2) is shown too. Wall time inclu
 """
 
 import argparse
-import csv
 import os
 import statistics
-import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, read_log, run
 
 
-def run(script, seed, extra):
+def run_seed(script, seed, extra):
     out_dir = os.path.join(ROOT, "out", "bench", f"{os.path.splitext(script)[0]}-{seed}")
-    t = time.time()
-    p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--seed", str(seed), "--out_dir", out_dir, "--overwrite", *extra], capture_output=True, text=True)
-    wall = time.time() - t
-    if p.returncode != 0:
-        sys.exit(f"{script} --seed {seed} failed:\n{p.stderr[-2000:]}")
-    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))
+    text, wall, _ = run([sys.executable, os.path.join(ROOT, script), "--seed", str(seed), "--out_dir", out_dir, "--overwrite", *extra])
+    rows = read_log(out_dir)
     evals = [r for r in rows if r["val_loss"]]
     ms = [float(r["ms_per_iter"]) for r in rows if r["ms_per_iter"]]
-    notes = [line.strip() for line in p.stdout.splitlines() if "exact match" in line]
+    notes = [line.strip() for line in text.splitlines() if "exact match" in line]
     return {
         "seed": seed, "wall_s": wall, "ms_iter": statistics.median(ms) if ms else float("nan"),
         "final_val": float(evals[-1]["val_loss"]), "best_val": min(float(r["val_loss"]) for r in evals), "notes": notes,
@@ -48,7 +40,7 @@ def main():
     print(f"{'seed':>6} | {'wall s':>7} | {'ms/iter':>7} | {'final val':>9} | {'best val':>8}")
     results = []
     for seed in args.seeds:
-        r = run(args.script, seed, extra)
+        r = run_seed(args.script, seed, extra)
         results.append(r)
         print(f"{r['seed']:>6} | {r['wall_s']:7.1f} | {r['ms_iter']:7.1f} | {r['final_val']:9.4f} | {r['best_val']:8.4f}", flush=True)
         for note in r["notes"]:

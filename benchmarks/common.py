@@ -1,5 +1,7 @@
-"""What the benchmark scripts share: a line naming the machine, Markdown tables for the README, running a script."""
+"""What the benchmark scripts share: a line naming the machine, Markdown tables for the README, running a script and
+reading its log.csv."""
 
+import csv
 import os
 import platform
 import subprocess
@@ -9,6 +11,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PICTURES = os.path.join(ROOT, "benchmarks", "pictures")  # every picture the README shows
 
 
 def machine(threads=None):
@@ -29,23 +32,34 @@ def table(header, rows):
     print("\n".join(lines) + "\n", flush=True)
 
 
-def run(cmd, threads=None, show=False):
-    """Run cmd in the repository; show its output as it comes (raw, progress lines included) or keep it quiet.
-    Returns its output and wall time; stops the benchmark if it fails."""
+def run(cmd, threads=None, show=False, log_path=None, cwd=ROOT, check=True):
+    """Run cmd (in the repository unless cwd says otherwise); show its output as it comes (raw, progress lines
+    included) or keep it quiet, and copy it into log_path if given. Returns its output, wall seconds and the process's
+    peak resident memory in MB; with check, a failure stops the benchmark (else the output says what happened)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     print("$ " + (f"OMP_NUM_THREADS={threads} " if threads else "") + " ".join(cmd), flush=True)
     t = time.time()
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = bytearray()
     while chunk := p.stdout.read1(1 << 16):
         out += chunk
         if show:
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
-    p.wait()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
     text = out.decode("utf-8", "replace")
-    if p.returncode:
+    if log_path:
+        with open(log_path, "w") as f:
+            f.write(text)
+    if check and p.returncode:
         sys.exit(f"failed with exit status {p.returncode}:\n{text[-3000:]}")
-    return text, time.time() - t
+    return text, time.time() - t, usage.ru_maxrss / 1024  # ru_maxrss is in kB on Linux
+
+
+def read_log(out_dir):
+    """The rows of a run's log.csv, as dictionaries of strings."""
+    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
+        return list(csv.DictReader(f))
