@@ -1,13 +1,16 @@
 """
 ex2_addition.py: the same GPT learns integer addition, with the answer's digits written backwards.
 
-Every problem is a string like "123+456=" followed by the sum, zero-padded to digits+1 and reversed:
-"123+456=9750". Reversed, the answer comes out least significant digit first, the order in which carries
-are worked out, so each digit depends only on what the model has already written. The prompt positions are
-masked from the loss with -1 (only the answer is learned), a fixed tenth of all problems is held out, and the
-model is scored by greedy decoding and exact match on every held-out problem (--test_problems N: on N of them).
+Changes from ex1_gpt.py:
+- Addition problems instead of a text (--digits): VOCAB, Config.answer_start and Config.block_size, is_held_out (a
+  fixed tenth never trained on), make_problems, a DataLoader of whole problems; CharTokenizer only decodes.
+- The answer's digits reversed (make_problems): "123+456=9750", least significant first, the order in which carries
+  are worked out, so each digit depends only on digits the model has already written.
+- The prompt masked from the loss with -1 (DataLoader.get_batch): only the answer is learned.
+- Greedy decoding and exact-match accuracy (--test_problems): answer() and accuracy() at every evaluation (CSVLog's
+  val_acc) and in report() at the end; sample() answers --prompt 123+456.
 
-Run:     python ex2_addition.py                     (CPU, about a minute and a half)
+Run:     python ex2_addition.py
 Ask:     python ex2_addition.py --prompt 123+456    (answers from the saved checkpoint)
 Parent:  ex1_gpt.py (diff -u ex1_gpt.py ex2_addition.py)
 Result:  100% exact match on all 100,001 held-out 3-digit problems in 1 min 31 s on 2 CPU cores (README, Results).
@@ -43,7 +46,6 @@ class Config:
     overwrite: bool = False  # start over in an out_dir that holds this script's checkpoint (replaces ckpt.pt and best.pt)
     eval_interval: int = 500  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 10  # batches per split in each evaluation
-    test_problems: int = 0  # held-out problems scored at the end (and as many training ones); 0 for all of them
     log_interval: int = 100  # print and log the training loss every this many iterations
     wandb: bool = False  # also log to Weights & Biases
     wandb_project: str = "gpt-ladder"  # wandb project name
@@ -65,7 +67,7 @@ class Config:
     lr_decay_iters: int = 0  # cosine decay length; 0 means max_iters
     weight_decay: float = 0.1  # AdamW weight decay, applied to matrices only
     beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.99  # AdamW beta2
+    beta2: float = 0.99  # AdamW beta2 (0.99 since there are few tokens per step)
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
@@ -73,10 +75,15 @@ class Config:
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     # sampling
     prompt: str = ""  # if set, skip training: load out_dir/best.pt and answer this problem, e.g. 123+456
+    test_problems: int = 0  # held-out problems scored at the end (and as many training ones); 0 for all of them
 
     @property
-    def block_size(self):  # the model reads a problem without its last answer digit
-        return 3 * self.digits + 2
+    def answer_start(self):  # index of the first answer token: a, '+', b and '=' come before it
+        return 2 * self.digits + 2
+
+    @property
+    def block_size(self):  # the model reads a problem without its last answer digit: digits + 1 answer digits
+        return self.answer_start + self.digits
 
 
 RESUMED = ("n_layer", "n_head", "n_embd", "bias", "digits")  # --resume takes the architecture and data from ckpt.pt
@@ -130,13 +137,6 @@ class CharTokenizer:
 
     def __init__(self, chars):
         self.chars = list(chars)
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-
-    def encode(self, s):
-        bad = sorted(set(s) - self.stoi.keys())
-        if bad:
-            die(f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its training text")
-        return [self.stoi[c] for c in s]
 
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
@@ -167,13 +167,12 @@ class DataLoader:
         held_out = is_held_out(ids)
         self.splits = {"train": make_problems(ids[~held_out], cfg.digits), "val": make_problems(ids[held_out], cfg.digits)}
         self.cfg, self.device = cfg, device
-        self.answer_start = 2 * cfg.digits + 2  # index of the first answer token
 
     def get_batch(self, split, generator):
         data = self.splits[split]
         xy = data[torch.randint(len(data), (self.cfg.batch_size,), generator=generator)]
         x, y = xy[:, :-1], xy[:, 1:].clone()
-        y[:, : self.answer_start - 1] = -1  # the prompt is given, not predicted: no loss there
+        y[:, : self.cfg.answer_start - 1] = -1  # the prompt is given, not predicted: no loss there
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
@@ -567,7 +566,7 @@ def answer(tokens, tok):
 def accuracy(model, problems, tok, cfg, device, autocast, show=0):
     """Greedy-decode the answer of every problem, in batches; exact-match accuracy and up to `show` mistakes."""
     model.eval()
-    start, correct, mistakes = 2 * cfg.digits + 2, 0, []
+    start, correct, mistakes = cfg.answer_start, 0, []
     for batch in problems.split(4096):
         batch = batch.to(device)
         with autocast:
@@ -587,7 +586,7 @@ def sample(model, tok, cfg, device, autocast, prompt):
     if not m:
         die(f"--prompt {prompt!r} must look like 123+456, each number with at most {cfg.digits} digits (the model's --digits)")
     problem = make_problems(torch.tensor([int(m[1]) * 10**cfg.digits + int(m[2])]), cfg.digits).to(device)
-    start = 2 * cfg.digits + 2
+    start = cfg.answer_start
     model.eval()
     with autocast:
         out = model.generate(problem[:, :start], cfg.digits + 1, temperature=0)
@@ -618,7 +617,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     tok = CharTokenizer(VOCAB)
 
-    if cfg.prompt:  # answering only: everything needed is in the checkpoint
+    if cfg.prompt:  # sampling only: everything needed is in the checkpoint
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), device)
         cfg.digits = ckpt["config"]["digits"]
         model = GPT(Config(**ckpt["config"]), len(tok.chars)).to(device)

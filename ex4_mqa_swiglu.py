@@ -2,24 +2,24 @@
 ex4_mqa_swiglu.py: the same character GPT with multi-query / grouped-query attention, SwiGLU, rotary position
 embeddings, sliding-window attention and a key/value cache for generation.
 
-Each technique has its own switch, so they can be turned on one at a time and compared:
-  --n_kv_head K   K key/value heads, each shared by a group of n_head/K query heads: 1 is multi-query attention
-                  (the default), n_head is ex1's multi-head attention, anything in between is grouped-query.
-  --mlp swiglu    down(silu(gate(x)) * up(x)) with a hidden width of 8/3 n_embd (same parameters as 4x GELU).
-  --rope          rotate queries and keys by their position (RoPE) instead of adding a learned position table.
-  --window W      each token sees itself and the W-1 tokens before it; a band mask, or (when T >= 4W) a blocked
-                  computation whose time and memory grow as T*W instead of T*T.
-Generation keeps a key/value cache of n_kv_head heads (a rolling buffer of W positions with a window), so with
---rope and a window it can run past block_size.
+Changes from ex1_gpt.py:
+- Multi-query / grouped-query attention (--n_kv_head K; 1 is MQA, n_head is ex1's MHA): attention() lets each key/value
+  head serve n_head/K query heads; CausalSelfAttention projects n_head queries but only K keys and values.
+- Rotary position embeddings (--rope): rotate() in CausalSelfAttention; GPT drops its learned position table (wpe).
+- Sliding-window attention (--window W, --window_impl): window_mask() (a band mask) or blocked_window_attention()
+  (time and memory T*W, not T*T), picked in CausalSelfAttention.forward; with --rope as well, GPT.max_len lets
+  generation run past block_size.
+- SwiGLU (--mlp swiglu): MLP, c_proj(silu(c_gate(x)) * c_fc(x)), hidden width swiglu_hidden() (ex1's parameters).
+- A key/value cache for generation (--kv_cache): KVCache holds n_kv_head heads per layer (W slots with a window),
+  passed through CausalSelfAttention, Block and GPT.forward; GPT.generate then feeds one token at a time.
 
 Run:     python ex4_mqa_swiglu.py                   (MQA + SwiGLU + RoPE, 700 iterations at lr 3e-3 on the CPU)
-One at a time (ex1's architecture, then add a switch):
-         python ex4_mqa_swiglu.py --n_kv_head 4 --mlp gelu --no-rope [--n_kv_head 1 | --mlp swiglu | --rope | --window 32]
+One at a time: ex1's architecture, then add one switch (--n_kv_head 1, --rope, --window 32 or --mlp swiglu):
+         python ex4_mqa_swiglu.py --n_kv_head 4 --no-rope --mlp gelu
 Sample:  python ex4_mqa_swiglu.py --prompt "ROMEO:" --num_samples 3 [--no-kv_cache to recompute every step]
 Bench:   python benchmarks/bench_ex4.py --help     (attention time/memory, KV cache, training curves against ex1)
 Parent:  ex1_gpt.py (diff -u ex1_gpt.py ex4_mqa_swiglu.py)
-Result:  val loss 1.863 after 700 iterations (python ex4_mqa_swiglu.py; ex1 reaches 1.896 in 2000), 0.69M parameters;
-         it passes val 1.89 in at most 33% of ex1's training time (README, Results; benchmarks/bench_ex4.py).
+Result:  val 1.863 after 700 iterations against ex1's 1.896 after 2000, in at most 33% of its time (README, Results).
 """
 
 import argparse
@@ -65,10 +65,10 @@ class Config:
     bias: bool = False  # biases in Linear and LayerNorm layers
     flash: bool = True  # fused scaled_dot_product_attention instead of the explicit softmax(QK^T)V
     n_kv_head: int = 1  # key/value heads, each shared by n_head/n_kv_head query heads: 1 is MQA, n_head is MHA
-    mlp: str = "swiglu"  # feed-forward: gelu (ex1's) or swiglu (gated SiLU, hidden width 8/3 n_embd)
     rope: bool = True  # rotary position embeddings on queries and keys instead of the learned position table
     window: int = 0  # sliding-window attention: each token sees itself and the window-1 tokens before it; 0 is full causal
     window_impl: str = "auto"  # how a window is computed: mask, blocked, or auto (blocked when T >= 4 * window)
+    mlp: str = "swiglu"  # feed-forward: gelu (ex1's) or swiglu (gated SiLU, hidden width 8/3 n_embd)
     # training
     seed: int = 1337  # seeds the weights, the batches, dropout and sampling
     batch_size: int = 12  # sequences per micro-batch
@@ -96,7 +96,7 @@ class Config:
 
 
 RESUMED = ("n_layer", "n_head", "n_embd", "block_size", "bias", "data")  # --resume takes the architecture and data from ckpt.pt
-RESUMED += ("n_kv_head", "mlp", "rope", "window")  # and this script's architecture switches
+RESUMED += ("n_kv_head", "rope", "window", "mlp")  # and this script's architecture switches
 
 
 def die(msg):
@@ -125,8 +125,8 @@ def parse_args(argv=None):
         (cfg.n_kv_head >= 1 and cfg.n_head % cfg.n_kv_head == 0, f"--n_head {cfg.n_head} must be divisible by --n_kv_head {cfg.n_kv_head} (1 for MQA, {cfg.n_head} for MHA)"),
         (not cfg.rope or cfg.n_head < 1 or cfg.n_embd // cfg.n_head % 2 == 0, f"--rope needs an even head size, not n_embd/n_head = {cfg.n_embd // cfg.n_head}; use --no-rope or change --n_embd"),
         (cfg.window >= 0, f"--window {cfg.window} must be >= 0 (0 for full causal attention)"),
-        (cfg.mlp in ("gelu", "swiglu"), f"--mlp {cfg.mlp} is not one of gelu, swiglu"),
         (cfg.window_impl in ("auto", "mask", "blocked"), f"--window_impl {cfg.window_impl} is not one of auto, mask, blocked"),
+        (cfg.mlp in ("gelu", "swiglu"), f"--mlp {cfg.mlp} is not one of gelu, swiglu"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
         (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
@@ -227,14 +227,6 @@ class DataLoader:
 # Model
 
 
-def window_mask(q_pos, k_pos, window):
-    """(..., Tq, Tk) boolean mask, True where the query at q_pos may look at the key at k_pos: itself and earlier
-    keys, only the window-1 before it when window > 0, never a negative position (padding, an empty cache slot)."""
-    q_pos, k_pos = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
-    ok = (k_pos <= q_pos) & (k_pos >= 0)
-    return ok & (k_pos > q_pos - window) if window else ok
-
-
 def attention(q, k, v, mask=None, flash=True, dropout_p=0.0):
     """softmax(q k^T / sqrt(hs)) v for q (..., n_head, Tq, hs) and k, v (..., n_kv_head, Tk, hs): each key/value head
     serves a group of n_head/n_kv_head consecutive query heads. mask: True where allowed, (Tq, Tk) or (..., 1, Tq, Tk);
@@ -259,6 +251,25 @@ def attention(q, k, v, mask=None, flash=True, dropout_p=0.0):
     return (att @ v).view(*batch, H, Tq, hs)
 
 
+def rotate(x, pos):
+    """Rotary position embedding: rotate each pair (x_i, x_(i+hs/2)) of x (..., T, hs) by the angle p * 10000^(-2i/hs)
+    for positions p = pos, pos+1, ...; then q.k depends on the two positions only through their difference."""
+    T, hs = x.shape[-2:]
+    inv_freq = 10000.0 ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)
+    angle = torch.arange(pos, pos + T, device=x.device, dtype=torch.float32).outer(inv_freq)  # (T, hs/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def window_mask(q_pos, k_pos, window):
+    """(..., Tq, Tk) boolean mask, True where the query at q_pos may look at the key at k_pos: itself and earlier
+    keys, only the window-1 before it when window > 0, never a negative position (padding, an empty cache slot)."""
+    q_pos, k_pos = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
+    ok = (k_pos <= q_pos) & (k_pos >= 0)
+    return ok & (k_pos > q_pos - window) if window else ok
+
+
 def blocked_window_attention(q, k, v, window, flash=True, dropout_p=0.0):
     """Sliding-window causal attention in time and memory proportional to T*W instead of T*T. The T queries are cut
     into blocks of W; a query sees at most W-1 keys back, so block i needs only its own keys and block i-1's: all
@@ -273,47 +284,6 @@ def blocked_window_attention(q, k, v, window, flash=True, dropout_p=0.0):
     mask = window_mask(pos, torch.cat([pos - W, pos], dim=1), window).repeat(B, 1, 1).unsqueeze(1)  # (B*n, 1, W, 2W)
     y = attention(q, k, v, mask, flash, dropout_p)
     return y.view(B, n, H, W, hs).transpose(1, 2).reshape(B, H, n * W, hs)[:, :, :T]
-
-
-def rotate(x, pos):
-    """Rotary position embedding: rotate each pair (x_i, x_(i+hs/2)) of x (..., T, hs) by the angle p * 10000^(-2i/hs)
-    for positions p = pos, pos+1, ...; then q.k depends on the two positions only through their difference."""
-    T, hs = x.shape[-2:]
-    inv_freq = 10000.0 ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)
-    angle = torch.arange(pos, pos + T, device=x.device, dtype=torch.float32).outer(inv_freq)  # (T, hs/2)
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-class KVCache:
-    """One layer's keys and values during generation, for n_kv_head heads only (so MQA's cache is 1/n_head of MHA's).
-    size slots: block_size, or with a window a rolling buffer of W slots where position p lives in slot p % W."""
-
-    def __init__(self, size):
-        self.size, self.pos = size, 0  # pos: tokens seen so far, the position of the next one
-        self.k = self.v = self.k_pos = None  # allocated on first use, with the shape, dtype and device of the keys
-
-    def update(self, k, v):
-        """Store the keys and values of the new tokens; return the keys, values and positions they may attend to."""
-        B, n_kv_head, T, hs = k.shape
-        assert self.pos == 0 or T == 1, "after the prompt, the cache takes one token at a time"
-        if self.k is None:
-            self.k, self.v = (torch.zeros(B, n_kv_head, self.size, hs, dtype=k.dtype, device=k.device) for _ in "kv")
-            self.k_pos = torch.full((self.size,), -1, device=k.device)  # the position held by each slot; -1 empty
-        positions = torch.arange(self.pos, self.pos + T, device=k.device)
-        keep = min(T, self.size)  # a prompt longer than the cache leaves only its last tokens
-        slots = positions[-keep:] % self.size
-        self.k.index_copy_(2, slots, k[:, :, -keep:])
-        self.v.index_copy_(2, slots, v[:, :, -keep:])
-        self.k_pos.index_copy_(0, slots, positions[-keep:])
-        prompt, self.pos = self.pos == 0, self.pos + T
-        if prompt:  # its tokens see each other, computed as without a cache
-            return k, v, positions
-        return self.k, self.v, self.k_pos  # one new token: it sees every filled slot (its window, with a window)
-
-    def nbytes(self):
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
 
 
 class CausalSelfAttention(nn.Module):
@@ -347,7 +317,7 @@ class CausalSelfAttention(nn.Module):
         if self.window and own and (self.window_impl == "blocked" or (self.window_impl == "auto" and T >= 4 * self.window)):
             y = blocked_window_attention(q, k, v, self.window, self.flash, dropout_p)
         else:
-            mask = None if self.flash and not self.window and own else window_mask(q_pos, k_pos, self.window)
+            mask = None if own and not self.window else window_mask(q_pos, k_pos, self.window)  # None: causal
             y = attention(q, k, v, mask, self.flash, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
@@ -371,6 +341,36 @@ class MLP(nn.Module):
     def forward(self, x):
         h = F.silu(self.c_gate(x)) * self.c_fc(x) if self.swiglu else F.gelu(self.c_fc(x))
         return self.dropout(self.c_proj(h))
+
+
+class KVCache:
+    """One layer's keys and values during generation, for n_kv_head heads only (so MQA's cache is 1/n_head of MHA's).
+    size slots: block_size, or with a window a rolling buffer of W slots where position p lives in slot p % W."""
+
+    def __init__(self, size):
+        self.size, self.pos = size, 0  # pos: tokens seen so far, the position of the next one
+        self.k = self.v = self.k_pos = None  # allocated on first use, with the shape, dtype and device of the keys
+
+    def update(self, k, v):
+        """Store the keys and values of the new tokens; return the keys, values and positions they may attend to."""
+        B, n_kv_head, T, hs = k.shape
+        assert self.pos == 0 or T == 1, "after the prompt, the cache takes one token at a time"
+        if self.k is None:
+            self.k, self.v = (torch.zeros(B, n_kv_head, self.size, hs, dtype=k.dtype, device=k.device) for _ in "kv")
+            self.k_pos = torch.full((self.size,), -1, device=k.device)  # the position held by each slot; -1 empty
+        positions = torch.arange(self.pos, self.pos + T, device=k.device)
+        keep = min(T, self.size)  # a prompt longer than the cache leaves only its last tokens
+        slots = positions[-keep:] % self.size
+        self.k.index_copy_(2, slots, k[:, :, -keep:])
+        self.v.index_copy_(2, slots, v[:, :, -keep:])
+        self.k_pos.index_copy_(0, slots, positions[-keep:])
+        prompt, self.pos = self.pos == 0, self.pos + T
+        if prompt:  # its tokens see each other, computed as without a cache
+            return k, v, positions
+        return self.k, self.v, self.k_pos  # one new token: it sees every filled slot (its window, with a window)
+
+    def nbytes(self):
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
 
 
 class Block(nn.Module):

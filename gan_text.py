@@ -2,31 +2,42 @@
 gan_text.py: a text GAN. The SwitchHead GPT of switchhead_moe.py is the generator, an LSTM classifier the discriminator,
 and the generator learns from the discriminator through REINFORCE (SeqGAN, Yu, Zhang, Wang, Yu, AAAI 2017).
 
-Three phases, each with its own iteration count. 1. MLE pre-training of the generator, switchhead_moe.py's training
-loop unchanged (--max_iters), or --init_from a switchhead_moe.py best.pt instead. 2. Pre-training of the
-discriminator (--d_pretrain_iters): embedding, LSTM, linear, sigmoid; D(x) is the probability that x is real text,
-trained with L_D = -mean(log D(real) + log(1 - D(fake))) on --seq_len-token sequences of the corpus and sequences the
-generator samples from a real first token. 3. Adversarial rounds (--adv_rounds), each of --g_steps generator steps
-and --d_steps discriminator steps. A generator step samples sequences, rewards them with r = D(x) (a number, no
-gradient reaches D), subtracts a baseline b (the running mean of the reward) and minimises
+Changes from switchhead_moe.py:
+- --init_from: where the generator starts; scratch is phase 1, MLE pre-training by switchhead_moe's loop (train()),
+  PATH a switchhead_moe.py best.pt (main).
+- --seq_len: the length of the sequences the GAN samples and judges; DataLoader.get_text draws the real ones.
+- cached sampling, the GAN's inner loop: ex4's KVCache, and cached() in both attention modules; GPT.generate feeds
+  one token at a time, and with given completes prefixes of different lengths at once; complete() calls it.
+- the discriminator (--d_embd, --d_hidden, --d_learning_rate, --d_pretrain_iters, --d_steps): Discriminator,
+  discriminator_loss, discriminator_step.
+- REINFORCE (--adv_rounds, --g_steps, --adv_learning_rate, --baseline_decay, --mle_weight, --gan_batch_size):
+  token_logprobs, reinforce_loss, generator_step; --rollouts: per-token rewards, rollout_rewards.
+- quality and diversity (--eval_samples, --adv_eval_interval): References, bleu, self_bleu, text_metrics,
+  evaluate_samples, held_out.
+- three phases in one --out_dir: PHASES, CSVLog's phase column, checkpoint() (the dictionary of every phase),
+  optimizer_step (shared by every phase's step), train_gan (phases 2 and 3); main runs the phases in turn.
+- --block_size 64, --temperature 1 (the distribution the GAN trains).
+
+Three phases, each with its own iteration count. 1. MLE pre-training of the generator (--max_iters). 2. Pre-training
+of the discriminator (--d_pretrain_iters): embedding, LSTM, linear, sigmoid; D(x) is the probability that x is real
+text, trained with L_D = -mean(log D(real) + log(1 - D(fake))) on --seq_len-token sequences of the corpus and
+sequences the generator samples from a real first token. 3. Adversarial rounds (--adv_rounds), each of --g_steps
+generator steps and --d_steps discriminator steps. A generator step samples sequences, rewards them with r = D(x)
+(a number, no gradient reaches D), subtracts a baseline b (the running mean of the reward) and minimises
 L_G = -mean((r - b) * sum_t log p(x_t | x_<t)): samples that fool D become likelier. --rollouts N gives every token
 its own reward, the mean D of N Monte-Carlo completions of its prefix (SeqGAN); --mle_weight adds an MLE loss on a
-real batch to each generator step. Sampling is the GAN's inner loop: it keeps a key/value cache.
-Every evaluation prints the generator's NLL on held-out text, D's accuracy on held-out real and fresh fake text,
-BLEU-2/3/4 of the samples against held-out text (quality) and their self-BLEU-4 (diversity: 1 when all samples are
-alike); samples are printed before and after the adversarial rounds.
-The phases share one --out_dir. ckpt.pt is the latest state, written at every evaluation of every phase and on
-Ctrl-C/SIGTERM: --resume continues from it in whichever phase it was written. best.pt, what --prompt samples from, is
-the best-val model in the MLE phase and the latest generator in the GAN phases: a GAN has no best model.
+real batch to each generator step. Every evaluation prints the generator's NLL on held-out text, D's accuracy on
+held-out real and fresh fake text, BLEU-2/3/4 of the samples against held-out text (quality) and their self-BLEU-4
+(diversity: 1 when all samples are alike). ckpt.pt is the latest state of whichever phase wrote it: --resume
+continues there. best.pt, what --prompt samples from, is the best-val model in the MLE phase and the latest
+generator in the GAN phases: a GAN has no best model.
 
-Run:     python gan_text.py                      (MLE 2000 iterations, D 200 steps, 150 rounds, all at 64 characters:
-                                                 about 15-20 minutes on 2 CPU cores, estimated from short runs)
+Run:     python gan_text.py                      (MLE 2000 iterations, D 200 steps, 150 rounds, all at 64 characters)
 Init:    python switchhead_moe.py --block_size 64 && python gan_text.py --init_from out/switchhead_moe/best.pt
 Compare: python benchmarks/bench_gan.py          (MLE only vs adversarial, temperature sweep, quality-diversity picture)
 Sample:  python gan_text.py --prompt "ROMEO:" --num_samples 3
 Parent:  switchhead_moe.py (diff -u switchhead_moe.py gan_text.py)
-Result:  after 150 adversarial rounds the GAN ties the MLE generator on BLEU-4 at equal self-BLEU (0.063 vs 0.061, within
-         sampling noise) with a worse held-out NLL (1.915 vs 1.895): temperature-tuned MLE is as good (README, Results).
+Result:  no better than temperature-tuned MLE (equal BLEU-4 at equal self-BLEU, worse NLL); 18 min on 1 core (README).
 """
 
 import argparse
@@ -59,7 +70,7 @@ class Config:
     data: str = ""  # a local UTF-8 text file to train on; empty: TinyShakespeare, downloaded into data/
     resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state (of any phase)
     overwrite: bool = False  # start over in an out_dir that holds this script's checkpoint (replaces ckpt.pt and best.pt)
-    init_from: str = ""  # a switchhead_moe.py best.pt to take the generator from instead of MLE pre-training (its architecture wins)
+    init_from: str = "scratch"  # scratch (MLE pre-training here) or a switchhead_moe.py best.pt (its architecture wins)
     eval_interval: int = 250  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 200  # batches per split in each evaluation
     log_interval: int = 10  # print and log the training loss every this many iterations
@@ -101,7 +112,7 @@ class Config:
     g_steps: int = 1  # generator (REINFORCE) steps per round
     d_steps: int = 3  # discriminator steps per round
     gan_batch_size: int = 64  # sequences per generator or discriminator step (real and fake each)
-    adv_learning_rate: float = 3e-5  # generator learning rate in the adversarial rounds, constant (1e-4 raised the val NLL by 0.05 in 12 rounds)
+    adv_learning_rate: float = 3e-5  # generator learning rate in the adversarial rounds, constant
     rollouts: int = 0  # Monte-Carlo completions of each prefix for per-token rewards (SeqGAN); 0: one reward per sequence, D(x)
     baseline_decay: float = 0.9  # the baseline b follows the mean reward: b <- decay * b + (1 - decay) * mean(r)
     mle_weight: float = 0.0  # weight of an MLE loss on a real batch added to each generator step; 0: pure REINFORCE
@@ -165,7 +176,8 @@ def parse_args(argv=None):
         (cfg.d_learning_rate > 0 and cfg.adv_learning_rate > 0 and cfg.mle_weight >= 0, "--d_learning_rate and --adv_learning_rate must be > 0 and --mle_weight >= 0"),
         (0 <= cfg.baseline_decay < 1, f"--baseline_decay {cfg.baseline_decay} must be in [0, 1)"),
         (cfg.adv_eval_interval >= 1 and cfg.eval_samples >= 2, "--adv_eval_interval must be at least 1 and --eval_samples at least 2 (self-BLEU compares samples)"),
-        (not (cfg.resume and cfg.init_from), "--resume continues this script's own checkpoint and --init_from starts from switchhead_moe's: give one"),
+        (not (cfg.resume and cfg.init_from != "scratch"),
+         "--resume continues this script's own checkpoint and --init_from PATH starts from switchhead_moe's: give one"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -269,6 +281,60 @@ class DataLoader:
 # Model
 
 
+def attention(q, k, v, mask=None, flash=True, dropout_p=0.0):
+    """softmax(q k^T / sqrt(hs)) v for q (..., n_head, Tq, hs) and k, v (..., n_head, Tk, hs), fused or written out as
+    in ex1. mask: True where allowed, (Tq, Tk) or (..., 1, Tq, Tk); None is causal (Tq == Tk)."""
+    if flash:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
+    Tq, Tk, hs = q.size(-2), k.size(-2), q.size(-1)
+    if mask is None:
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
+    att = att.masked_fill(~mask, float("-inf"))
+    att = F.dropout(F.softmax(att, dim=-1), dropout_p)
+    return att @ v
+
+
+class KVCache:
+    """One layer's keys and values during generation, for n_kv_head heads only (so MQA's cache is 1/n_head of MHA's).
+    size slots: block_size, or with a window a rolling buffer of W slots where position p lives in slot p % W."""
+
+    def __init__(self, size):
+        self.size, self.pos = size, 0  # pos: tokens seen so far, the position of the next one
+        self.k = self.v = self.k_pos = None  # allocated on first use, with the shape, dtype and device of the keys
+
+    def update(self, k, v):
+        """Store the keys and values of the new tokens; return the keys, values and positions they may attend to."""
+        B, n_kv_head, T, hs = k.shape
+        assert self.pos == 0 or T == 1, "after the prompt, the cache takes one token at a time"
+        if self.k is None:
+            self.k, self.v = (torch.zeros(B, n_kv_head, self.size, hs, dtype=k.dtype, device=k.device) for _ in "kv")
+            self.k_pos = torch.full((self.size,), -1, device=k.device)  # the position held by each slot; -1 empty
+        positions = torch.arange(self.pos, self.pos + T, device=k.device)
+        keep = min(T, self.size)  # a prompt longer than the cache leaves only its last tokens
+        slots = positions[-keep:] % self.size
+        self.k.index_copy_(2, slots, k[:, :, -keep:])
+        self.v.index_copy_(2, slots, v[:, :, -keep:])
+        self.k_pos.index_copy_(0, slots, positions[-keep:])
+        prompt, self.pos = self.pos == 0, self.pos + T
+        if prompt:  # its tokens see each other, computed as without a cache
+            return k, v, positions
+        return self.k, self.v, self.k_pos  # one new token: it sees every filled slot (its window, with a window)
+
+    def nbytes(self):
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+
+def cached(cache, k, v):
+    """Keys and values (B, H, T, D) through a layer's KVCache when sampling, and the mask attention() needs: x's own
+    keys, causal (None), without a cache and for the prompt; for one new token, every filled slot of the cache."""
+    if cache is None:
+        return k, v, None
+    prompt = cache.pos == 0
+    k, v, k_pos = cache.update(k, v)
+    return k, v, None if prompt else (k_pos >= 0)[None]
+
+
 class CausalSelfAttention(nn.Module):
     """Dense attention, the baseline (--n_experts 1): one projection makes q, k, v for every head at once."""
 
@@ -278,8 +344,6 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_head * cfg.head_size, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        # lower-triangular mask: position t may attend to positions 0..t
-        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False)
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
@@ -287,36 +351,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(H * D, dim=2)
         # (B, T, H * D) -> (B, H, T, D)
         q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
-        k, v = extend_cache(cache, k, v, self.mask.size(0))
-        y = attend(q, k, v, self.mask, self.dropout, self.training, self.flash)
+        k, v, mask = cached(cache, k, v)
+        y = attention(q, k, v, mask, self.flash, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, H * D)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
-
-
-def extend_cache(cache, k, v, size):
-    """Sampling with a key/value cache: a list, empty at first, then [keys, values, n] with room for size positions.
-    The new keys and values (B, H, T, D) are written after the n earlier ones; all of them are returned.
-    cache=None: no cache, k and v unchanged."""
-    if cache is None:
-        return k, v
-    if not cache:
-        cache += [k.new_empty(*k.shape[:2], size, k.size(3)), v.new_empty(*v.shape[:2], size, v.size(3)), 0]
-    n = cache[2] + k.size(2)
-    cache[0][:, :, cache[2] : n], cache[1][:, :, cache[2] : n], cache[2] = k, v, n
-    return cache[0][:, :, :n], cache[1][:, :, :n]
-
-
-def attend(q, k, v, mask, dropout, training, flash):
-    """Causal softmax attention of every head, (B, H, T, D) -> (B, H, T, D), fused or written out as in ex1.
-    k and v may hold S > T positions (a cache): the queries are the last T of them."""
-    T, S = q.size(2), k.size(2)
-    if flash:
-        causal = None if T == S else mask[S - T : S, :S]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout if training else 0.0, is_causal=T == S)
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-    att = att.masked_fill(~mask[S - T : S, :S], float("-inf"))
-    att = F.dropout(F.softmax(att, dim=-1), dropout, training)
-    return att @ v
 
 
 def expert_matmul(x, w, idx, gates, src, dst, n_dst):
@@ -362,7 +400,6 @@ class SwitchHeadAttention(nn.Module):
         self.o_experts = nn.Parameter(torch.randn(H, E, D, C) * 0.02 / math.sqrt(2 * cfg.n_layer))  # residual projections, as c_proj
         self.bias = nn.Parameter(torch.zeros(C)) if cfg.bias else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False)
         self.register_buffer("usage", torch.zeros(2, H, E, dtype=torch.long), persistent=False)  # choices counted in eval mode
         self.register_buffer("first_expert", torch.arange(H).view(1, 1, H, 1) * E, persistent=False)  # head h's experts: h*E ...
         self.aux_loss = 0.0  # the load-balancing loss of the last training forward (--gate softmax)
@@ -394,8 +431,9 @@ class SwitchHeadAttention(nn.Module):
         # values: for each source token and head, the gate-weighted sum of its k chosen value experts
         gates, idx = self.route(self.v_router, x, 0)
         v = expert_matmul(x.reshape(B * T, C), self.v_experts.flatten(0, 1), idx.flatten(), gates.flatten(), per_token, per_head, B * T * H)
-        key, v = extend_cache(cache, key, v.view(B, T, H, D).transpose(1, 2), self.mask.size(0))  # values cached after their experts
-        y = attend(q, key, v, self.mask, self.dropout, self.training, self.flash)  # H attention matrices
+        v = v.view(B, T, H, D).transpose(1, 2)
+        key, v, mask = cached(cache, key, v)  # values cached after their experts
+        y = attention(q, key, v, mask, self.flash, self.dropout if self.training else 0.0)  # H attention matrices
         # output: for each destination token, every head's result through that token's k chosen output experts, summed
         gates, idx = self.route(self.o_router, x, 1)
         y = expert_matmul(y.transpose(1, 2).reshape(B * T * H, D), self.o_experts.flatten(0, 1), idx.flatten(), gates.flatten(), per_head, per_token, B * T)
@@ -511,7 +549,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, caches=None):
         B, T = idx.size()
-        pos = caches[0][2] if caches and caches[0] else 0  # the position of idx's first token: the tokens already cached
+        pos = caches[0].pos if caches else 0  # the position of idx's first token: the tokens already in the cache
         assert pos + T <= self.cfg.block_size, f"sequence of {pos + T} tokens is longer than block_size {self.cfg.block_size}"
         x = self.drop(self.wte(idx) + self.wpe(torch.arange(pos, pos + T, device=idx.device)))
         for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
@@ -540,10 +578,20 @@ class GPT(nn.Module):
         return flops_per_token * tokens_per_sec / peak
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
-        """Append max_new_tokens tokens to idx (B, T), each sampled from the model's next-token distribution."""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.block_size :])  # the model sees at most block_size tokens
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, given=None):
+        """Append max_new_tokens tokens to idx (B, T), each sampled from the model's next-token distribution. It is
+        the GAN's inner loop: only the newest token is fed, the keys and values of the others wait in a KVCache per
+        layer. given (B,): row b keeps only its first given[b] tokens of idx and samples the rest of idx too, so that
+        prefixes of different lengths are completed together (SeqGAN's rollouts); None: all of idx is kept."""
+        T, n = idx.size(1), self.cfg.block_size  # the model sees at most block_size tokens
+        given = torch.full((idx.size(0),), T, device=idx.device) if given is None else given
+        out, caches = idx[:, : int(given.min())], None
+        for t in range(out.size(1), T + max_new_tokens):
+            if caches is not None and caches[0].pos < n:
+                logits, _ = self(out[:, -1:], caches=caches)
+            else:  # the prompt, or a full context that must be re-read from a later first token
+                caches = [KVCache(n) for _ in self.blocks]
+                logits, _ = self(out[:, -n:], caches=caches)
             logits = logits[:, -1, :]
             if temperature == 0:  # greedy
                 idx_next = logits.argmax(dim=-1, keepdim=True)
@@ -553,8 +601,10 @@ class GPT(nn.Module):
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = float("-inf")
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+            if t < T:  # a position of idx: the rows whose given prefix holds it keep their token
+                idx_next = torch.where(given[:, None] > t, idx[:, t : t + 1], idx_next)
+            out = torch.cat((out, idx_next), dim=1)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -564,9 +614,8 @@ class GPT(nn.Module):
 class Discriminator(nn.Module):
     """An LSTM classifier: embedding, LSTM, linear, sigmoid. D(x) is the probability that the token sequence x (B, T)
     is real text; logit(x) is the same number before the sigmoid. The linear layer reads the LSTM's outputs
-    max-pooled over time, as SeqGAN's CNN discriminator pools its features: every position gets a gradient, and
-    on TinyShakespeare it learns faster than from the last hidden state alone (about 0.64 against 0.54 held-out
-    accuracy after 112 steps of 64 on MLE samples). It is small and runs in float32 even under autocast."""
+    max-pooled over time, as SeqGAN's CNN discriminator pools its features: every position gets a gradient, not only
+    through the last hidden state. It is small and runs in float32 even under autocast."""
 
     def __init__(self, cfg, vocab_size):
         super().__init__()
@@ -594,22 +643,11 @@ def discriminator_loss(disc, real, fake):
 @torch.no_grad()
 def complete(model, seqs, given, temperature=1.0):
     """Sample the tokens of seqs (B, T) after the first given ones (a number, or one per row, at least 1) from the
-    generator, left to right, keeping the given ones: the GAN's fakes (given 1: a real first token) and SeqGAN's
-    rollouts (given t + 1: a sampled prefix). The sampling is the GAN's inner loop, so keys and values are cached
-    and each step runs one token per row. Eval mode: dropout does not change the distribution. Returns a copy."""
+    generator, keeping the given ones: the GAN's fakes (given 1: a real first token) and SeqGAN's rollouts (given
+    t + 1: a sampled prefix). Eval mode: dropout does not change the distribution. Returns a new tensor."""
     training = model.training
     model.eval()
-    seqs = seqs.clone()
-    given = torch.as_tensor(given, device=seqs.device).expand(seqs.size(0))
-    caches = [[] for _ in model.blocks]
-    start = int(given.min())
-    logits, _ = model(seqs[:, :start], caches=caches)
-    for t in range(start, seqs.size(1)):
-        logits = logits[:, -1].float()
-        new = logits.argmax(-1) if temperature == 0 else torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)[:, 0]
-        seqs[:, t] = torch.where(given > t, seqs[:, t], new)
-        if t + 1 < seqs.size(1):
-            logits, _ = model(seqs[:, t : t + 1], caches=caches)
+    seqs = model.generate(seqs, 0, temperature, given=torch.as_tensor(given, device=seqs.device).expand(seqs.size(0)))
     model.train(training)
     return seqs
 
@@ -781,18 +819,17 @@ def estimate_loss(model, loader, cfg, autocast):
     return out
 
 
-def load_checkpoint(path, device, script=SCRIPT):
-    """A checkpoint written by script: this one (--resume, --prompt), or switchhead_moe for --init_from."""
-    where = "point --out_dir at the folder a run wrote" if script == SCRIPT else "give --init_from the best.pt it wrote"
+def load_checkpoint(path, device, scripts=(SCRIPT,)):
+    """A checkpoint written by one of scripts: this one, or the script whose model a later stage starts from."""
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train first (python {script}.py) or {where}")
+        die(f"no checkpoint at {path}; train first (python {scripts[0]}.py), or give the folder or path a run wrote")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+    if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
         found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        die(f"{path} was written by {found}, not {script}; use that script, or {where}")
+        die(f"{path} was written by {found}, not {' or '.join(scripts)}; use that script, or another --out_dir")
     return ckpt
 
 
@@ -879,8 +916,33 @@ class CSVLog:
         self.f.flush()
 
 
+def checkpoint(cfg, tok, device, phase, it, model, optimizer, disc, d_optimizer, baseline, best_val, gen):
+    """Everything --resume needs to continue at step it of phase: both models, the optimizers of the phase (None: none
+    yet), the baseline, the MLE phase's best val loss and the random states."""
+    return {
+        "script": SCRIPT, "phase": phase, "model": model.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(), "discriminator": disc.state_dict(),
+        "d_optimizer": None if d_optimizer is None else d_optimizer.state_dict(), "baseline": baseline,
+        "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "tokenizer": tok.name, "vocab": tok.chars,
+        "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }  # fmt: skip
+
+
+def optimizer_step(optimizer, params, cfg, scaler=None):
+    """Clip the gradient norm, update the weights, zero the gradients; scaler: the GradScaler that scaled the loss."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
+    if cfg.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
     """Phase 1: MLE pre-training of the generator, switchhead_moe.py's loop (the checkpoint also holds D, untrained)."""
+    # set up: the optimizer, the batch generator, and on --resume everything the checkpoint restores
     raw_model = model
     optimizer = model.configure_optimizer(cfg, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
@@ -909,13 +971,7 @@ def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
     print(f"tokens per iteration: {tokens_per_iter:,}")
 
     def state(it):  # everything --resume needs to continue at iteration it
-        return {
-            "script": SCRIPT, "phase": "mle", "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "discriminator": disc.state_dict(), "d_optimizer": None, "baseline": None,
-            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
-            "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }  # fmt: skip
+        return checkpoint(cfg, tok, device, "mle", it, raw_model, optimizer, disc, None, None, best_val, gen)
 
     t0, t_start, dts = time.time(), time.time(), []
     for it in range(iter_num, cfg.max_iters + 1):
@@ -952,12 +1008,7 @@ def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
                 loss = loss / cfg.gradient_accumulation_steps  # the sum over micro-batches is the mean
             scaler.scale(loss).backward()
         # step: clip the gradient norm, update the weights
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, model.parameters(), cfg, scaler)
 
         # log: the iteration's time, and every log_interval a line and a row of log.csv
         t1 = time.time()
@@ -976,24 +1027,13 @@ def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
     return best_val
 
 
-def optimizer_step(loss, optimizer, params, cfg, scaler=None):
-    """Backward, clip, step, zero: one update of the parameters the optimizer holds (a GradScaler for float16)."""
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
-    scaler.scale(loss).backward()
-    if cfg.grad_clip:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def discriminator_step(model, disc, d_optimizer, real, cfg, autocast=nullcontext()):
     """One step of D on the real sequences (B, T) and as many fakes, sampled without a gradient. Returns L_D."""
     with autocast:
         fake = complete(model, real, 1)
     loss = discriminator_loss(disc, real, fake)
-    optimizer_step(loss, d_optimizer, disc.parameters(), cfg)
+    loss.backward()
+    optimizer_step(d_optimizer, disc.parameters(), cfg)
     return loss.item()
 
 
@@ -1010,7 +1050,8 @@ def generator_step(model, disc, optimizer, real, cfg, baseline, autocast=nullcon
         loss = reinforce_loss(token_logprobs(model, fake), rewards, b)
         if mle_batch is not None:
             loss = loss + cfg.mle_weight * model(*mle_batch)[1]
-    optimizer_step(loss, optimizer, model.parameters(), cfg, scaler)
+    (loss if scaler is None else scaler.scale(loss)).backward()  # a GradScaler for float16
+    optimizer_step(optimizer, model.parameters(), cfg, scaler)
     return cfg.baseline_decay * b + (1 - cfg.baseline_decay) * reward, reward
 
 
@@ -1041,6 +1082,7 @@ def train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ck
     """Phases 2 and 3: discriminator pre-training, then adversarial rounds. An evaluation every adv_eval_interval steps
     or rounds saves ckpt.pt, the latest state, and best.pt, the latest generator: a GAN has no best model
     (no one number ranks its generators). Both carry best_val, the MLE phase's best val loss."""
+    # set up: both optimizers, the batch generator, and on --resume everything the checkpoint restores
     g_optimizer = model.configure_optimizer(cfg, device.type)
     for group in g_optimizer.param_groups:
         group["lr"] = cfg.adv_learning_rate
@@ -1072,14 +1114,8 @@ def train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ck
           f" rewards {'per token, ' + str(cfg.rollouts) + ' rollouts per prefix' if cfg.rollouts else 'per sequence, D(x)'}")  # fmt: skip
 
     def state(name, it):  # everything --resume needs to continue at step it of phase name
-        return {
-            "script": SCRIPT, "phase": name, "model": model.state_dict(),
-            "optimizer": g_optimizer.state_dict() if name == "adversarial" else None,
-            "discriminator": disc.state_dict(), "d_optimizer": d_optimizer.state_dict(), "baseline": baseline,
-            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars,
-            "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }  # fmt: skip
+        g_opt = g_optimizer if name == "adversarial" else None
+        return checkpoint(cfg, tok, device, name, it, model, g_opt, disc, d_optimizer, baseline, best_val, gen)
 
     for name in PHASES[PHASES.index(phase) :]:
         steps, lr = (cfg.d_pretrain_iters, cfg.d_learning_rate) if name == "d_pretrain" else (cfg.adv_rounds, cfg.adv_learning_rate)
@@ -1092,7 +1128,7 @@ def train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ck
                 save_checkpoint(ckpt_path, state(name, it))
                 print(f"stopped: {ckpt_path} holds {name} step {it}; continue with --resume", file=sys.stderr)
                 sys.exit(130)
-            # (round 0 holds the same models as the end of phase 2, evaluated there)
+            # evaluate and save: ckpt.pt and best.pt (round 0 holds the models of the end of phase 2, evaluated there)
             if (it == steps or it % cfg.adv_eval_interval == 0) and not (name == "adversarial" and it == 0):
                 losses = estimate_loss(model, loader, cfg, autocast)
                 m, _ = evaluate_samples(model, disc, real_eval, refs, tok, cfg, autocast)
@@ -1112,6 +1148,7 @@ def train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ck
             if it == steps:
                 break
 
+            # step: the generator's REINFORCE steps (adversarial rounds only), then the discriminator's
             reward = None
             if name == "adversarial":
                 for _ in range(cfg.g_steps):
@@ -1122,6 +1159,7 @@ def train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ck
             d_losses = [discriminator_step(model, disc, d_optimizer, loader.get_text("train", cfg.gan_batch_size, gen), cfg, autocast) for _ in range(d_steps)]
             d_loss = sum(d_losses) / len(d_losses) if d_losses else float("nan")
 
+            # log: the step's time, and every log_interval a line and a row of log.csv
             t1 = time.time()
             dt, t0 = t1 - t0, t1
             if it % cfg.log_interval == 0:
@@ -1130,6 +1168,8 @@ def train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ck
                     line += f" | reward {reward:.4f} (baseline {baseline:.4f})"
                 print(f"{line} | {dt * 1000:.1f} ms")
                 log.write(iter=it, lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}", d_loss=f"{d_loss:.4f}", reward="" if reward is None else f"{reward:.4f}")
+    if cfg.wandb:
+        wandb.finish()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1165,8 +1205,8 @@ def main(argv=None):
         resume_config(cfg, ckpt["config"], RESUMED)
     else:
         check_out_dir(cfg.out_dir, cfg.overwrite)
-        if cfg.init_from:  # the generator from switchhead_moe.py: its architecture and vocabulary
-            init = load_checkpoint(cfg.init_from, device, script="switchhead_moe")
+        if cfg.init_from != "scratch":  # the generator from switchhead_moe.py: its architecture and vocabulary
+            init = load_checkpoint(cfg.init_from, device, scripts=("switchhead_moe",))
             for name in ("n_layer", "n_head", "n_embd", "head_size", "n_experts", "moe_k", "gate", "block_size", "bias"):
                 setattr(cfg, name, init["config"][name])
     if cfg.seq_len > cfg.block_size:

@@ -1,21 +1,22 @@
 """
 rnn_lm.py: the same character-level language model with the transformer replaced by a recurrent network.
 
-A child of ex1_gpt.py: the same data, batches, training loop, checkpoints and sampling. The model reads one token
-at a time and keeps a fixed-size state instead of attending to the whole context: an Elman network written out by
-hand, h_t = slide(W_hh h_{t-1} + W_hx x_t + b_h) with slide(a) = min(1, max(0, a)) (or tanh), or LSTM or GRU from
-torch.nn; trained with backpropagation through time over the block and gradient clipping. With --stateful every
-batch row continues the text where the last batch stopped and the state is carried over, detached (truncated BPTT).
---bidirectional also reads backwards: it sees the next token, so its loss collapses and its samples are nonsense.
-Sampling carries the state: one step per token, the prefix never recomputed.
+Changes from ex1_gpt.py:
+- The model is a recurrent network (--cell elman|lstm|gru, --activation slide|tanh, --n_hidden): slide(), ElmanLayer
+  and Elman write out h_t = act(W_hh h_{t-1} + W_hx x_t + b_h) with slide(a) = min(1, max(0, a)), LSTM and GRU come
+  from torch.nn; RNNLM takes the place of CausalSelfAttention, MLP, Block and GPT, its forward also returns the state,
+  and RNNLM.generate carries that state: the prompt is read once, then one step per token.
+- --bidirectional also reads every sequence backwards (Elman, or torch's bidirectional=True): it sees the next token,
+  so its loss collapses and its samples are nonsense, which BIDIRECTIONAL_NOTE says when it trains or samples.
+- --stateful (truncated BPTT): row b of every batch continues stream b where the last batch stopped
+  (DataLoader.next_chunk), and train() carries the state over, detached (detach()), and saves it with the checkpoint.
 
 Run:     python rnn_lm.py                           (2000 iterations of a 0.8M-parameter LSTM on the CPU)
 Cells:   python rnn_lm.py --cell elman --n_hidden 832 [--activation tanh]   or   --cell gru --n_hidden 472  (0.80M each)
 Leak:    python rnn_lm.py --bidirectional --out_dir out/rnn_lm_bidirectional
 Sample:  python rnn_lm.py --prompt "ROMEO:" --num_samples 3
 Parent:  ex1_gpt.py (diff -u ex1_gpt.py rnn_lm.py)
-Result:  in a 90 s budget on one core (python benchmarks/bench_rnn.py --threads 1): LSTM val 1.594 (1676 iterations),
-         GRU 1.639, Elman-tanh 1.714, Elman-slide 1.805, against ex1's transformer at 2.186 (README, Results).
+Result:  in 90 s of training on one core, LSTM val 1.594 against 2.186 for ex1's transformer (README, Results).
 """
 
 import argparse
@@ -38,7 +39,6 @@ from torch.nn import functional as F
 SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-BIDIRECTIONAL_NOTE = "note: --bidirectional has read token t+1 (backwards) when it predicts it: its loss collapses, but it is not a language model and its samples are nonsense"
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Config:
     # model
     cell: str = "lstm"  # recurrent cell: elman (written out by hand), lstm or gru (torch.nn)
     activation: str = "slide"  # the Elman cell's nonlinearity: slide (min(1, max(0, a))) or tanh
-    n_layer: int = 1  # stacked recurrent layers (one wide layer learns faster on the CPU than two narrow ones)
+    n_layer: int = 1  # stacked recurrent layers
     n_embd: int = 64  # token embedding width: the input x_t of the first layer
     n_hidden: int = 408  # hidden state size per layer and direction (408: 0.80M parameters with lstm, as ex1)
     block_size: int = 64  # tokens per training sequence: backpropagation through time runs over this many steps
@@ -115,7 +115,6 @@ def parse_args(argv=None):
         (cfg.n_layer >= 1 and cfg.n_embd >= 1 and cfg.n_hidden >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_embd, --n_hidden, --block_size and --batch_size must be at least 1"),
         (cfg.cell in ("elman", "lstm", "gru"), f"--cell {cfg.cell} is not one of elman, lstm, gru"),
         (cfg.activation in ("slide", "tanh"), f"--activation {cfg.activation} is not one of slide, tanh"),
-        (not (cfg.bidirectional and cfg.stateful), "--bidirectional cannot be --stateful: the backward direction starts at the end of each chunk, so it has no state to carry; drop one of them"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
         (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
@@ -632,6 +631,10 @@ def sample(model, tok, cfg, device, autocast, prompt):
         print(f"--- sample {i + 1} ---\n{tok.decode(row)}")
 
 
+BIDIRECTIONAL_NOTE = ("note: --bidirectional has read token t+1 (backwards) when it predicts it: its loss collapses, "
+                      "but it is not a language model and its samples are nonsense")
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     device, autocast = setup_device(cfg)
@@ -651,10 +654,11 @@ def main(argv=None):
     if cfg.resume:
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
         resume_config(cfg, ckpt["config"], RESUMED)
-        if cfg.bidirectional and cfg.stateful:
-            die("--stateful cannot resume a --bidirectional checkpoint; drop --stateful")
     else:
         check_out_dir(cfg.out_dir, cfg.overwrite)
+    if cfg.bidirectional and cfg.stateful:  # checked here: --resume takes --bidirectional from the checkpoint
+        die("--bidirectional cannot be --stateful: the backward direction starts at the end of each chunk, so it has no "
+            "state to carry; drop one of them")
     text = load_text(cfg)
     tok = CharTokenizer(ckpt["vocab"] if ckpt else sorted(set(text)))
     ids = torch.tensor(tok.encode(text), dtype=torch.long)

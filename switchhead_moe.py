@@ -1,6 +1,18 @@
 """
 switchhead_moe.py: the GPT of ex1 with SwitchHead attention, a mixture of experts inside self-attention.
 
+Changes from ex1_gpt.py:
+- --n_experts 1 --head_size: the dense baseline, CausalSelfAttention with any head width; attention() is the
+  softmax attention (fused with --flash, or written out) that both attention modules call.
+- --n_experts, --moe_k: SwitchHeadAttention gives each head value and output experts, computed by expert_matmul;
+  matched_head_size sets the default --head_size (no more parameters than dense); GPT.num_params(active=True).
+- --gate, --balance_coef: the routers, SwitchHeadAttention.route; --gate softmax adds load_balancing_loss in
+  GPT.forward.
+- the paper's cost accounting, printed at start-up: attention_cost, cost_report.
+- expert use at every evaluation: counted in SwitchHeadAttention.route, reset in estimate_loss, printed by
+  expert_usage in train().
+- --block_size 256 (ex1: 64), where attention's cost shows.
+
 SwitchHead (Csordás, Piękos, Irie, Schmidhuber, NeurIPS 2024, arXiv 2312.07987) keeps a few attention heads
 (--n_head, 2 here) and gives each head --n_experts value projections and as many output projections. Queries
 and keys stay dense. For every token and head a router picks the --moe_k experts with the largest sigmoid gates
@@ -8,21 +20,14 @@ and keys stay dense. For every token and head a router picks the --moe_k experts
 destination token, whose result it reads out, and the chosen experts' outputs are summed, weighted by their
 gates. Only n_head attention matrices are computed, yet the model has as many projection parameters as a dense
 model with n_head * n_experts heads. --gate softmax is the Switch Transformer router instead (arg-max expert,
-load-balancing loss). --n_experts 1 is the dense baseline: ex1's multi-head attention with --n_head heads.
-At start-up the script prints the paper's cost accounting (multiply-accumulates and floats of memory) for one
-attention layer, against the dense model with n_head * n_experts heads; each evaluation shows how often each
-expert is chosen.
+load-balancing loss).
 
-Run:     python switchhead_moe.py                   (2000 iterations at block 256, about 17 minutes on one CPU core,
-                                                    from the benchmark's runs: 620 s of steps, 9 evaluations of 47 s)
+Run:     python switchhead_moe.py                   (2000 iterations at block 256 on the CPU)
 Dense:   python switchhead_moe.py --n_experts 1 --n_head 8     (the baseline with n_head * n_experts heads)
 Compare: python benchmarks/bench_switchhead.py --jobs 2   (SwitchHead, dense 8-head, dense 2-head; 3 seeds each)
 Sample:  python switchhead_moe.py --prompt "ROMEO:" --num_samples 3
 Parent:  ex1_gpt.py (diff -u ex1_gpt.py switchhead_moe.py)
-Result:  at block 256, 2000 iterations, 3 seeds: val 1.8257 against 1.7742 for the dense 8-head model (+2.9%)
-         and 1.7832 for the dense 2-head one, at 48% of the attention MACs and 27% of the attention memory.
-         At this size, using 2 of the 4 experts and the narrower queries and keys cost about 0.02 each,
-         and 2 heads lose nothing to 8 (README, Results).
+Result:  val 1.826 against the dense 8-head model's 1.774 at 48% of its attention MACs; 17 min on 1 core (README).
 """
 
 import argparse
@@ -232,6 +237,20 @@ class DataLoader:
 # Model
 
 
+def attention(q, k, v, mask=None, flash=True, dropout_p=0.0):
+    """softmax(q k^T / sqrt(hs)) v for q (..., n_head, Tq, hs) and k, v (..., n_head, Tk, hs), fused or written out as
+    in ex1. mask: True where allowed, (Tq, Tk) or (..., 1, Tq, Tk); None is causal (Tq == Tk)."""
+    if flash:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
+    Tq, Tk, hs = q.size(-2), k.size(-2), q.size(-1)
+    if mask is None:
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
+    att = att.masked_fill(~mask, float("-inf"))
+    att = F.dropout(F.softmax(att, dim=-1), dropout_p)
+    return att @ v
+
+
 class CausalSelfAttention(nn.Module):
     """Dense attention, the baseline (--n_experts 1): one projection makes q, k, v for every head at once."""
 
@@ -241,8 +260,6 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_head * cfg.head_size, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        # lower-triangular mask: position t may attend to positions 0..t
-        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False)
 
     def forward(self, x):
         B, T, C = x.size()
@@ -250,20 +267,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(H * D, dim=2)
         # (B, T, H * D) -> (B, H, T, D)
         q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
-        y = attend(q, k, v, self.mask, self.dropout, self.training, self.flash)
+        y = attention(q, k, v, None, self.flash, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, H * D)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
-
-
-def attend(q, k, v, mask, dropout, training, flash):
-    """Causal softmax attention of every head, (B, H, T, D) -> (B, H, T, D), fused or written out as in ex1."""
-    if flash:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if training else 0.0, is_causal=True)
-    T = q.size(2)
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-    att = att.masked_fill(~mask[:T, :T], float("-inf"))
-    att = F.dropout(F.softmax(att, dim=-1), dropout, training)
-    return att @ v
 
 
 def expert_matmul(x, w, idx, gates, src, dst, n_dst):
@@ -309,7 +315,6 @@ class SwitchHeadAttention(nn.Module):
         self.o_experts = nn.Parameter(torch.randn(H, E, D, C) * 0.02 / math.sqrt(2 * cfg.n_layer))  # residual projections, as c_proj
         self.bias = nn.Parameter(torch.zeros(C)) if cfg.bias else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False)
         self.register_buffer("usage", torch.zeros(2, H, E, dtype=torch.long), persistent=False)  # choices counted in eval mode
         self.register_buffer("first_expert", torch.arange(H).view(1, 1, H, 1) * E, persistent=False)  # head h's experts: h*E ...
         self.aux_loss = 0.0  # the load-balancing loss of the last training forward (--gate softmax)
@@ -341,7 +346,8 @@ class SwitchHeadAttention(nn.Module):
         # values: for each source token and head, the gate-weighted sum of its k chosen value experts
         gates, idx = self.route(self.v_router, x, 0)
         v = expert_matmul(x.reshape(B * T, C), self.v_experts.flatten(0, 1), idx.flatten(), gates.flatten(), per_token, per_head, B * T * H)
-        y = attend(q, key, v.view(B, T, H, D).transpose(1, 2), self.mask, self.dropout, self.training, self.flash)  # H attention matrices
+        v = v.view(B, T, H, D).transpose(1, 2)
+        y = attention(q, key, v, None, self.flash, self.dropout if self.training else 0.0)  # H attention matrices
         # output: for each destination token, every head's result through that token's k chosen output experts, summed
         gates, idx = self.route(self.o_router, x, 1)
         y = expert_matmul(y.transpose(1, 2).reshape(B * T * H, D), self.o_experts.flatten(0, 1), idx.flatten(), gates.flatten(), per_head, per_token, B * T)

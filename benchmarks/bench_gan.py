@@ -24,16 +24,14 @@ Steps, each a fresh process as a user would run it, with its output under out/be
      gan_text.py's own functions. Each generator is sampled at every --temperatures value; temperature 1 is the
      distribution the GAN trained. Real text (train-split sequences, scored the same way) marks the target.
      The sampling noise is shown by scoring the MLE generator at temperature 1 with a second seed.
-  4. A picture, out/bench_gan/quality_diversity.png: BLEU-4 and BLEU-2 against self-BLEU, one curve per generator
+  4. A picture, benchmarks/pictures/gan_quality_diversity.png: BLEU-4 and BLEU-2 against self-BLEU, one curve per generator
      over the temperatures, real text as a star. The verdict compares the GAN at temperature 1 with the MLE curve
      at the same self-BLEU-4 (linear interpolation between temperatures): the higher BLEU-4 wins.
 It prints markdown tables for the README.
 """
 
 import argparse
-import csv
 import os
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -43,23 +41,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import gan_text as gan  # noqa: E402  (importing it trains nothing)
+from common import PICTURES, read_log, run  # noqa: E402
 
 OUT = os.path.join(ROOT, "out", "bench_gan")
 
 
-def run(cmd, log_path):
-    """Run cmd with its output in log_path; stop the benchmark if it fails."""
-    t = time.time()
-    with open(log_path, "w") as log:
-        status = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-    if status != 0:
-        with open(log_path) as f:
-            sys.exit(f"{' '.join(cmd)} failed (exit {status}):\n{f.read()[-3000:]}")
-    return time.time() - t
-
-
 def load_generator(path, script):
-    ckpt = gan.load_checkpoint(path, torch.device("cpu"), script=script)
+    ckpt = gan.load_checkpoint(path, torch.device("cpu"), scripts=(script,))
     model = gan.GPT(gan.Config(**{k: v for k, v in ckpt["config"].items() if k in gan.Config.__dataclass_fields__}), len(ckpt["vocab"]))
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt["vocab"]
@@ -110,11 +98,11 @@ def main():
         os.makedirs(d, exist_ok=True)
     cmd = [sys.executable, os.path.join(ROOT, "switchhead_moe.py"), *common, *mle_flags, "--out_dir", mle_dir, "--overwrite"]
     print(f"MLE: {' '.join(cmd[1:])}", flush=True)
-    t_mle = run(cmd, os.path.join(mle_dir, "stdout.txt"))
+    _, t_mle, _ = run(cmd, log_path=os.path.join(mle_dir, "stdout.txt"))
     print(f"  {t_mle / 60:.1f} min", flush=True)
     cmd = [sys.executable, os.path.join(ROOT, "gan_text.py"), *common, *gan_flags, *extra, "--init_from", os.path.join(mle_dir, "best.pt"), "--out_dir", gan_dir, "--overwrite"]
     print(f"GAN: {' '.join(cmd[1:])}", flush=True)
-    t_gan = run(cmd, os.path.join(gan_dir, "stdout.txt"))
+    _, t_gan, _ = run(cmd, log_path=os.path.join(gan_dir, "stdout.txt"))
     print(f"  {t_gan / 60:.1f} min", flush=True)
 
     # 3: both generators, measured the same way
@@ -153,8 +141,7 @@ def main():
         diffs = ", ".join(f"{label} {noise[k]:.3f} ({noise[k] - base[k]:+.3f})" for label, k in (("BLEU-2", "bleu2"), ("BLEU-4", "bleu4"), ("self-BLEU-4", "self_bleu4")))
         print(f"sampling noise: MLE at T=1 with another seed: {diffs}")
 
-    with open(os.path.join(gan_dir, "log.csv"), newline="") as f:
-        evals = [r for r in csv.DictReader(f) if r["phase"] != "mle" and r["bleu4"]]
+    evals = [r for r in read_log(gan_dir) if r["phase"] != "mle" and r["bleu4"]]
     gan_cfg = torch.load(os.path.join(gan_dir, "ckpt.pt"), weights_only=True)["config"]
     print(f"\nDiscriminator and generator over the GAN's phases (gan_text.py's evaluations: {gan_cfg['eval_samples']} samples at temperature 1)")
     print("| phase | step | D accuracy real | D accuracy fake | NLL val | BLEU-4 | self-BLEU-4 |")
@@ -184,7 +171,7 @@ def main():
     corpus = os.path.basename(args.data) if args.data else "TinyShakespeare"
     fig.suptitle(f"{corpus}, {args.samples} samples of 64 characters: MLE generator vs after {gan_cfg['adv_rounds']} adversarial rounds")
     fig.tight_layout()
-    png = os.path.join(OUT, "quality_diversity.png")
+    png = os.path.join(OUT if args.quick else PICTURES, "gan_quality_diversity.png")  # a quick run keeps the README's
     fig.savefig(png, dpi=120)
     print(f"\npicture: {png}")
 

@@ -32,10 +32,8 @@ process that only imports torch); on CUDA torch.cuda.max_memory_allocated of the
 
 import argparse
 import concurrent.futures
-import csv
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
@@ -43,6 +41,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import switchhead_moe as sh  # noqa: E402  (importing it trains nothing)
+from common import read_log, run  # noqa: E402
 
 MODELS = {
     "switchhead": ["--n_head", "2", "--n_experts", "4", "--moe_k", "2"],
@@ -58,16 +57,7 @@ if torch.cuda.is_available():
 """
 
 
-def run(cmd, log_path, env=None):
-    """Run cmd with its output in log_path; its exit status and peak resident memory in MB (this process only)."""
-    with open(log_path, "w") as log:
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, usage.ru_maxrss / 1024  # ru_maxrss is in kB on Linux
-
-
-def run_model(name, seed, args, extra, env):
+def run_model(name, seed, args, extra, threads):
     out_dir = os.path.join(ROOT, "out", "bench_switchhead", f"{name.replace(' ', '_')}-{seed}")
     os.makedirs(out_dir, exist_ok=True)
     flags = MODELS[name] + [
@@ -75,14 +65,9 @@ def run_model(name, seed, args, extra, env):
         "--eval_iters", str(args.eval_iters), "--eval_interval", str(max(1, args.max_iters)), "--device", args.device,
         "--max_new_tokens", "0", *extra,
     ]  # fmt: skip
-    stdout_path = os.path.join(out_dir, "stdout.txt")
-    status, rss_mb = run([sys.executable, "-c", RUNNER, os.path.join(ROOT, "switchhead_moe.py"), *flags], stdout_path, env)
-    with open(stdout_path) as f:
-        printed = f.read()
-    if status != 0:
-        sys.exit(f"{name} --seed {seed} failed (exit {status}):\n{printed[-2000:]}")
-    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))
+    cmd = [sys.executable, "-c", RUNNER, os.path.join(ROOT, "switchhead_moe.py"), *flags]
+    printed, _, rss_mb = run(cmd, threads, log_path=os.path.join(out_dir, "stdout.txt"))
+    rows = read_log(out_dir)
     ms = [float(r["ms_per_iter"]) for r in rows if r["ms_per_iter"]]
     cuda = [line.split()[1] for line in printed.splitlines() if line.startswith("peak_cuda_bytes")]
     return {
@@ -113,11 +98,11 @@ def main():
     if args.jobs > 1:  # parallel runs at full threads each would thrash the cores
         env.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // args.jobs)))
     print(f"(torch threads: OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores, {args.jobs} run(s) at a time)", flush=True)
-    _, floor = run([sys.executable, "-c", "import torch"], os.devnull)
+    _, _, floor = run([sys.executable, "-c", "import torch"])
 
     runs = [(name, seed) for name in args.models for seed in args.seeds]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the child processes
-        futures = [pool.submit(run_model, name, seed, args, extra, env) for name, seed in runs]
+        futures = [pool.submit(run_model, name, seed, args, extra, env.get("OMP_NUM_THREADS")) for name, seed in runs]
         for f in concurrent.futures.as_completed(futures):
             (name, seed), r = runs[futures.index(f)], f.result()
             print(f"  {name:<13} seed {seed}: val {r['val']:.4f} | {r['ms']:.1f} ms/iter | peak {r['mem_mb']:.0f} MB", flush=True)

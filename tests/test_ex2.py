@@ -1,3 +1,7 @@
+"""ex2_addition.py: the problem layout (answer reversed), a held-out split disjoint from training, the prompt masked
+from the loss, greedy-decoding accuracy (answers that are not numbers count as wrong), and runs through main with
+--prompt, --resume, --test_problems and Ctrl-C."""
+
 import os
 import signal
 from dataclasses import fields
@@ -19,8 +23,10 @@ def loader(digits, batch_size=64):
 def test_problem_layout():
     rows = ex2.make_problems(torch.tensor([123 * 1000 + 456, 999 * 1000 + 999, 7]), 3)
     assert [TOK.decode(r.tolist()) for r in rows] == ["123+456=9750", "999+999=8991", "000+007=7000"]
-    assert ex2.answer(rows[0, 8:], TOK) == "579" and ex2.answer(rows[2, 8:], TOK) == "7"
-    assert ex2.Config(digits=3).block_size == rows.shape[1] - 1
+    cfg = ex2.Config(digits=3)
+    assert TOK.decode(rows[0, : cfg.answer_start].tolist()) == "123+456="  # the prompt ends where the answer starts
+    assert ex2.answer(rows[0, cfg.answer_start :], TOK) == "579" and ex2.answer(rows[2, cfg.answer_start :], TOK) == "7"
+    assert cfg.block_size == rows.shape[1] - 1
 
 
 @pytest.mark.parametrize("digits", [1, 3, 5])

@@ -1,7 +1,9 @@
-"""gan_text.py: the REINFORCE step follows the sign of the advantage, rewards are detached, rollouts (and the cached
-sampling under them) match the plain generate, the discriminator separates a toy set, BLEU and self-BLEU, and a smoke
-run through main with every phase, checkpoint, resume, --prompt and --init_from."""
+"""gan_text.py: the code it shares is its parents' (attention, KVCache, the load-balancing loss, expert use), cached
+sampling equals the full forward and an uncached loop, the REINFORCE step follows the sign of the advantage, rewards
+are detached, rollouts match generate from each prefix alone, the discriminator separates a toy set, BLEU and
+self-BLEU, and runs through main with every phase, checkpoint, exact resume, --prompt and --init_from scratch|PATH."""
 
+import inspect
 import math
 import os
 import signal
@@ -9,10 +11,11 @@ import signal
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_causal, read_log, user_error
 
+import ex4_mqa_swiglu as ex4
 import gan_text as gan
 import switchhead_moe as sh
+from conftest import assert_causal, read_log, user_error
 
 TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--seq_len", "12",
         "--batch_size", "4", "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "1", "--learning_rate", "1e-2",
@@ -46,20 +49,56 @@ def same(module, before):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# One name per idea: the parents' code, word for word
+
+
+@pytest.mark.parametrize("name,parent", [("attention", sh), ("load_balancing_loss", sh), ("expert_usage", sh),
+                                         ("expert_matmul", sh), ("KVCache", ex4)])  # fmt: skip
+def test_shared_code_is_the_parents(name, parent):
+    assert inspect.getsource(getattr(gan, name)) == inspect.getsource(getattr(parent, name))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The generator: cached sampling, REINFORCE
 
 
-@pytest.mark.parametrize("n_experts,flash", [(4, True), (4, False), (1, True)])
+@pytest.mark.parametrize("n_experts,flash", [(4, True), (4, False), (1, True), (1, False)])
 def test_cached_steps_equal_the_full_forward(n_experts, flash):
     cfg, model, _ = tiny(n_experts=n_experts, flash=flash, head_size=8 if n_experts > 1 else 16)
     model.eval()
     idx = torch.randint(11, (3, 10))
     full, _ = model(idx)
-    caches = [[] for _ in model.blocks]
-    steps = [model(idx[:, :4], caches=caches)[0], model(idx[:, 4:7], caches=caches)[0]]  # a prompt, then 3 tokens at once
-    steps += [model(idx[:, t : t + 1], caches=caches)[0] for t in range(7, 10)]  # then one at a time
+    caches = [gan.KVCache(cfg.block_size) for _ in model.blocks]
+    steps = [model(idx[:, :4], caches=caches)[0]]  # a prompt
+    steps += [model(idx[:, t : t + 1], caches=caches)[0] for t in range(4, 10)]  # then one token at a time
+    assert caches[0].pos == 10
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
     assert_causal(model, 11)  # and the uncached model is still causal
+
+
+def uncached_greedy(model, idx, n):
+    """The parent's generate at temperature 0: the whole context (at most block_size tokens) every step."""
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.cfg.block_size :])
+        idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("n_experts", [4, 1])
+def test_cached_generate_equals_the_uncached_loop(n_experts):
+    """Within block_size and past it, where the cache is full and the context is re-read from a later token."""
+    _, model, _ = tiny(n_experts=n_experts, head_size=8 if n_experts > 1 else 16)
+    model.eval()
+    idx = torch.randint(11, (3, 5))
+    out = model.generate(idx, 20, temperature=0)  # 25 tokens, block_size 16
+    assert out.shape == (3, 25) and torch.equal(out[:, :5], idx)
+    assert torch.equal(out, uncached_greedy(model, idx, 20))
+    # given: each row keeps its own prefix of idx and samples the rest, as if generated from that prefix alone
+    seqs = torch.randint(11, (3, 12))
+    given = torch.tensor([1, 4, 12])
+    out = model.generate(seqs, 0, temperature=0, given=given)
+    for row, g in enumerate(given.tolist()):
+        assert torch.equal(out[row], uncached_greedy(model, seqs[row : row + 1, :g], 12 - g)[0])
 
 
 @pytest.mark.parametrize("reward,direction", [(0.9, 1), (0.1, -1)])
@@ -126,7 +165,7 @@ def test_rollout_rewards_shape_permutation_and_last_reward():
     assert torch.allclose(rewards[:, -1], disc(seqs))
     perm = torch.tensor([3, 0, 4, 1, 2])
     assert torch.allclose(gan.rollout_rewards(model, disc, seqs[perm], 1, temperature=0), rewards[perm], atol=1e-6)
-    # each reward is D of the plain (uncached) greedy generate from that prefix
+    # each reward is D of the greedy generate from that prefix alone
     model.eval()
     for t in (1, 4, T - 2):
         done = model.generate(seqs[:, : t + 1], T - t - 1, temperature=0)
@@ -211,6 +250,7 @@ def test_every_phase_checkpoint_resume_and_sample(tmp_path, text_file, capsys):
     assert all(0 <= float(r[k]) <= 1 for r in evals for k in ("d_acc_real", "d_acc_fake", "bleu2", "bleu4", "self_bleu4"))
     ckpt = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     assert ckpt["phase"] == "adversarial" and ckpt["iter_num"] == 4
+    assert ckpt["config"]["init_from"] == "scratch" and ckpt["tokenizer"] == "char"  # the default: MLE pre-training
     assert {"model", "optimizer", "discriminator", "d_optimizer", "baseline"} <= ckpt.keys() and ckpt["optimizer"] is not None
     # best.pt: the latest generator (a GAN has no best model), no optimizers; both carry the MLE phase's best val
     best = torch.load(os.path.join(full, "best.pt"), weights_only=True)
@@ -225,7 +265,7 @@ def test_every_phase_checkpoint_resume_and_sample(tmp_path, text_file, capsys):
     line = user_error(capsys, gan.main, common + ["--out_dir", part, "--resume", "--d_hidden", "8"])
     assert "--d_hidden 8 differs from the checkpoint's 16" in line
     resume = [a for a in common if a not in ("--data", text_file)]
-    gan.main(resume + ["--out_dir", part, "--adv_rounds", "4", "--resume"])
+    gan.main(resume + ["--out_dir", part, "--adv_rounds", "4", "--resume", "--init_from", "scratch"])  # as it was
     assert "resuming adversarial at step 2" in capsys.readouterr().out
     assert drop_time(read_log(part)) == drop_time(rows)
 

@@ -277,6 +277,15 @@ def test_resume_takes_architecture_and_data_from_the_checkpoint(text_file, tmp_p
         assert f"{flag} " in line and "differs from the checkpoint" in line
 
 
+def test_resume_of_a_bidirectional_checkpoint_refuses_stateful(text_file, tmp_path, capsys):
+    """--resume takes --bidirectional from the checkpoint, so --stateful alone must meet the same check."""
+    out = str(tmp_path / "out")
+    rnn_lm.main([*TINY, "--bidirectional", "--max_iters", "2", "--max_new_tokens", "0", "--data", text_file, "--out_dir", out])
+    line = user_error(capsys, rnn_lm.main, ["--device", "cpu", "--out_dir", out, "--resume", "--stateful", "--max_iters", "4"])
+    assert "--bidirectional cannot be --stateful" in line
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 2  # the checkpoint is untouched
+
+
 @pytest.mark.parametrize(
     "flags,words",
     [

@@ -1,3 +1,8 @@
+"""switchhead_moe.py: the fast SwitchHead path equals an explicit loop over tokens and experts, one expert with unit
+gates is multi-head attention and --n_experts 1 is ex1, attention() written out equals the fused kernel, the model
+is causal, permuting experts changes nothing, each token uses exactly k experts and idle ones get no gradient, the
+paper's cost accounting and the parameter counts, the load-balancing loss, and train, resume and sample through main."""
+
 import math
 import os
 
@@ -57,6 +62,18 @@ def test_fast_path_equals_explicit_loop(flash):
     x = torch.randn(2, 7, 16)
     with torch.no_grad():
         assert torch.allclose(attn(x), explicit_attention(attn, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", [None, "band"])
+def test_attention_written_out_equals_the_fused_kernel(mask):
+    q, k, v = torch.randn(3, 2, 2, 7, 5).unbind(0)  # (B, H, T, hs)
+    if mask == "band":  # True where allowed: each query sees itself and the two keys before it
+        pos = torch.arange(7)
+        mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - 3)
+    fused, explicit = sh.attention(q, k, v, mask, flash=True), sh.attention(q, k, v, mask, flash=False)
+    assert torch.allclose(fused, explicit, atol=1e-6)
+    if mask is None:  # None is causal: the first query sees only the first key
+        assert torch.allclose(explicit[:, :, 0], v[:, :, 0], atol=1e-6)
 
 
 def test_all_experts_is_the_full_sigmoid_weighted_sum():
