@@ -1,16 +1,20 @@
 """
 ex3_pretrain_finetune.py: ex1's GPT pretrained on a large corpus in TinyShakespeare's vocabulary, then finetuned on it.
 
-A copy of ex1_gpt.py with three things added. A second corpus: web text streamed through `datasets` (FineWeb-Edu)
-or local text files, encoded with the Shakespeare character vocabulary (or GPT-2's BPE, --tokenizer gpt2) once
-into a uint16 memmap under data/, reused on later runs and read at random offsets, so it need not fit in memory.
-Stages, each with its own checkpoint and log in out_dir/<stage>: `pretrain` on that corpus; `finetune` from the
-pretrained weights on TinyShakespeare with its own learning rate and iterations; `scratch`, the same finetune
-budget from random weights (ex1's recipe); `all` runs the three and prints both val losses side by side.
-Distributed data parallel under torchrun: one process per device (nccl on GPUs, gloo on the CPU), each computing
-its share of the micro-batches of a step, gradients all-reduced once per step (no_sync on the other micro-steps);
-only rank 0 logs and writes checkpoints. The same command runs with one process and gives the same losses. On
-several machines each one encodes its own copy of the corpus, and --resume needs out_dir on storage they share.
+Changes from ex1_gpt.py:
+- A second corpus (--pretrain_data, --pretrain_tokens, --data_dir, --unknown): web text streamed through `datasets`
+  (FineWeb-Edu) or local text files, encoded in TinyShakespeare's vocabulary once into a uint16 memmap under data/
+  and read at random offsets, so it need not fit in memory: CharTokenizer.encode_corpus, pretrain_files,
+  read_documents, stream_web_text, write_corpus, prepare_pretrain_data.
+- GPT-2's BPE instead of characters (--tokenizer gpt2, as flash_moe_finetune.py's models need): GPT2Tokenizer,
+  get_tokenizer.
+- Distributed data parallel under torchrun: one process per device (nccl on GPUs, gloo on the CPU), each computing its
+  share of a step's micro-batches, gradients all-reduced once per step; only rank 0 logs and saves, and one process
+  gives the same losses. On several machines each encodes its own corpus, and --resume needs out_dir on storage they
+  share: die, DataLoader.get_batch, setup_ddp, local_rank_zero_first, setup_device, train, main.
+- Stages (--stage, --finetune_iters, --finetune_learning_rate), each with its checkpoint and log in out_dir/<stage>:
+  pretrain on that corpus; finetune from its weights on TinyShakespeare; scratch, the same budget from random weights
+  (ex1's recipe); all runs the three and compares them: stage_checkpoints, check_vocabulary, run_stage, main.
 
 Run:     python ex3_pretrain_finetune.py --pretrain_data ../shared/data/gutenberg/books   (CPU, about 20 min)
 Web:     python ex3_pretrain_finetune.py               (first streams 100M characters of FineWeb-Edu into data/)
@@ -21,8 +25,7 @@ Web:     python ex3_pretrain_finetune.py               (first streams 100M chara
              --master_addr IP_OF_NODE_0 --master_port 29500 ex3_pretrain_finetune.py
 Sample:  python ex3_pretrain_finetune.py --prompt "ROMEO:" --num_samples 3     (--stage picks the checkpoint)
 Parent:  ex1_gpt.py (diff -u ex1_gpt.py ex3_pretrain_finetune.py)
-Result:  pretrained 15,000 iterations on the Gutenberg books then finetuned 2,000: val 1.528 on TinyShakespeare,
-         against 1.893 from scratch with the same 2,000 iterations (README, Results; benchmarks/bench_ex3.py).
+Result:  README.md, Results, "ex3_pretrain_finetune.py: pretraining helps" (benchmarks/bench_ex3.py).
 """
 
 import argparse
@@ -98,7 +101,7 @@ class Config:
     beta2: float = 0.99  # AdamW beta2 (0.99 since there are few tokens per step)
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
     finetune_iters: int = 2000  # optimizer steps of finetuning, and of the from-scratch run it is compared with
-    finetune_lr: float = 5e-4  # peak learning rate of finetuning (from scratch uses learning_rate)
+    finetune_learning_rate: float = 5e-4  # peak learning rate of finetuning (from scratch uses learning_rate)
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
@@ -145,7 +148,8 @@ def parse_args(argv=None):
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
         (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-        (cfg.learning_rate > 0 and cfg.finetune_lr > 0 and cfg.min_lr >= 0, "--learning_rate and --finetune_lr must be > 0 and --min_lr >= 0"),
+        (cfg.learning_rate > 0 and cfg.finetune_learning_rate > 0 and cfg.min_lr >= 0,
+         "--learning_rate and --finetune_learning_rate must be > 0 and --min_lr >= 0"),
         (cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0, "--seed, --warmup_iters and --lr_decay_iters must be >= 0"),
         (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)"),
         (cfg.finetune_iters >= 0 and cfg.pretrain_tokens >= 0, "--finetune_iters and --pretrain_tokens must be >= 0"),
@@ -204,7 +208,7 @@ def load_text(cfg):
 
 
 class CharTokenizer:
-    name = "char"
+    name = "char"  # what a checkpoint's "tokenizer" says
 
     def __init__(self, chars, unknown=""):
         self.chars = list(chars)
@@ -655,16 +659,17 @@ def estimate_loss(model, loader, cfg, autocast):
     return out
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path, device, scripts=(SCRIPT,)):
+    """A checkpoint written by one of scripts: this one, or the script whose model a later stage starts from."""
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; run that stage first (python {SCRIPT}.py --stage STAGE) or point --out_dir at the folder holding its folder")
+        die(f"no checkpoint at {path}; train first (python {scripts[0]}.py), or give the folder or path a run wrote")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+    if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
         found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        die(f"{path} was written by {found}, not {SCRIPT}; use that script, or another --out_dir")
+        die(f"{path} was written by {found}, not {' or '.join(scripts)}; use that script, or another --out_dir")
     return ckpt
 
 
@@ -783,7 +788,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
     def state(it):  # everything --resume needs to continue at iteration it
         return {
             "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "vocab": tok.chars, "tokenizer": tok.name,
+            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "tokenizer": tok.name, "vocab": tok.chars,
             "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }  # fmt: skip
@@ -807,7 +812,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             losses = estimate_loss(eval_model, loader, cfg, autocast)
             print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
-            log.write(iter=it, train_loss=f"{losses['train']:.6f}", val_loss=f"{losses['val']:.6f}", lr=f"{lr:.3e}", ms_per_iter="")
+            log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
             if cfg.wandb:
                 wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
             if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
@@ -821,6 +826,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         if it == cfg.max_iters:
             break
 
+        # forward and backward, gradients summed over the micro-batches
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             x, y = loader.get_batch("train", gen, rank, world_size)  # on a GPU this overlaps with the previous step's kernels
@@ -831,6 +837,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
                     loss = loss / accum  # the sum over micro-batches is the mean (and DDP averages over processes)
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
+        # step: clip the gradient norm, update the weights
         if cfg.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -851,7 +858,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             if device.type == "cuda":
                 line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / world_size / dt, device):.1f}%"  # per GPU
             print(line)
-            log.write(iter=it, train_loss=f"{lossf:.6f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
+            log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
     if dts:
         median = sorted(dts)[len(dts) // 2] * 1000
         print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
@@ -903,16 +910,18 @@ def check_vocabulary(ckpt, path, tok):
 def run_stage(stage, cfg, tok, ids, device, autocast, ckpt=None):
     """One stage in out_dir/<stage>, continuing from ckpt (its ckpt.pt) under --resume; returns its best val loss and
     its model. pretrain: the large corpus from random weights. finetune: Shakespeare from out_dir/pretrain/best.pt at
-    finetune_lr for finetune_iters. scratch: the same budget from random weights at the pretraining learning rate:
-    ex1's recipe."""
+    finetune_learning_rate for finetune_iters. scratch: the same budget from random weights at the pretraining
+    learning rate: ex1's recipe."""
     cfg = replace(cfg, out_dir=os.path.join(cfg.out_dir, stage))
     if stage != "pretrain":
         cfg.max_iters, cfg.lr_decay_iters = cfg.finetune_iters, 0
     if stage == "finetune":
-        cfg.learning_rate = cfg.finetune_lr
+        cfg.learning_rate = cfg.finetune_learning_rate
     init, init_path = ckpt, os.path.join(cfg.out_dir, "ckpt.pt")
     if stage == "finetune" and not ckpt:  # the pretrained weights; the optimizer starts afresh
         init_path = os.path.join(os.path.dirname(cfg.out_dir), "pretrain", "best.pt")
+        if not os.path.isfile(init_path):
+            die(f"no checkpoint at {init_path}; run --stage pretrain first, or give the --out_dir that holds pretrain/")
         init = load_checkpoint(init_path, device)
     if init:
         check_vocabulary(init, init_path, tok)

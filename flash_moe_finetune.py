@@ -1,34 +1,36 @@
 """
-flash_moe_finetune.py: a pretrained GPT-2 whose MLPs become mixtures of experts, fine-tuned on WikiText-2 with flash attention.
+flash_moe_finetune.py: GPT-2's MLPs upcycled to mixtures of experts, fine-tuned on WikiText-2 with flash attention.
 
-A copy of ex1_gpt.py with GPT-2 in place of the character model. Tokens: GPT-2's BPE through tiktoken. Weights:
---init_from gpt2 (gpt2-medium, -large, -xl) loads OpenAI's GPT-2 from the Hugging Face Hub, its Conv1D matrices
-transposed into Linear layers; --init_from PATH a checkpoint of this repository with ex1's architecture (the best.pt
-of ex3_pretrain_finetune.py --tokenizer gpt2, or of this script); --init_from scratch a small GPT-2 from the flags.
-Sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055): the MLP of every layer in --moe_layers is copied into
---n_experts experts, and a new router sends each token to --moe_k of them, weighted by its softmax probabilities
-renormalised over the chosen ones, so the upcycled model computes exactly what the dense one did until training
-moves the experts apart. A load-balancing loss (Switch Transformer) and a router z-loss (ST-MoE) keep the router
-healthy; each evaluation prints how often each expert is chosen. Attention: the fused scaled_dot_product_attention
-kernel, FlashAttention's algorithm written out (--attention tiled: blocks of keys, a running max and a running sum),
-or ex1's explicit softmax. Data: WikiText-2 (wikitext-2-raw-v1 through datasets, or local files with --data_dir);
-perplexity on the test split with a sliding window, before and after fine-tuning. At the end the starting and the
-fine-tuned model continue the same prompt with the same seed (top-k, top-p, a repetition penalty, banned words),
-printed with WikiText's artefacts cleaned. DDP under torchrun as in ex3_pretrain_finetune.py.
+Changes from ex3_pretrain_finetune.py:
+- WikiText-2 instead of the pretraining corpus and the stages (--data, --data_dir, --train_split), one fine-tuning run
+  in out_dir, scored by test perplexity with a sliding window before and after it (--test_stride, --test_tokens):
+  hub_unreachable, download_wikitext, load_wikitext, DataLoader, perplexity, report_perplexity, main.
+- Attention by the fused kernel, by FlashAttention's algorithm written out (blocks of keys, a running max and a
+  running sum) or explicitly (--attention in place of ex3's --flash; --flash_block): CausalSelfAttention,
+  tiled_attention.
+- Sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055; --n_experts, --moe_k, --moe_layers): each chosen
+  layer's MLP copied into experts behind a new top-k router whose weights are renormalised, so the upcycled model
+  computes what the dense one did; a load-balancing loss and a router z-loss (--balance_coef, --z_coef); evaluations
+  print each expert's use: load_balancing_loss, router_z_loss, MoE, Block, moe_layer_ids, GPT.moes, GPT.num_params,
+  upcycle, expert_usage, reset_usage.
+- Generation tools (--top_p, --repetition_penalty, --ban, --clean, --compare): the starting and the fine-tuned model
+  continue the same prompt with the same seed, WikiText's artefacts cleaned: GPT.generate, top_p_filter,
+  clean_wikitext, banned_sequences, sample.
+- GPT-2's weights (--init_from gpt2, gpt2-medium, -large, -xl through transformers, its Conv1D matrices transposed into
+  Linear layers; a PATH to a best.pt of ex3 --tokenizer gpt2 or of this script; or scratch; --gelu): from_hf,
+  hf_weights, checkpoint_weights, start_model.
 
 Run:       python flash_moe_finetune.py              (GPT-2 small, 4 experts in every other layer, 1000 steps of 8 x 1024
                                                      tokens: a GPU; downloads GPT-2 and WikiText-2 once)
-Zero-shot: python flash_moe_finetune.py --n_experts 1 --max_iters 0     (GPT-2's WikiText-2 test perplexity, no training)
-Dense:     python flash_moe_finetune.py --n_experts 1                   (the same fine-tune without experts)
+Zero-shot: python flash_moe_finetune.py --n_experts 1 --max_iters 0   (GPT-2's WikiText-2 test perplexity, no training)
+Dense:     python flash_moe_finetune.py --n_experts 1                 (the same fine-tune without experts)
 8 GPUs:    torchrun --standalone --nproc_per_node 8 flash_moe_finetune.py --init_from gpt2-medium \
                --gradient_accumulation_steps 8 --compile
 Offline:   python flash_moe_finetune.py --init_from out/ex3_pretrain_finetune/pretrain/best.pt \
-               --data_dir ../shared/data/wikitext-2 --train_split valid       (a GPT-2-architecture model of ex3)
+               --data ../shared/data/wikitext-2 --train_split valid       (a GPT-2-architecture model of ex3)
 Sample:    python flash_moe_finetune.py --prompt "The castle was built in" --num_samples 2
-Parent:    ex1_gpt.py (diff -u ex1_gpt.py flash_moe_finetune.py)
-Result:    offline, a 7.2M-parameter model of this repository (pretrained on Gutenberg) fine-tuned 300 iterations on WikiText-2
-           valid: test perplexity 26,371 -> 208.9 per token upcycled, 209.6 dense (README, Results). GPT-2 small zero-shot
-           and fine-tuned: the commands above, not run here (no weights offline); the paper reports 29.41 per word.
+Parent:    ex3_pretrain_finetune.py (diff -u ex3_pretrain_finetune.py flash_moe_finetune.py)
+Result:    README.md, Results, "flash_moe_finetune.py: upcycled experts and WikiText-2" (benchmarks/bench_flash_moe.py).
 """
 
 import argparse
@@ -43,11 +45,11 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
 from functools import cache
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -61,17 +63,18 @@ DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")  # Parquet files on the Hub, through datasets
 SPLITS = {"train": "train", "valid": "validation", "test": "test"}  # our name of each split: its name in datasets
 GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M parameters
-COMPATIBLE = ("ex1_gpt", "ex3_pretrain_finetune", SCRIPT)  # scripts whose GPT is ex1's, parameter for parameter
-ARCH = ("n_layer", "n_head", "n_embd", "block_size", "bias", "gelu", "n_experts", "moe_k", "moe_layers")  # what a checkpoint fixes
+DENSE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "gelu")  # the architecture a starting model fixes
+EXPERTS = ("n_experts", "moe_k", "moe_layers")  # and its experts, where it is a checkpoint of this script that has them
 
 
 @dataclass
 class Config:
     # I/O
     out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
-    data_dir: str = ""  # a folder holding WikiText-2's splits as train.txt, valid.txt, test.txt; empty: wikitext-2-raw-v1 through datasets, saved in data/
+    data: str = ""  # a folder holding WikiText-2's train.txt, valid.txt, test.txt; empty: wikitext-2-raw-v1, downloaded
+    data_dir: str = ""  # downloads go here (WikiText-2 in wikitext-2-raw-v1/); empty: data/ next to this script
     train_split: str = "train"  # the split to fine-tune on: train, or valid where train.txt is missing (its last tenth is then the val split)
-    init_from: str = "gpt2"  # gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face weights), a best.pt of this repository (out/ex3_pretrain_finetune/pretrain/best.pt), or scratch
+    init_from: str = "gpt2"  # gpt2, gpt2-medium/-large/-xl, PATH (a best.pt of ex3 --tokenizer gpt2 or of this), scratch
     resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state
     overwrite: bool = False  # start over in an out_dir that holds this script's checkpoint (replaces ckpt.pt and best.pt)
     eval_interval: int = 100  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
@@ -86,7 +89,7 @@ class Config:
     block_size: int = 0  # context length in tokens; 0: the starting model's (1024 for GPT-2), 128 from scratch; less crops the position embeddings
     dropout: float = 0.1  # dropout probability (GPT-2's)
     bias: bool = True  # biases in Linear and LayerNorm layers (scratch only; GPT-2 has them)
-    gelu: str = "tanh"  # GELU (scratch only): tanh, GPT-2's approximation, or none, the exact one that ex1's scripts train with
+    gelu: str = "tanh"  # GELU (scratch only): tanh, GPT-2's approximation, or none, the exact one ex3 trains with
     attention: str = "fused"  # fused (scaled_dot_product_attention), tiled (FlashAttention's online softmax, written out) or explicit (softmax(QK^T)V)
     flash_block: int = 64  # queries and keys per tile of --attention tiled
     # mixture of experts
@@ -106,7 +109,7 @@ class Config:
     lr_decay_iters: int = 0  # cosine decay length; 0 means max_iters
     weight_decay: float = 0.1  # AdamW weight decay, applied to matrices only
     beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.99  # AdamW beta2
+    beta2: float = 0.99  # AdamW beta2 (0.99 since there are few tokens per step)
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
     test_stride: int = 0  # test perplexity: windows of block_size tokens this far apart, each scoring only its new tokens; 0: block_size // 2
     test_tokens: int = 0  # measure the test perplexity on the first this many tokens of the test split; 0: all of it
@@ -127,7 +130,7 @@ class Config:
     compare: bool = True  # also sample from the starting model, with the same prompt and seed
 
 
-RESUMED = ARCH + ("init_from", "data_dir", "train_split")  # --resume takes the model and the data from ckpt.pt
+RESUMED = DENSE + EXPERTS + ("init_from", "data", "data_dir", "train_split")  # --resume takes these from ckpt.pt
 
 
 def die(msg):
@@ -187,6 +190,28 @@ def parse_args(argv=None):
 # Data
 
 
+class GPT2Tokenizer:
+    """GPT-2's byte-pair encoding through tiktoken: every text encodes, nothing is dropped."""
+
+    name, chars, start = "gpt2", None, "\n"
+
+    def __init__(self):
+        try:
+            import tiktoken
+
+            self.enc = tiktoken.get_encoding("gpt2")  # downloads two files into tiktoken's cache (TIKTOKEN_CACHE_DIR) once
+        except Exception as e:
+            fix = "pip install tiktoken and connect once, or set TIKTOKEN_CACHE_DIR to a folder holding its cache files"
+            die(f"could not load GPT-2's BPE through tiktoken ({type(e).__name__}); {fix}")
+        self.vocab_size = self.enc.n_vocab  # 50257, which fits in uint16
+
+    def encode(self, s):
+        return self.enc.encode_ordinary(s)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
 @cache
 def hub_unreachable(timeout=3.0):
     """The Hugging Face Hub's host if it does not answer within timeout seconds, else "". Offline, datasets and
@@ -195,7 +220,7 @@ def hub_unreachable(timeout=3.0):
     name lookup has no timeout."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return ""  # a direct connection says nothing about the way through a proxy
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, answered = (url.hostname, url.port or (80 if url.scheme == "http" else 443)), []
 
     def probe():
@@ -216,7 +241,7 @@ def hub_unreachable(timeout=3.0):
 def download_wikitext(folder):
     """WikiText-2 through datasets, each split written once into folder as a text file (a row of the dataset is a line)."""
     name, config = WIKITEXT
-    fix = "pass --data_dir with a folder holding WikiText-2's train.txt, valid.txt and test.txt"
+    fix = "pass --data with a folder holding WikiText-2's train.txt, valid.txt and test.txt"
     offline = hub_unreachable()  # before datasets is imported: it reads HF_DATASETS_OFFLINE then
     try:
         from datasets import load_dataset
@@ -240,15 +265,16 @@ def download_wikitext(folder):
 
 def load_wikitext(cfg, tok):
     """The splits as arrays of GPT-2 token ids: train (--train_split), val (valid, or the last 10% of the training split
-    when that is valid) and test. Files in --data_dir may be named train.txt or wiki.train.tokens / wiki.train.raw."""
-    folder = cfg.data_dir or os.path.join(DATA_DIR, WIKITEXT[1])
-    if cfg.data_dir and os.path.isfile(folder):
-        die(f"--data_dir {folder} is a file; give the folder holding WikiText-2's train.txt, valid.txt and test.txt")
-    if cfg.data_dir and not os.path.isdir(folder):
-        die(f"--data_dir {folder}: no such folder")
+    when that is valid) and test; and the number of words in the test split. Files in the --data folder may be named
+    train.txt or wiki.train.tokens / wiki.train.raw."""
+    folder = cfg.data or os.path.join(cfg.data_dir or DATA_DIR, WIKITEXT[1])
+    if cfg.data and os.path.isfile(folder):
+        die(f"--data {folder} is a file; give the folder holding WikiText-2's train.txt, valid.txt and test.txt")
+    if cfg.data and not os.path.isdir(folder):
+        die(f"--data {folder}: no such folder")
     names = lambda split: [f"{split}.txt", f"wiki.{split}.tokens", f"wiki.{split}.raw"]  # noqa: E731
     find = lambda split: next((os.path.join(folder, n) for n in names(split) if os.path.isfile(os.path.join(folder, n))), None)  # noqa: E731
-    if not cfg.data_dir and not all(find(s) for s in SPLITS):
+    if not cfg.data and not all(find(s) for s in SPLITS):
         download_wikitext(folder)
     texts = {}
     for split in (cfg.train_split, "valid", "test"):
@@ -269,40 +295,19 @@ def load_wikitext(cfg, tok):
         n = int(0.9 * len(ids["valid"]))
         splits = {"train": ids["valid"][:n], "val": ids["valid"][n:]}
     splits["test"] = ids["test"][: cfg.test_tokens or None]
-    splits["test_text"] = texts["test"] if not cfg.test_tokens else tok.decode(splits["test"].tolist())
-    print(f"WikiText-2 from {folder}: " + ", ".join(f"{s} {len(splits[s]):,}" for s in ("train", "val", "test")) + f" tokens (train: {cfg.train_split})")
-    return splits
-
-
-class GPT2Tokenizer:
-    """GPT-2's byte-pair encoding through tiktoken: every text encodes, nothing is dropped."""
-
-    name, start = "gpt2", "\n"
-
-    def __init__(self):
-        try:
-            import tiktoken
-
-            self.enc = tiktoken.get_encoding("gpt2")  # downloads two files into tiktoken's cache (TIKTOKEN_CACHE_DIR) once
-        except Exception as e:
-            fix = "pip install tiktoken and connect once, or set TIKTOKEN_CACHE_DIR to a folder holding its cached files"
-            die(f"could not load GPT-2's BPE through tiktoken ({type(e).__name__}); {fix}")
-        self.vocab_size = self.enc.n_vocab  # 50257, which fits in uint16
-
-    def encode(self, s):
-        return self.enc.encode_ordinary(s)
-
-    def decode(self, ids):
-        return self.enc.decode(ids)
+    test_text = texts["test"] if not cfg.test_tokens else tok.decode(splits["test"].tolist())
+    words = len(test_text.split()) + test_text.count("\n")  # WikiText's words and line ends: the GPT-2 paper's unit
+    sizes = ", ".join(f"{split} {len(data):,}" for split, data in splits.items())
+    print(f"WikiText-2 from {folder}: {sizes} tokens (train: {cfg.train_split})")
+    return splits, words
 
 
 class DataLoader:
-    """Each split an array of token ids; batches start at random offsets."""
+    """Each split an array of token ids (train, val, and test for perplexity); batches start at random offsets."""
 
     def __init__(self, splits, cfg, device):
         self.splits = splits
-        for split in ("train", "val", "test"):  # a batch (a test window) has block_size + 1 tokens
-            data = splits[split]
+        for split, data in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
             if len(data) <= cfg.block_size:
                 die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a longer text or a smaller --block_size")
         self.cfg, self.device = cfg, device
@@ -313,7 +318,7 @@ class DataLoader:
         together the ranks train on exactly the micro-batches one process would."""
         data = self.splits[split]
         ix = [torch.randint(len(data) - self.cfg.block_size, (self.cfg.batch_size, 1), generator=generator) for _ in range(world_size)][rank]
-        xy = torch.from_numpy(data[ix.numpy() + self.offsets].astype(np.int64))  # (B, T+1) gathered in one indexing op
+        xy = torch.from_numpy(data[ix.numpy() + self.offsets].astype(np.int64))  # (B, T+1) in one indexing op: only these tokens are read
         x, y = xy[:, :-1], xy[:, 1:]
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
@@ -345,7 +350,7 @@ class CausalSelfAttention(nn.Module):
         if self.attention == "fused":  # FlashAttention's kernel where the device has one
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         elif self.attention == "tiled":  # the same algorithm, written out
-            y = flash_attention(q, k, v, self.flash_block, self.dropout if self.training else 0.0)
+            y = tiled_attention(q, k, v, self.flash_block, self.dropout if self.training else 0.0)
         else:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
             att = att.masked_fill(~self.mask[:T, :T], float("-inf"))
@@ -355,20 +360,20 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-def flash_attention(q, k, v, block, dropout=0.0):
+def tiled_attention(q, k, v, block, dropout=0.0):
     """Causal attention by FlashAttention's algorithm (Dao et al. 2022, arXiv 2205.14135), (B, H, T, D) -> (B, H, T, D),
     without forming the T x T matrix of scores. For each block of queries the blocks of keys up to the diagonal are
-    visited in turn, keeping per query the running max m of its scores, the running sum l of exp(score - m) and the
-    running sum acc of exp(score - m) * value; when a block raises the max, the sums so far are rescaled by
-    exp(m_old - m_new). At the end acc / l is softmax(scores) @ V exactly. The fused kernel does this in on-chip memory;
-    here each tile is a few PyTorch operations, to read (autograd keeps the tiles, so it saves no memory)."""
+    visited in turn, keeping per query the running max m of its scores, the running sum denom of exp(score - m) and
+    the running sum acc of exp(score - m) * value; when a block raises the max, the sums so far are rescaled by
+    exp(m_old - m_new). At the end acc / denom is softmax(scores) @ V exactly. The fused kernel does this in on-chip
+    memory; here each tile is a few PyTorch operations, to read (autograd keeps the tiles, so it saves no memory)."""
     T, scale = q.size(2), 1.0 / math.sqrt(q.size(-1))
     pos = torch.arange(T, device=q.device)
     out = []
     for i in range(0, T, block):  # a block of queries
         qi = q[:, :, i : i + block].float() * scale
         m = qi.new_full((*qi.shape[:-1], 1), float("-inf"))  # running max of each query's scores
-        l = qi.new_zeros((*qi.shape[:-1], 1))  # running sum of exp(score - m)
+        denom = qi.new_zeros((*qi.shape[:-1], 1))  # running sum of exp(score - m)
         acc = torch.zeros_like(qi)  # running sum of exp(score - m) * value
         for j in range(0, i + block, block):  # blocks of keys up to the diagonal: later ones are masked entirely
             s = qi @ k[:, :, j : j + block].float().transpose(-2, -1)  # (B, H, queries, keys)
@@ -377,10 +382,10 @@ def flash_attention(q, k, v, block, dropout=0.0):
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             p = torch.exp(s - m_new)
             rescale = torch.exp(m - m_new)  # 0 on the first block, where m is -inf
-            l = l * rescale + p.sum(-1, keepdim=True)
+            denom = denom * rescale + p.sum(-1, keepdim=True)
             acc = acc * rescale + (F.dropout(p, dropout) if dropout else p) @ v[:, :, j : j + block].float()
             m = m_new
-        out.append(acc / l)
+        out.append(acc / denom)
     return torch.cat(out, dim=2).to(q.dtype)
 
 
@@ -396,14 +401,15 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu)))
 
 
-def load_balancing_loss(probs, chosen):
-    """Switch Transformer's auxiliary loss E * sum_i f_i * P_i (Fedus et al. 2021, eq. 4). probs (N, E): the router's
-    probabilities; chosen (N, k): the experts each token was sent to. f_i is the share of the choices that went to
-    expert i, P_i the mean probability given to it: 1 when the router is uniform, E when one expert takes every token
-    with probability 1. f has no gradient; P carries it, pushing probability away from the busiest experts."""
+def load_balancing_loss(probs, idx):
+    """Switch Transformer's auxiliary loss E * sum_i f_i * P_i, per head, averaged over heads.
+    probs (..., H, E): router probabilities; idx (..., H): the expert each token was sent to. f_i is the
+    fraction of tokens sent to expert i, P_i the mean probability given to it: 1 when both are uniform,
+    E when every token goes to one expert with probability 1."""
     E = probs.size(-1)
-    f = torch.bincount(chosen.flatten(), minlength=E).float() / chosen.numel()
-    return E * (f * probs.mean(0)).sum()
+    f = F.one_hot(idx, E).flatten(0, -3).float().mean(0)  # (H, E)
+    P = probs.flatten(0, -3).mean(0)
+    return (E * (f * P).sum(-1)).mean()
 
 
 def router_z_loss(logits):
@@ -443,7 +449,8 @@ class MoE(nn.Module):
         # the chosen experts' weights sum to 1, so copies of one MLP add up to it. With k = 1 that weight is the constant
         # 1 and the router would get no gradient: p / p.detach() is 1 too, but its gradient is that of p
         weights = top_p / (top_p.sum(-1, keepdim=True) if self.moe_k > 1 else top_p.detach())
-        self.balance_loss, self.z_loss = load_balancing_loss(probs, chosen), router_z_loss(logits)
+        # the k choices take the place of SwitchHead's heads: the mean over them counts every choice in f
+        self.balance_loss, self.z_loss = load_balancing_loss(probs[:, None], chosen), router_z_loss(logits)
         if not self.training:
             self.usage += torch.bincount(chosen.flatten(), minlength=self.n_experts)
         # dispatch: the N * k choices sorted by expert, so that each expert runs once, on all of its tokens
@@ -644,14 +651,13 @@ def hf_weights(name):
 
 
 def checkpoint_weights(path, device):
-    """A checkpoint of ex1's architecture trained on GPT-2's BPE: its architecture and state dict. ex1's scripts
-    train with the exact GELU and no experts; this script's checkpoints say what they have."""
-    ckpt = load_checkpoint(path, device, COMPATIBLE, "--init_from needs ex1's GPT: a checkpoint of ex3_pretrain_finetune.py --tokenizer gpt2, or of this script")
+    """A checkpoint of ex3 --tokenizer gpt2 or of this script: its architecture and state dict. ex3's GPT is ex1's,
+    parameter for parameter, with the exact GELU and no experts; this script's checkpoints say what they have."""
+    ckpt = load_checkpoint(path, device, scripts=(SCRIPT, "ex3_pretrain_finetune"))
     if ckpt.get("tokenizer") != "gpt2":
         die(f"{path} was trained with a character vocabulary, not GPT-2's BPE; train one with ex3_pretrain_finetune.py --tokenizer gpt2")
-    saved = ckpt["config"]
-    arch = {name: saved.get(name, default) for name, default in zip(ARCH, (None,) * 5 + ("none", 1, 1, "odd"))}
-    return arch, ckpt["model"], ckpt["model"]["lm_head.weight"].size(0)
+    saved = {"gelu": "none", "n_experts": 1, "moe_k": 1, "moe_layers": "odd", **ckpt["config"]}  # ex3's lacks these
+    return {name: saved[name] for name in DENSE + EXPERTS}, ckpt["model"], ckpt["model"]["lm_head.weight"].size(0)
 
 
 def start_model(cfg, tok, device):
@@ -667,7 +673,7 @@ def start_model(cfg, tok, device):
     context, arch["block_size"] = arch["block_size"], cfg.block_size or arch["block_size"]
     if arch["block_size"] > context:
         die(f"--block_size {cfg.block_size} is longer than the context of --init_from {cfg.init_from} ({context}); use at most {context}")
-    for name in ARCH[:6] if arch["n_experts"] == 1 else ARCH:  # experts: only those of the checkpoint, if it has any
+    for name in DENSE + (EXPERTS if arch["n_experts"] > 1 else ()):  # experts: only a checkpoint's, if it has any
         setattr(cfg, name, arch[name])
     sd = {**sd, "wpe.weight": sd["wpe.weight"][: cfg.block_size]}  # a shorter context keeps the first position embeddings
     model = GPT(replace(cfg, n_experts=arch["n_experts"]), tok.vocab_size).to(device)
@@ -772,13 +778,12 @@ def get_lr(it, cfg):
 
 
 def expert_usage(model):
-    """One line per MoE layer: each expert's share of the choices counted since the usage was last zeroed, and the
-    load-balancing loss those shares make with uniform probabilities (1: balanced, n_experts: one expert takes all)."""
+    """One line per layer: how often each expert was chosen in the last evaluation, in % of its layer's choices."""
     lines = []
     for i, block in enumerate(model.blocks):
-        if isinstance(block.mlp, MoE) and block.mlp.usage.sum():
-            share = block.mlp.usage / block.mlp.usage.sum()
-            lines.append(f"  layer {i} experts | use {' '.join(f'{100 * s:3.0f}%' for s in share.tolist())} | largest/mean {share.max().item() * len(share):.2f}")
+        if isinstance(block.mlp, MoE):
+            share = (100 * block.mlp.usage / block.mlp.usage.sum(-1, keepdim=True).clamp(min=1)).round().long().tolist()
+            lines.append(f"  layer {i} expert use (%) | mlp {' '.join(f'{p:3d}' for p in share)}")
     return lines
 
 
@@ -807,13 +812,18 @@ def estimate_loss(model, loader, cfg, autocast):
     return out
 
 
+def window_stride(cfg):
+    """The test windows' distance: --test_stride, or half a window; at most a window, at least one token."""
+    return min(cfg.test_stride or cfg.block_size // 2, cfg.block_size) or 1
+
+
 @torch.no_grad()
 def perplexity(model, ids, cfg, device, autocast):
     """exp(mean loss) over every token of ids after the first, with a sliding window: windows of block_size tokens
     test_stride apart, each scoring only the tokens that no earlier window scored (the first window all of its own), so
     every token is predicted once, with at least block_size - test_stride tokens of context where the text allows.
     Under DDP each process scores a share of the windows. Returns (perplexity, total loss in nats, tokens scored)."""
-    T, stride = cfg.block_size, min(cfg.test_stride or cfg.block_size // 2, cfg.block_size) or 1
+    T, stride = cfg.block_size, window_stride(cfg)
     windows, done = [], 0  # (start, length, new tokens); done: the targets ids[1 : done + 1] are already scored
     for s in range(0, len(ids) - 1, stride):
         length = min(T, len(ids) - 1 - s)
@@ -838,30 +848,29 @@ def perplexity(model, ids, cfg, device, autocast):
     return math.exp(nll.item() / (len(ids) - 1)), nll.item(), len(ids) - 1
 
 
-def report_perplexity(model, splits, cfg, device, autocast, when):
-    """Print the test perplexity per token and per word of WikiText (its words and line ends: 245,569 in the test
-    split, the unit of the GPT-2 paper's 29.41), and where the model has experts, their use on the test split."""
+def report_perplexity(model, ids, words, cfg, device, autocast, when):
+    """Print the test perplexity per token and per word (words: those of the test split, as load_wikitext counts
+    them), and where the model has experts, their use on the test split."""
     t0 = time.time()
-    ppl, nll, n = perplexity(model, splits["test"], cfg, device, autocast)
-    words = len(splits["test_text"].split()) + splits["test_text"].count("\n")
-    stride = min(cfg.test_stride or cfg.block_size // 2, cfg.block_size) or 1
+    ppl, nll, n = perplexity(model, ids, cfg, device, autocast)
     print(f"test perplexity {when}: {ppl:.2f} per token ({n:,} tokens), {math.exp(nll / words):.2f} per word ({words:,})"
-          f" | window {cfg.block_size}, stride {stride} | {time.time() - t0:.1f} s")
+          f" | window {cfg.block_size}, stride {window_stride(cfg)} | {time.time() - t0:.1f} s")
     for line in expert_usage(model):
         print(line)
     return ppl
 
 
-def load_checkpoint(path, device, scripts=(SCRIPT,), fix="use that script, or another --out_dir"):
+def load_checkpoint(path, device, scripts=(SCRIPT,)):
+    """A checkpoint written by one of scripts: this one, or the script whose model a later stage starts from."""
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train first (python {SCRIPT}.py) or point --out_dir at the folder a run wrote")
+        die(f"no checkpoint at {path}; train first (python {scripts[0]}.py), or give the folder or path a run wrote")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
         found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        die(f"{path} was written by {found}, not {' or '.join(scripts)}; {fix}")
+        die(f"{path} was written by {found}, not {' or '.join(scripts)}; use that script, or another --out_dir")
     return ckpt
 
 
@@ -964,8 +973,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         model = torch.compile(model)
     eval_model = model  # evaluation runs outside DDP: every rank scores the same batches, with no communication
     if world_size > 1:
-        # copies rank 0's weights to all; the buffers (causal masks, expert counts) need no broadcast at every step
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)  # copies rank 0's weights to all
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     log = CSVLog(os.path.join(cfg.out_dir, "log.csv") if rank == 0 else os.devnull, iter_num)  # one writer: rank 0
     if cfg.wandb:
@@ -981,7 +989,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
     def state(it):  # everything --resume needs to continue at iteration it
         return {
             "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "tokenizer": tok.name,
+            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "tokenizer": tok.name, "vocab": tok.chars,
             "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }  # fmt: skip
@@ -1007,7 +1015,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
             for line in expert_usage(raw_model):
                 print(line)
-            log.write(iter=it, train_loss=f"{losses['train']:.6f}", val_loss=f"{losses['val']:.6f}", lr=f"{lr:.3e}", ms_per_iter="")
+            log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
             if cfg.wandb:
                 wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
             if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
@@ -1021,6 +1029,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         if it == cfg.max_iters:
             break
 
+        # forward and backward, gradients summed over the micro-batches
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             x, y = loader.get_batch("train", gen, rank, world_size)  # on a GPU this overlaps with the previous step's kernels
@@ -1031,6 +1040,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
                     loss = loss / accum  # the sum over micro-batches is the mean (and DDP averages over processes)
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
+        # step: clip the gradient norm, update the weights
         if cfg.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -1051,7 +1061,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             if device.type == "cuda":
                 line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / world_size / dt, device):.1f}%"  # per GPU
             print(line)
-            log.write(iter=it, train_loss=f"{lossf:.6f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
+            log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
     if dts:
         median = sorted(dts)[len(dts) // 2] * 1000
         print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
@@ -1081,11 +1091,12 @@ def banned_sequences(words, tok):
     return [seq for w in filter(None, (s.strip() for s in words.split(","))) for seq in {tuple(tok.encode(w)), tuple(tok.encode(" " + w))}]
 
 
-def sample(model, start, tok, cfg, device, autocast, prompt):
-    """The fine-tuned model, and the model it started from (if given), continue the same prompt with the same seed."""
+def sample(model, tok, cfg, device, autocast, prompt):
+    """The fine-tuned model continues the prompt, after the model it started from (--compare), with the same seed."""
     idx = torch.tensor([tok.encode(prompt)] * cfg.num_samples, dtype=torch.long, device=device)
     ban = [list(seq) for seq in banned_sequences(cfg.ban, tok)]
-    for name, m in ([("starting model", start)] if start is not None else []) + [("fine-tuned", model)]:
+    start = {"starting model": start_model(replace(model.cfg), tok, device)} if cfg.compare else {}
+    for name, m in {**start, "fine-tuned": model}.items():
         torch.manual_seed(cfg.seed)  # the same --seed draws the same samples
         m.eval()
         with autocast:
@@ -1099,7 +1110,8 @@ def main(argv=None):
     cfg = parse_args(argv)
     device, autocast = setup_device(cfg)
     tok = GPT2Tokenizer()
-    ckpt = None  # every check that can fail comes before setup_ddp: under torchrun a mistake ends every process alike
+    # every check that can fail comes before setup_ddp: under torchrun a mistake ends every process alike
+    ckpt = None
     if cfg.resume and not cfg.prompt:
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
         resume_config(cfg, ckpt["config"], RESUMED)
@@ -1109,16 +1121,14 @@ def main(argv=None):
 
     if cfg.prompt:  # sampling only: the fine-tuned model from its checkpoint, the starting model from where it started
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), device)
-        saved = Config(**ckpt["config"])
-        model = GPT(saved, tok.vocab_size).to(device)
+        model = GPT(Config(**ckpt["config"]), tok.vocab_size).to(device)
         model.load_state_dict(ckpt["model"])
-        start = start_model(replace(saved), tok, device) if cfg.compare else None
-        sample(model, start, tok, cfg, device, autocast, cfg.prompt)
+        sample(model, tok, cfg, device, autocast, cfg.prompt)
         return
 
     with local_rank_zero_first(device):  # under torchrun one process per machine downloads; the others reuse its files
         model = None if ckpt else start_model(cfg, tok, device)  # the same weights on every rank (seeded)
-        splits = load_wikitext(cfg, tok)
+        splits, words = load_wikitext(cfg, tok)
     loader = DataLoader(splits, cfg, device)
     if ckpt:
         model = GPT(cfg, tok.vocab_size).to(device)
@@ -1128,7 +1138,8 @@ def main(argv=None):
     torch.manual_seed(cfg.seed + rank)  # other dropout masks on each rank; DDP gives every rank rank 0's weights
     print(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M used per token), device {device}, dtype {cfg.dtype}, attention {cfg.attention}")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    before = report_perplexity(model, splits, cfg, device, autocast, "before fine-tuning" if not ckpt else f"at iter {ckpt['iter_num']} (resumed)")
+    when = f"at iter {ckpt['iter_num']} (resumed)" if ckpt else "before fine-tuning"
+    before = report_perplexity(model, splits["test"], words, cfg, device, autocast, when)
     if cfg.max_iters == 0 and not ckpt:  # zero-shot: the starting model's perplexity only
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1143,11 +1154,11 @@ def main(argv=None):
     if dist.is_initialized():
         dist.barrier()  # rank 0 has written best.pt
     model.load_state_dict(load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), device)["model"])  # the best val loss
-    after = report_perplexity(model, splits, cfg, device, autocast, "after fine-tuning (best val checkpoint)")
+    when = "after fine-tuning (best val checkpoint)"
+    after = report_perplexity(model, splits["test"], words, cfg, device, autocast, when)
     print(f"test perplexity per token: before {before:.2f} | after {after:.2f}")
     if rank == 0:
-        start = start_model(replace(cfg), tok, device) if cfg.compare else None
-        sample(model, start, tok, cfg, device, autocast, tok.start)
+        sample(model, tok, cfg, device, autocast, tok.start)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -28,7 +28,6 @@ Run on a quiet machine. On 2 CPU cores:
 """
 
 import argparse
-import csv
 import os
 import re
 import statistics
@@ -40,12 +39,8 @@ SCRIPT = os.path.join(ROOT, "ex3_pretrain_finetune.py")
 OUT = os.path.join(ROOT, "out", "bench_ex3")
 
 import torch  # noqa: E402
-from common import machine, run, table  # noqa: E402
 
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
-        return list(csv.DictReader(f))
+from common import machine, read_log, run, table  # noqa: E402
 
 
 def data_flags(a):
@@ -64,7 +59,7 @@ def quality(a):
     flags = ["--out_dir", out_dir, "--overwrite", "--log_interval", "100", "--device", "cpu"] + data_flags(a)
     if a.quick:
         flags += ["--n_layer", "2", "--n_embd", "64", "--max_iters", "300", "--finetune_iters", "100", "--eval_interval", "100", "--eval_iters", "20", "--max_new_tokens", "100"]
-    text, wall = run([sys.executable, SCRIPT, "--stage", "all", *flags, *a.extra], a.threads, show=True)
+    text, wall, _ = run([sys.executable, SCRIPT, "--stage", "all", *flags, *a.extra], a.threads, show=True)
     times = dict(re.findall(r"=== stage (\w+):.*?\ndone: \d+ iterations in ([\d.]+) s", text, re.S))
     evals = {s: [r for r in read_log(os.path.join(out_dir, s)) if r["val_loss"]] for s in ("pretrain", "finetune", "scratch")}
     best = {s: min(float(r["val_loss"]) for r in rows) for s, rows in evals.items()}
@@ -139,7 +134,7 @@ def gpu(a):
     rows = []
     for name, launcher, procs in launches:
         out_dir = os.path.join(OUT, f"gpu-{procs}")
-        text, _ = run(launcher + [SCRIPT, "--out_dir", out_dir, "--overwrite", "--gradient_accumulation_steps", str(procs), *flags])
+        text, _, _ = run(launcher + [SCRIPT, "--out_dir", out_dir, "--overwrite", "--gradient_accumulation_steps", str(procs), *flags])
         steps_seen = [(int(i), float(t), float(m)) for i, t, m in re.findall(r"iter (\d+) \| loss [\d.]+ \| [\d.]+ ms \| ([\d.]+)k tok/s \| mfu ([\d.]+)%", text)]
         later = [s for s in steps_seen if s[0] >= min(20, steps // 2)]
         rows.append([name, f"{statistics.median(s[1] for s in later):,.0f}k", f"{statistics.median(s[2] for s in later):.1f}%"])

@@ -51,9 +51,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from common import PICTURES, machine, read_log, table  # noqa: E402
 
 import ex4_mqa_swiglu as ex4  # noqa: E402
+from common import PICTURES, machine, read_log, table  # noqa: E402
 
 VARIANTS = {  # name -> function of q, k, v (B, heads, T, head_size) and the window
     "full explicit": lambda q, k, v, W: ex4.attention(q, k, v, None, flash=False),

@@ -54,7 +54,6 @@ sys.path.insert(0, ROOT)
 import flash_moe_finetune as fm  # noqa: E402
 from common import machine, run, table  # noqa: E402
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Quality: a model of this repository, upcycled and fine-tuned on WikiText-2, against the dense fine-tune
 
@@ -67,15 +66,15 @@ def perplexities(text, when):
 
 def finetune(a, name, flags):
     out_dir = os.path.join(a.out, name)
-    text, wall = run([sys.executable, os.path.join(ROOT, "flash_moe_finetune.py"), "--out_dir", out_dir, "--overwrite", *flags], show=True)
+    text, wall, _ = run([sys.executable, os.path.join(ROOT, "flash_moe_finetune.py"), "--out_dir", out_dir, "--overwrite", *flags], show=True)
     params = re.search(r"([\d.]+)M parameters \(([\d.]+)M used per token\)", text)
     done = re.search(r"done: (\d+) iterations in ([\d.]+) s, median ([\d.]+) ms/iter, best val ([\d.]+)", text)
-    after = text.split("test perplexity after")[1]
+    after = text.split("test perplexity after")[1].split("test perplexity per token")[0]  # with the experts' use
     return {
         "text": text, "wall": wall, "params": float(params.group(1)), "active": float(params.group(2)),
         "before": perplexities(text, "before fine-tuning"), "after": perplexities(text, "after fine-tuning (best val checkpoint)"),
         "iters": int(done.group(1)), "train_s": float(done.group(2)), "ms": float(done.group(3)), "val": float(done.group(4)),
-        "usage": re.findall(r"  layer (\d+) experts \| use ([\d% ]+?) \| largest/mean ([\d.]+)", after.split("test perplexity per token")[0]),
+        "usage": re.findall(r"  layer (\d+) expert use \(%\) \| mlp ([\d ]+)", after),
         "change": re.search(r"largest logit change ([\d.e+-]+)", text), "layers": (re.findall(r"upcycled the MLPs of layers ([\d, ]+) into", text) or ["-"])[0],
     }  # fmt: skip
 
@@ -91,14 +90,14 @@ def quality(a):
     # 1. the starting model: pretrained by ex3 on the books with GPT-2's BPE
     base = os.path.join(a.out, "base")
     shakespeare = ["--data", a.shakespeare] if a.shakespeare else []
-    text, pre_wall = run([sys.executable, os.path.join(ROOT, "ex3_pretrain_finetune.py"), "--stage", "pretrain", "--tokenizer", "gpt2", "--out_dir", base, "--overwrite",
+    text, pre_wall, _ = run([sys.executable, os.path.join(ROOT, "ex3_pretrain_finetune.py"), "--stage", "pretrain", "--tokenizer", "gpt2", "--out_dir", base, "--overwrite",
                           "--pretrain_data", a.books, *tokens, *shakespeare, *size, "--max_iters", str(pre_iters), "--eval_interval", str(pre_iters),
                           "--eval_iters", str(evals), "--learning_rate", "1e-3", "--min_lr", "1e-4", "--warmup_iters", str(pre_iters // 16),
                           "--log_interval", str(every), "--max_new_tokens", "30", "--device", "cpu"], show=True)  # fmt: skip
     pre_val = float(re.search(r"done: \d+ iterations in [\d.]+ s, median [\d.]+ ms/iter, best val ([\d.]+)", text).group(1))
     corpus = re.search(r"pretraining corpus: ([\d,]+) tokens", text).group(1)
     # 2. and 3. fine-tuned on WikiText-2 with experts, and dense
-    common = ["--init_from", os.path.join(base, "pretrain", "best.pt"), "--data_dir", a.wikitext, "--train_split", "valid", "--max_iters", str(ft_iters),
+    common = ["--init_from", os.path.join(base, "pretrain", "best.pt"), "--data", a.wikitext, "--train_split", "valid", "--max_iters", str(ft_iters),
               "--eval_interval", str(every), "--eval_iters", str(evals), "--log_interval", str(every), "--learning_rate", "1e-3", "--min_lr", "1e-4",
               "--warmup_iters", str(ft_iters // 10), "--dropout", "0", "--max_new_tokens", "60", "--device", "cpu"]  # fmt: skip
     common += (["--test_tokens", "5000"] if a.quick else []) + a.extra
@@ -126,7 +125,9 @@ def quality(a):
           f"{moe['before'][0]:.2f} to {moe['after'][0]:.2f} with experts and to {dense['after'][0]:.2f} dense: "
           f"MoE minus dense {moe['after'][0] - dense['after'][0]:+.2f}.\n")  # fmt: skip
     print("Expert balance: each expert's share of the test split's routing choices after fine-tuning (largest/mean: 1 is perfectly even, 4 one expert takes all).\n")
-    table(["layer", "expert shares", "largest/mean"], [[layer, re.sub(r"\s+", " ", shares.strip()), ratio] for layer, shares, ratio in moe["usage"]])
+    shares = {layer: [int(p) for p in use.split()] for layer, use in moe["usage"]}  # % of each layer's choices, rounded
+    rows = [[layer, " ".join(f"{p}%" for p in s), f"{max(s) * len(s) / sum(s):.2f}"] for layer, s in shares.items()]
+    table(["layer", "expert shares", "largest/mean"], rows)
     samples = moe["text"].split("--- sample 1, starting model ---")[1]
     print("Samples after the MoE fine-tune (the same prompt and seed; WikiText's artefacts cleaned):\n")
     print("```\n--- starting model ---" + samples.replace("--- sample 1, fine-tuned ---", "--- fine-tuned ---").rstrip() + "\n```\n", flush=True)
@@ -140,7 +141,7 @@ def attention(a):
     lengths = (64, 128) if a.quick else (128, 256, 512, 1024)
     B, H, D, reps = 4, 4, 32, 3 if a.quick else 5
     explicit = lambda q, k, v: F.softmax((q @ k.transpose(-2, -1) / D**0.5).masked_fill(~torch.ones(q.size(2), q.size(2), dtype=torch.bool).tril(), float("-inf")), -1) @ v  # noqa: E731
-    paths = {"fused": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "tiled (blocks of 64)": lambda q, k, v: fm.flash_attention(q, k, v, 64), "explicit": explicit}
+    paths = {"fused": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "tiled (blocks of 64)": lambda q, k, v: fm.tiled_attention(q, k, v, 64), "explicit": explicit}
     rows = []
     for T in lengths:
         q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))

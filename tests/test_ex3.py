@@ -14,9 +14,9 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TEXT, assert_causal, read_log, torchrun_and_single, user_error
 
 import ex3_pretrain_finetune as ex3
+from conftest import ROOT, TEXT, assert_causal, read_log, torchrun_and_single, user_error
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "4", "--device", "cpu", "--eval_iters", "2", "--max_new_tokens", "20"]
 BOOK = "Produced by a volunteer.\n\n*** START OF THE PROJECT GUTENBERG EBOOK {n} ***\n{body}\n*** END OF THE PROJECT GUTENBERG EBOOK {n} ***\nThe licence.\n"
@@ -125,7 +125,9 @@ def test_finetune_starts_from_the_pretrained_weights(tmp_path, text_file, corpus
     pretrained.load_state_dict(ckpt["model"])
     expected = ex3.estimate_loss(pretrained, loader, cfg, nullcontext())
     first = losses(os.path.join(out, "finetune"))[0]
-    assert first[0] == 0 and first[1] == pytest.approx(expected["train"], abs=1e-5) and first[2] == pytest.approx(expected["val"], abs=1e-5)
+    assert first[0] == 0  # log.csv holds 4 decimals
+    assert first[1] == pytest.approx(expected["train"], abs=1e-4)
+    assert first[2] == pytest.approx(expected["val"], abs=1e-4)
     # ... not a random model's: the from-scratch stage starts near ln(vocabulary), far above
     scratch = losses(os.path.join(out, "scratch"))[0]
     assert scratch[2] == pytest.approx(math.log(tok.vocab_size), abs=0.1)
@@ -135,7 +137,7 @@ def test_finetune_starts_from_the_pretrained_weights(tmp_path, text_file, corpus
 def test_stage_all_smoke_stop_and_resume(tmp_path, text_file, corpus, capsys, monkeypatch):
     common = TINY + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--learning_rate", "1e-2", "--log_interval", "1"]
     common += ["--max_iters", "20", "--eval_interval", "10", "--lr_decay_iters", "20"]
-    common += ["--finetune_iters", "10", "--finetune_lr", "5e-3"]
+    common += ["--finetune_iters", "10", "--finetune_learning_rate", "5e-3"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     ex3.main(common + ["--out_dir", full])
     out = capsys.readouterr().out
@@ -287,7 +289,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, text_file, corpus):
 
     a, b = losses(os.path.join(ddp, "pretrain")), losses(os.path.join(one, "pretrain"))
     assert [r[0] for r in a] == [r[0] for r in b] and len(a) == steps + 2  # a loss every step, and two evaluations
-    assert np.allclose(np.array(a)[:, 1:], np.array(b)[:, 1:], atol=1e-5, rtol=0, equal_nan=True)
+    assert np.allclose(np.array(a)[:, 1:], np.array(b)[:, 1:], atol=2e-4, rtol=0, equal_nan=True)  # log.csv: .4f
     assert a[-1][2] < a[0][2] - 0.1  # it did train
     r0, r1, single = (torch.load(os.path.join(d, f), weights_only=True) for d, f in ((ddp, "rank0.pt"), (ddp, "rank1.pt"), (one, "rank0.pt")))
     for name, p0 in r0["params"].items():
@@ -354,4 +356,4 @@ def test_torchrun_sigterm_to_one_process_stops_every_rank(tmp_path, text_file, c
     ex3.main(args + ["--max_iters", str(it + 3), "--out_dir", straight])
     a, b = losses(os.path.join(stopped, "pretrain")), losses(os.path.join(straight, "pretrain"))
     assert [r[0] for r in a] == [r[0] for r in b] == [0] + list(range(it + 3)) + [it + 3]
-    assert np.allclose(np.array(a)[:, 1:], np.array(b)[:, 1:], atol=1e-5, rtol=0, equal_nan=True)
+    assert np.allclose(np.array(a)[:, 1:], np.array(b)[:, 1:], atol=2e-4, rtol=0, equal_nan=True)  # log.csv: .4f

@@ -5,10 +5,10 @@ from dataclasses import fields
 
 import pytest
 import torch
-from conftest import assert_causal, losses, user_error
 
 import ex1_gpt as ex1
 import ex4_mqa_swiglu as ex4
+from conftest import assert_causal, losses, user_error
 
 V = 65  # vocabulary size of the test models
 OFF = dict(n_kv_head=4, mlp="gelu", rope=False, window=0)  # every switch off: ex1's architecture

@@ -1,10 +1,13 @@
-"""flash_moe_finetune.py: GPT-2's weights loaded exactly, upcycling that changes nothing, flash attention equal to
-explicit attention, the router's losses, the sampling controls, sliding-window perplexity, and runs through main:
-checkpoints, Ctrl-C and resume, user errors, offline, and under torchrun."""
+"""flash_moe_finetune.py: GPT-2's weights (and ex3's checkpoints) loaded exactly, upcycling that changes nothing, tiled
+and fused attention equal to explicit attention, the router's losses, the sampling controls, sliding-window
+perplexity, and runs through main: checkpoints, Ctrl-C and resume, --data and --data_dir, user errors, offline, and
+under torchrun."""
 
 import copy
+import inspect
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,10 +20,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_causal, losses, torchrun_and_single, user_error
 from torch.nn import functional as F
 
 import flash_moe_finetune as fm
+from conftest import ROOT, assert_causal, losses, torchrun_and_single, user_error
 
 TINY = ["--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2", "--device", "cpu",
         "--eval_iters", "2", "--max_new_tokens", "8", "--test_tokens", "300", "--learning_rate", "1e-2", "--warmup_iters", "0"]  # fmt: skip
@@ -117,7 +120,7 @@ fm.main(sys.argv[1:])
 def test_offline_without_the_hugging_face_variables_fails_at_once(what, tmp_path, wikitext, gpt2_cache):
     """No network and no HF_HUB_OFFLINE: one line within seconds, not half a minute of retries (as a user runs it)."""
     env = no_hub(tmp_path)
-    args = ["--init_from", "gpt2", "--data_dir", wikitext] if what == "init_from gpt2" else TINY
+    args = ["--init_from", "gpt2", "--data", wikitext] if what == "init_from gpt2" else TINY
     code = OFFLINE.format(root=ROOT, data=str(tmp_path / "data"))
 
     def timed(*cmd):
@@ -130,7 +133,7 @@ def test_offline_without_the_hugging_face_variables_fails_at_once(what, tmp_path
     p, seconds = timed("-c", code, *args, "--out_dir", str(tmp_path / "o"))
     err = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), p.stderr
-    assert "127.0.0.1 does not answer" in err[0] and ("--init_from PATH" if "gpt2" in what else "--data_dir") in err[0]
+    assert "127.0.0.1 does not answer" in err[0] and ("--init_from PATH" if "gpt2" in what else "--data ") in err[0]
     assert seconds < imports + 10, (seconds, imports)  # the retries took 26-28 s
 
 
@@ -143,7 +146,7 @@ def test_offline_gpt2_loads_from_the_hugging_face_cache(tmp_path, wikitext, gpt2
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     env = no_hub(tmp_path)
-    args = ["--init_from", "gpt2", "--data_dir", wikitext, "--device", "cpu", "--max_iters", "0", "--n_experts", "1",
+    args = ["--init_from", "gpt2", "--data", wikitext, "--device", "cpu", "--max_iters", "0", "--n_experts", "1",
             "--test_tokens", "100", "--out_dir", str(tmp_path / "o")]  # fmt: skip
     script = os.path.join(ROOT, "flash_moe_finetune.py")
     p = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300, env=env)
@@ -215,12 +218,21 @@ def test_with_identical_experts_the_router_gets_no_gradient_from_the_lm_loss():
 
 
 def test_load_balancing_and_z_loss():
+    """load_balancing_loss is switchhead_moe's, called with the k choices in place of its heads: probs (N, 1, E),
+    chosen (N, k). The mean over the choices is E * sum_i f_i * P_i with f_i the share of all N * k choices."""
+    import switchhead_moe
+
+    assert inspect.getsource(fm.load_balancing_loss) == inspect.getsource(switchhead_moe.load_balancing_loss)
     E = 4
-    uniform = torch.full((12, E), 1 / E)
+    uniform = torch.full((12, 1, E), 1 / E)
     for chosen in (torch.randint(E, (12, 2)), torch.zeros(12, 1, dtype=torch.long)):  # any routing
         assert fm.load_balancing_loss(uniform, chosen).item() == pytest.approx(1.0, abs=1e-6)
-    one_hot = F.one_hot(torch.zeros(12, dtype=torch.long), E).float()
+    one_hot = F.one_hot(torch.zeros(12, 1, dtype=torch.long), E).float()
     assert fm.load_balancing_loss(one_hot, torch.zeros(12, 1, dtype=torch.long)).item() == pytest.approx(E)  # all on expert 0
+    probs, chosen = F.softmax(torch.randn(50, E), dim=-1), torch.randint(E, (50, 2))
+    f = torch.bincount(chosen.flatten(), minlength=E).float() / chosen.numel()
+    expected = E * (f * probs.mean(0)).sum().item()
+    assert fm.load_balancing_loss(probs[:, None], chosen).item() == pytest.approx(expected, rel=1e-6)
     assert fm.router_z_loss(torch.zeros(9, E)).item() == pytest.approx(math.log(E) ** 2, abs=1e-6)
     assert fm.router_z_loss(torch.full((9, E), 3.0)).item() == pytest.approx((3 + math.log(E)) ** 2, abs=1e-5)
 
@@ -237,7 +249,7 @@ def test_tiled_and_fused_attention_equal_explicit_attention(B, H, T, D, block):
     explicit = F.softmax((q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~mask, float("-inf")), dim=-1) @ v
     g = torch.randn_like(explicit)
     want = torch.autograd.grad(explicit, (q, k, v), g)
-    for out in (fm.flash_attention(q, k, v, block), F.scaled_dot_product_attention(q, k, v, is_causal=True)):
+    for out in (fm.tiled_attention(q, k, v, block), F.scaled_dot_product_attention(q, k, v, is_causal=True)):
         assert (out - explicit).abs().max() < 1e-5
         for a, b in zip(torch.autograd.grad(out, (q, k, v), g), want):
             assert (a - b).abs().max() < 1e-5
@@ -344,7 +356,7 @@ def test_smoke_upcycle_finetune_evaluate_sample_resume(tmp_path, wikitext, gpt2_
     out, part = str(tmp_path / "out"), str(tmp_path / "part")
     args = TINY + ["--n_experts", "4", "--moe_layers", "all", "--eval_interval", "3", "--log_interval", "1"]
     args += ["--max_iters", "6"]
-    fm.main(args + ["--data_dir", wikitext, "--out_dir", out])
+    fm.main(args + ["--data", wikitext, "--out_dir", out])
     text = capsys.readouterr().out
     assert "upcycled the MLPs of layers 0, 1 into 4 experts each, top-2" in text
     change = float(text.split("largest logit change ")[1].split()[0])
@@ -352,7 +364,7 @@ def test_smoke_upcycle_finetune_evaluate_sample_resume(tmp_path, wikitext, gpt2_
     before = float(text.split("test perplexity before fine-tuning: ")[1].split()[0])
     after = float(text.split("test perplexity after fine-tuning (best val checkpoint): ")[1].split()[0])
     assert after < before  # it learned the repeated text
-    assert text.count("  layer 1 experts | use") >= 4  # at each evaluation and each perplexity
+    assert text.count("  layer 1 expert use (%) | mlp ") >= 4  # at each evaluation and each perplexity
     assert "--- sample 1, starting model ---" in text and "--- sample 1, fine-tuned ---" in text
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)  # the latest state, whatever the val loss
     assert ckpt["iter_num"] == 6 and "optimizer" in ckpt
@@ -365,19 +377,19 @@ def test_smoke_upcycle_finetune_evaluate_sample_resume(tmp_path, wikitext, gpt2_
     ctrl_c = lambda it, cfg: (it == 4 and os.kill(os.getpid(), signal.SIGINT), get_lr(it, cfg))[1]  # noqa: E731
     monkeypatch.setattr(fm, "get_lr", ctrl_c)
     with pytest.raises(SystemExit) as e:
-        fm.main(args + ["--data_dir", wikitext, "--out_dir", part])
+        fm.main(args + ["--data", wikitext, "--out_dir", part])
     assert e.value.code == 130
     assert f"stopped: {part}{os.sep}ckpt.pt holds iteration 5; continue with --resume" in capsys.readouterr().err
     monkeypatch.setattr(fm, "get_lr", get_lr)
-    line = user_error(capsys, fm.main, args + ["--out_dir", part, "--resume", "--data_dir", str(tmp_path)])
+    line = user_error(capsys, fm.main, args + ["--out_dir", part, "--resume", "--data", str(tmp_path)])
     assert "differs from the checkpoint's" in line
     fm.main(args + ["--out_dir", part, "--resume"])
     assert "resuming from iter 5" in capsys.readouterr().out
     assert losses(part) == losses(out)
 
     # a new run never replaces a checkpoint without --overwrite; a zero-shot run writes none, so it may share the folder
-    assert "--overwrite" in user_error(capsys, fm.main, args + ["--data_dir", wikitext, "--out_dir", out])
-    fm.main(TINY + ["--data_dir", wikitext, "--out_dir", out, "--max_iters", "0"])
+    assert "--overwrite" in user_error(capsys, fm.main, args + ["--data", wikitext, "--out_dir", out])
+    fm.main(TINY + ["--data", wikitext, "--out_dir", out, "--max_iters", "0"])
     # sampling alone: the best checkpoint and the model it started from, cleaned, <unk> banned
     os.remove(os.path.join(out, "ckpt.pt"))
     capsys.readouterr()
@@ -388,20 +400,20 @@ def test_smoke_upcycle_finetune_evaluate_sample_resume(tmp_path, wikitext, gpt2_
 
 
 def test_zero_shot_and_dense(tmp_path, wikitext, gpt2_cache, capsys):
-    fm.main(TINY + ["--data_dir", wikitext, "--out_dir", str(tmp_path / "o"), "--n_experts", "1", "--max_iters", "0", "--attention", "tiled"])
+    fm.main(TINY + ["--data", wikitext, "--out_dir", str(tmp_path / "o"), "--n_experts", "1", "--max_iters", "0", "--attention", "tiled"])
     text = capsys.readouterr().out
     assert "test perplexity before fine-tuning" in text and "upcycled" not in text and "tokens per iteration" not in text
     assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
 
 
 def test_user_errors(tmp_path, wikitext, gpt2_cache, capsys, monkeypatch):
-    base = TINY + ["--data_dir", wikitext, "--out_dir", str(tmp_path / "o")]
+    base = TINY + ["--data", wikitext, "--out_dir", str(tmp_path / "o")]
     # offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1 in conftest), or without transformers: one line naming the flag to use instead
     line = user_error(capsys, fm.main, base + ["--init_from", "gpt2"])
     assert "gpt2" in line and "--init_from PATH" in line and "--init_from scratch" in line
     monkeypatch.setattr(fm, "DATA_DIR", str(tmp_path / "data"))  # no WikiText cached there
     line = user_error(capsys, fm.main, TINY + ["--out_dir", str(tmp_path / "o")])
-    assert "wikitext-2-raw-v1" in line and "--data_dir" in line
+    assert "wikitext-2-raw-v1" in line and "--data " in line
     assert not os.path.exists(tmp_path / "data" / "wikitext-2-raw-v1")  # nothing half-written
     os.remove(os.path.join(wikitext, "train.txt"))
     assert "--train_split valid" in user_error(capsys, fm.main, base)
@@ -411,13 +423,34 @@ def test_user_errors(tmp_path, wikitext, gpt2_cache, capsys, monkeypatch):
     assert "--train_split" in user_error(capsys, fm.main, base + ["--train_split", "test"])
     assert "--attention" in user_error(capsys, fm.main, base + ["--attention", "sparse"])
     assert "no such file" in user_error(capsys, fm.main, base + ["--init_from", "gpt-2"])
-    assert "longer than the context" in user_error(capsys, fm.main, base + ["--block_size", "32", "--init_from", str(ex1_checkpoint(tmp_path, "gpt2"))])
-    assert "character vocabulary" in user_error(capsys, fm.main, base + ["--init_from", str(ex1_checkpoint(tmp_path, None))])
-    assert "switchhead_moe" in user_error(capsys, fm.main, base + ["--init_from", str(ex1_checkpoint(tmp_path, None, "switchhead_moe"))])
+    ex3_gpt2, ex3_char = str(ex3_checkpoint(tmp_path, "gpt2")), str(ex3_checkpoint(tmp_path, "char"))
+    line = user_error(capsys, fm.main, base + ["--block_size", "32", "--init_from", ex3_gpt2])
+    assert "longer than the context" in line
+    assert "character vocabulary" in user_error(capsys, fm.main, base + ["--init_from", ex3_char])
+    for script in ("switchhead_moe", "ex1_gpt"):  # load_checkpoint(path, device, scripts): this script's and ex3's only
+        line = user_error(capsys, fm.main, base + ["--init_from", str(ex3_checkpoint(tmp_path, "gpt2", script))])
+        assert f"written by {script}, not flash_moe_finetune or ex3_pretrain_finetune" in line
 
 
-def test_every_bad_data_dir_is_one_line(tmp_path, wikitext, gpt2_cache, capsys):
-    base = TINY + ["--out_dir", str(tmp_path / "o"), "--data_dir"]
+def test_data_is_wikitext_and_data_dir_the_downloads(tmp_path, wikitext, gpt2_cache, capsys, monkeypatch):
+    """--data: a folder holding the splits, read where it is. --data_dir: where a download goes and is found again
+    (ex3's meaning); offline with nothing there, the error names --data."""
+    downloads = tmp_path / "downloads"
+    shutil.copytree(wikitext, downloads / "wikitext-2-raw-v1")  # as a first run's download leaves it
+    monkeypatch.setattr(fm, "DATA_DIR", str(tmp_path / "empty"))
+    args = TINY + ["--max_iters", "0", "--n_experts", "1", "--out_dir", str(tmp_path / "o")]
+    capsys.readouterr()
+    fm.main(args + ["--data_dir", str(downloads)])
+    assert f"WikiText-2 from {downloads / 'wikitext-2-raw-v1'}: " in capsys.readouterr().out
+    fm.main(args + ["--data", wikitext, "--data_dir", str(tmp_path / "nowhere")])  # --data is read in place
+    assert f"WikiText-2 from {wikitext}: " in capsys.readouterr().out
+    line = user_error(capsys, fm.main, args + ["--data_dir", str(tmp_path / "nowhere")])
+    assert "could not download" in line and "--data with a folder" in line
+    assert not os.path.exists(tmp_path / "nowhere" / "wikitext-2-raw-v1")
+
+
+def test_every_bad_data_folder_is_one_line(tmp_path, wikitext, gpt2_cache, capsys):
+    base = TINY + ["--out_dir", str(tmp_path / "o"), "--data"]
     assert "no such folder" in user_error(capsys, fm.main, base + [str(tmp_path / "missing")])
     assert "is a file" in user_error(capsys, fm.main, base + [os.path.join(wikitext, "train.txt")])
     for name, content, says in [
@@ -455,12 +488,14 @@ def test_help_lists_every_flag(capsys):
     assert "(default --compare)" in " ".join(text.split()) and "(default --no-compile)" in " ".join(text.split())
 
 
-def ex1_checkpoint(tmp_path, tokenizer, script="ex1_gpt"):
-    """A checkpoint as ex1's scripts write it: block 16, no biases."""
+def ex3_checkpoint(tmp_path, tokenizer, script="ex3_pretrain_finetune"):
+    """A checkpoint as ex3 writes it (ex1's architecture and config fields): block 16, no biases."""
     cfg = tiny_cfg(n_embd=16, bias=False)
     path = tmp_path / f"{script}-{tokenizer}.pt"
     model = fm.GPT(cfg, 50257)
-    torch.save({"script": script, "model": model.state_dict(), "config": {k: v for k, v in asdict(cfg).items() if k in fm.ARCH[:5]}, "tokenizer": tokenizer}, path)
+    config = {k: v for k, v in asdict(cfg).items() if k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
+    ckpt = {"script": script, "model": model.state_dict(), "config": config, "tokenizer": tokenizer, "vocab": None}
+    torch.save(ckpt, path)
     return path
 
 
@@ -485,7 +520,7 @@ torch.save(models[0].state_dict(), os.path.join(out, "rank" + os.environ.get("RA
 def test_torchrun_two_processes_equal_one(tmp_path, wikitext, gpt2_cache):
     """torchrun --nproc_per_node 2 on the CPU (gloo) with experts: an expert no token of a rank's micro-batch chose
     still takes part in the all-reduce; the weights end identical on both ranks and equal to one process's."""
-    args = TINY + ["--data_dir", wikitext, "--n_experts", "8", "--moe_k", "1", "--gradient_accumulation_steps", "2", "--max_iters", "3", "--eval_interval", "3",
+    args = TINY + ["--data", wikitext, "--n_experts", "8", "--moe_k", "1", "--gradient_accumulation_steps", "2", "--max_iters", "3", "--eval_interval", "3",
                    "--max_new_tokens", "1", "--no-compare", "--dropout", "0"]  # fmt: skip
     ddp, one, p, q = torchrun_and_single(tmp_path, WORKER.format(root=ROOT), args)
     assert p.stdout.count("test perplexity before") == 1 and "2 processes x 1 micro-batches" in p.stdout  # only rank 0 prints
@@ -546,7 +581,7 @@ def test_torchrun_stops_every_rank_at_the_same_iteration(tmp_path, wikitext, gpt
     """A stop request on one rank stops all of them at the top of the next iteration; rank 0 saves that state."""
     worker, out = tmp_path / "worker.py", str(tmp_path / "out")
     worker.write_text(STOP_WORKER.format(root=ROOT))
-    args = ["--data_dir", wikitext, "--gradient_accumulation_steps", "2", "--max_iters", "6", "--eval_interval", "5"]
+    args = ["--data", wikitext, "--gradient_accumulation_steps", "2", "--max_iters", "6", "--eval_interval", "5"]
     p = torchrun(worker, TINY + args + ["--no-compare", "--out_dir", out])
     assert p.returncode != 0 and p.stderr.count("stopped: ") == 1, p.stderr[-3000:]
     assert f"stopped: {out}{os.sep}ckpt.pt holds iteration 3; continue with --resume" in p.stderr
@@ -558,7 +593,7 @@ def test_torchrun_user_errors_are_one_line(tmp_path, wikitext, gpt2_cache):
     """Under torchrun a bad flag (checked before the process group) and bad data (found by the first process, after
     it): rank 0 alone prints the line, once, every process exits, and none prints a traceback."""
     script = os.path.join(ROOT, "flash_moe_finetune.py")
-    args = TINY + ["--data_dir", wikitext, "--out_dir", str(tmp_path / "o")]
+    args = TINY + ["--data", wikitext, "--out_dir", str(tmp_path / "o")]
     p = torchrun(script, args)  # --gradient_accumulation_steps 1 for 2 processes
     errors = [line for line in p.stderr.splitlines() if "error: " in line]
     assert p.returncode != 0 and errors == [f"error: {GRAD_ACCUM}"]

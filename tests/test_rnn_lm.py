@@ -6,9 +6,9 @@ import signal
 
 import pytest
 import torch
-from conftest import TEXT, read_log, user_error
 
 import rnn_lm
+from conftest import TEXT, read_log, user_error
 
 TINY = ["--device", "cpu", "--n_layer", "1", "--n_embd", "16", "--n_hidden", "32", "--block_size", "16", "--batch_size", "4",
         "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "1",

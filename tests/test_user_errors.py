@@ -8,12 +8,14 @@ from dataclasses import fields
 
 import pytest
 import torch
+
 from conftest import ROOT, TEXT, user_error
 
 GPT = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2", "--max_new_tokens", "4"]
 COMMON = ["--device", "cpu", "--eval_iters", "1"]
 # per script: the flags of a tiny run, the data flag (None: no data file), the checkpoint's folder inside --out_dir,
 # and a --prompt the script cannot take
+FOLDER_DATA = {"flash_moe_finetune"}  # --data is a folder of WikiText-2's three splits
 SCRIPTS = {
     "ex1_gpt": (GPT, "--data", "", "Zounds"),
     "ex2_addition": (["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "8", "--digits", "1", "--test_problems", "3"],
@@ -25,7 +27,7 @@ SCRIPTS = {
     "switchhead_moe": (GPT, "--data", "", "Zounds"),
     "gan_text": (GPT + ["--seq_len", "8", "--d_embd", "4", "--d_hidden", "8", "--gan_batch_size", "2", "--eval_samples", "2",
                         "--d_pretrain_iters", "1", "--adv_rounds", "1", "--adv_eval_interval", "1"], "--data", "", "Zounds"),  # fmt: skip
-    "flash_moe_finetune": (GPT + ["--init_from", "scratch", "--moe_layers", "all", "--test_tokens", "100"], "--data_dir", "", None),
+    "flash_moe_finetune": (GPT + ["--init_from", "scratch", "--moe_layers", "all", "--test_tokens", "100"], "--data", "", None),
 }
 SHORT = TEXT[:120]  # the train split holds a batch of block_size + 1 tokens, the val split (12 characters) does not
 BAD_DATA = {"empty": b"", "binary": b"\0\1\2 binary \0" * 40, "not_utf8": "caf\u00e9 cr\u00e8me ".encode("latin-1") * 40,
@@ -36,10 +38,10 @@ def numeric_flags(script):
     return [f.name for f in fields(importlib.import_module(script).Config) if f.type in (int, float)]
 
 
-def write_data(folder, data_flag, content):
-    """The data flag's value holding content: a text file, or for --data_dir a folder of WikiText-2's three splits."""
+def write_data(folder, script, content):
+    """A --data value holding content: a text file, or a folder of WikiText-2's three splits."""
     os.makedirs(folder, exist_ok=True)
-    if data_flag == "--data_dir":
+    if script in FOLDER_DATA:
         for split in ("train", "valid", "test"):
             with open(os.path.join(folder, f"{split}.txt"), "wb") as f:
                 f.write(content)
@@ -65,7 +67,7 @@ def trained(tmp_path_factory):
         if script not in made:
             args, data_flag, _, _ = SCRIPTS[script]
             root = tmp_path_factory.mktemp(script)
-            data = [data_flag, write_data(str(root / "data"), data_flag, (TEXT * 2).encode())] if data_flag else []
+            data = [data_flag, write_data(str(root / "data"), script, (TEXT * 2).encode())] if data_flag else []
             out = str(root / "out")
             importlib.import_module(script).main(args + COMMON + data + ["--max_iters", "1", "--eval_interval", "1", "--out_dir", out])
             made[script] = (out, data)
@@ -106,12 +108,12 @@ def test_bad_data(script, case, setup, tmp_path, capsys):
     if case == "missing":
         value, expect = str(tmp_path / "missing"), "no such"
     elif case == "folder":  # the wrong kind of path: a folder for a file, a file for a folder
-        value = write_data(str(tmp_path / "wrong"), "--data", TEXT.encode()) if data_flag == "--data_dir" else str(tmp_path)
+        value = write_data(str(tmp_path / "wrong"), "ex1_gpt", TEXT.encode()) if script in FOLDER_DATA else str(tmp_path)
         expect = "folder"
     else:
-        value, expect = write_data(str(tmp_path / case), data_flag, BAD_DATA[case]), ""
-        if case == "short" and data_flag == "--data_dir":  # a long train split, a valid split of about 10 tokens
-            write_data(value, data_flag, (TEXT * 2).encode())
+        value, expect = write_data(str(tmp_path / case), script, BAD_DATA[case]), ""
+        if case == "short" and script in FOLDER_DATA:  # a long train split, a valid split of about 10 tokens
+            write_data(value, script, (TEXT * 2).encode())
             with open(os.path.join(value, "valid.txt"), "w") as f:
                 f.write(SHORT[:40])
     line = user_error(capsys, mod.main, argv + ["--overwrite", data_flag, value])
