@@ -43,7 +43,7 @@ class Config:
     out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
     digits: int = 3  # digits in each operand
     resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state
-    overwrite: bool = False  # start over in an out_dir that holds this script's checkpoint (replaces ckpt.pt and best.pt)
+    overwrite: bool = False  # start over in an out_dir holding this script's checkpoint (replaces ckpt.pt and best.pt)
     eval_interval: int = 500  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 10  # batches per split in each evaluation
     log_interval: int = 100  # print and log the training loss every this many iterations
@@ -71,7 +71,7 @@ class Config:
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
+    dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     # sampling
     prompt: str = ""  # if set, skip training: load out_dir/best.pt and answer this problem, e.g. 123+456
@@ -96,31 +96,60 @@ def die(msg):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)  # --lr is not --lr_decay_iters
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False
+    )  # --lr is not --lr_decay_iters
     parser.error = lambda msg: die(f"{msg} (see --help)")
-    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
+    comments = dict(
+        re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M)
+    )  # each field's comment is its help
     for f in fields(Config):
         if f.type is bool:
             default = f"--{'' if f.default else 'no-'}{f.name}"
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f"{comments[f.name]} (default {default})")
+            parser.add_argument(
+                f"--{f.name}",
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=f"{comments[f.name]} (default {default})",
+            )
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
+            parser.add_argument(
+                f"--{f.name}",
+                type=type(f.default),
+                default=f.default,
+                help=f"{comments[f.name]} (default {f.default!r})",
+            )
     unset = object()  # marks the flags not typed on the command line
     args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
     cfg = Config(**{k: v for k, v in args.items() if v is not unset})
     cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
     checks = [
-        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --n_embd and --batch_size must be at least 1"),
+        (
+            cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.batch_size >= 1,
+            "--n_layer, --n_head, --n_embd and --batch_size must be at least 1",
+        ),
         (1 <= cfg.digits <= 9, f"--digits {cfg.digits} must be between 1 and 9"),
         (cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
-        (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
+        (
+            cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1,
+            "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1",
+        ),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
-        (cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0, "--seed, --warmup_iters and --lr_decay_iters must be >= 0"),
-        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)"),
+        (
+            cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0,
+            "--seed, --warmup_iters and --lr_decay_iters must be >= 0",
+        ),
+        (
+            cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
+            "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)",
+        ),
         (cfg.test_problems >= 0, f"--test_problems {cfg.test_problems} must be >= 0 (0 for every held-out problem)"),
-        (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
+        (
+            cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -155,7 +184,16 @@ def make_problems(ids, digits):
     most_first = 10 ** torch.arange(digits - 1, -1, -1)
     least_first = 10 ** torch.arange(digits + 1)
     plus, equals = torch.full_like(a, VOCAB.index("+"))[:, None], torch.full_like(a, VOCAB.index("="))[:, None]
-    return torch.cat([a[:, None] // most_first % 10, plus, b[:, None] // most_first % 10, equals, (a + b)[:, None] // least_first % 10], dim=1)
+    return torch.cat(
+        [
+            a[:, None] // most_first % 10,
+            plus,
+            b[:, None] // most_first % 10,
+            equals,
+            (a + b)[:, None] // least_first % 10,
+        ],
+        dim=1,
+    )
 
 
 class DataLoader:
@@ -163,9 +201,16 @@ class DataLoader:
 
     def __init__(self, cfg, device):
         n = 10 ** (2 * cfg.digits)
-        ids = torch.arange(n) if n <= MAX_PROBLEMS else torch.randint(n, (MAX_PROBLEMS,), generator=torch.Generator().manual_seed(0))
+        ids = (
+            torch.arange(n)
+            if n <= MAX_PROBLEMS
+            else torch.randint(n, (MAX_PROBLEMS,), generator=torch.Generator().manual_seed(0))
+        )
         held_out = is_held_out(ids)
-        self.splits = {"train": make_problems(ids[~held_out], cfg.digits), "val": make_problems(ids[held_out], cfg.digits)}
+        self.splits = {
+            "train": make_problems(ids[~held_out], cfg.digits),
+            "val": make_problems(ids[held_out], cfg.digits),
+        }
         self.cfg, self.device = cfg, device
 
     def get_batch(self, split, generator):
@@ -193,7 +238,9 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         # lower-triangular mask: position t may attend to positions 0..t
-        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False)
+        self.register_buffer(
+            "mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False
+        )
 
     def forward(self, x):
         B, T, C = x.size()
@@ -201,7 +248,9 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, n_head, T, head_size)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
         else:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
             att = att.masked_fill(~self.mask[:T, :T], float("-inf"))
@@ -269,7 +318,11 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = (
+            None
+            if targets is None
+            else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        )
         return logits, loss
 
     def configure_optimizer(self, cfg, device_type):
@@ -279,14 +332,18 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+        return torch.optim.AdamW(
+            groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda"
+        )
 
     def estimate_mfu(self, tokens_per_sec, device):
         """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s (PaLM, appendix B)."""
         L, H, Q, T = self.cfg.n_layer, self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head, self.cfg.block_size
         flops_per_token = 6 * self.num_params() + 12 * L * H * Q * T
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12)
+        peak = next(
+            (v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12
+        )
         return flops_per_token * tokens_per_sec / peak
 
     @torch.no_grad()
@@ -384,7 +441,8 @@ def save_checkpoint(path, state):
 
 
 def check_out_dir(out_dir, overwrite):
-    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another's never."""
+    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another
+    script's never."""
     for name in ("ckpt.pt", "best.pt"):
         path = os.path.join(out_dir, name)
         if not os.path.exists(path):
@@ -397,14 +455,20 @@ def check_out_dir(out_dir, overwrite):
         if script not in (None, SCRIPT):
             die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
         if not overwrite:
-            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with --overwrite")
+            die(
+                f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with "
+                "--overwrite"
+            )
 
 
 def resume_config(cfg, saved, names):
     """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
     for name in names:
         if name in cfg.given and getattr(cfg, name) != saved[name]:
-            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume, or start a new run in another --out_dir")
+            die(
+                f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to "
+                "resume, or start a new run in another --out_dir"
+            )
         setattr(cfg, name, saved[name])
 
 
@@ -426,7 +490,10 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)",
+            file=sys.stderr,
+        )
 
 
 STOP = StopRequest()
@@ -478,7 +545,10 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
 
             wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
         except Exception as e:
-            die(f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log locally")
+            die(
+                f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log "
+                "locally"
+            )
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print(f"tokens per iteration: {tokens_per_iter:,}")
 
@@ -503,10 +573,22 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             losses = estimate_loss(model, loader, cfg, autocast)
             acc, _ = accuracy(model, loader.splits["val"][:1000], tok, cfg, device, autocast)  # a quick look
-            print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | val acc {100 * acc:.1f}% (1000 problems) | {time.time() - t_start:.1f} s")
-            log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", val_acc=f"{acc:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
+            print(
+                f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | val acc {100 * acc:.1f}% (1000 "
+                f"problems) | {time.time() - t_start:.1f} s"
+            )
+            log.write(
+                iter=it,
+                train_loss=f"{losses['train']:.4f}",
+                val_loss=f"{losses['val']:.4f}",
+                val_acc=f"{acc:.4f}",
+                lr=f"{lr:.3e}",
+                ms_per_iter="",
+            )
             if cfg.wandb:
-                wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "val/acc": acc, "lr": lr})
+                wandb.log(
+                    {"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "val/acc": acc, "lr": lr}
+                )
             if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
                 best_val = losses["val"]
                 save_checkpoint(best_path, {k: v for k, v in state(it).items() if k != "optimizer"})
@@ -541,10 +623,20 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             if device.type == "cuda":
                 line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / dt, device):.1f}%"
             print(line)
-            log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", val_acc="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
+            log.write(
+                iter=it,
+                train_loss=f"{lossf:.4f}",
+                val_loss="",
+                val_acc="",
+                lr=f"{lr:.3e}",
+                ms_per_iter=f"{dt * 1000:.2f}",
+            )
     if dts:
         median = sorted(dts)[len(dts) // 2] * 1000
-        print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
+        print(
+            f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val "
+            f"{best_val:.4f}"
+        )
     log.f.close()
     if cfg.wandb:
         wandb.finish()
@@ -575,7 +667,10 @@ def accuracy(model, problems, tok, cfg, device, autocast, show=0):
         correct += ok.sum().item()
         for row, pred in zip(batch[~ok], out[~ok]):
             if len(mistakes) < show:
-                mistakes.append(f"{tok.decode(row[: start - 1].tolist())}={answer(row[start:], tok)} (model: {answer(pred[start:], tok)})")
+                mistakes.append(
+                    f"{tok.decode(row[: start - 1].tolist())}={answer(row[start:], tok)} (model: "
+                    f"{answer(pred[start:], tok)})"
+                )
     model.train()
     return correct / len(problems), mistakes
 
@@ -584,7 +679,10 @@ def sample(model, tok, cfg, device, autocast, prompt):
     """Answer one problem typed as 123+456, by greedy decoding."""
     m = re.fullmatch(rf"(\d{{1,{cfg.digits}}})\+(\d{{1,{cfg.digits}}})", prompt.strip())
     if not m:
-        die(f"--prompt {prompt!r} must look like 123+456, each number with at most {cfg.digits} digits (the model's --digits)")
+        die(
+            f"--prompt {prompt!r} must look like 123+456, each number with at most {cfg.digits} digits (the model's "
+            "--digits)"
+        )
     problem = make_problems(torch.tensor([int(m[1]) * 10**cfg.digits + int(m[2])]), cfg.digits).to(device)
     start = cfg.answer_start
     model.eval()
@@ -604,8 +702,13 @@ def report(model, loader, tok, cfg, device, autocast):
         val = val[torch.randperm(len(val))[: cfg.test_problems]]
     val_acc, mistakes = accuracy(model, val, tok, cfg, device, autocast, show=5)
     n = len(val)
-    train_acc, _ = accuracy(model, loader.splits["train"][torch.randperm(len(loader.splits["train"]))[:n]], tok, cfg, device, autocast)
-    print(f"held-out exact match: {100 * val_acc:.3f}% of {n:,} problems | train: {100 * train_acc:.3f}% of {n:,} | {time.time() - t:.1f} s")
+    train_acc, _ = accuracy(
+        model, loader.splits["train"][torch.randperm(len(loader.splits["train"]))[:n]], tok, cfg, device, autocast
+    )
+    print(
+        f"held-out exact match: {100 * val_acc:.3f}% of {n:,} problems | train: {100 * train_acc:.3f}% of {n:,} | "
+        f"{time.time() - t:.1f} s"
+    )
     for line in mistakes:
         print(f"  mistake: {line}")
     return val_acc, train_acc
@@ -632,7 +735,10 @@ def main(argv=None):
     else:
         check_out_dir(cfg.out_dir, cfg.overwrite)
     loader = DataLoader(cfg, device)
-    print(f"{len(loader.splits['train']):,} training problems, {len(loader.splits['val']):,} held out, e.g. {tok.decode(loader.splits['val'][0].tolist())}")
+    print(
+        f"{len(loader.splits['train']):,} training problems, {len(loader.splits['val']):,} held out, e.g. "
+        f"{tok.decode(loader.splits['val'][0].tolist())}"
+    )
 
     model = GPT(cfg, len(tok.chars)).to(device)
     if ckpt:

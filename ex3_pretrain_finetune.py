@@ -20,7 +20,8 @@ Run:     python ex3_pretrain_finetune.py --pretrain_data ../shared/data/gutenber
 Web:     python ex3_pretrain_finetune.py               (first streams 100M characters of FineWeb-Edu into data/)
 1 node:  torchrun --standalone --nproc_per_node 8 ex3_pretrain_finetune.py --stage pretrain --tokenizer gpt2 \
              --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 16 --gradient_accumulation_steps 32 \
-             --learning_rate 6e-4 --min_lr 6e-5 --warmup_iters 700 --max_iters 5000 --pretrain_tokens 1000000000 --compile
+             --learning_rate 6e-4 --min_lr 6e-5 --warmup_iters 700 --max_iters 5000 --pretrain_tokens 1000000000 \
+             --compile
 2 nodes: the same flags after  torchrun --nnodes 2 --node_rank 0 (1 on the second) --nproc_per_node 8 \
              --master_addr IP_OF_NODE_0 --master_port 29500 ex3_pretrain_finetune.py
 Sample:  python ex3_pretrain_finetune.py --prompt "ROMEO:" --num_samples 3     (--stage picks the checkpoint)
@@ -56,24 +57,32 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-WEB_DATASET = ("HuggingFaceFW/fineweb-edu", "sample-10BT")  # Parquet files on the Hub: streams with current datasets, no loading script
+WEB_DATASET = (
+    "HuggingFaceFW/fineweb-edu",
+    "sample-10BT",
+)  # Parquet files on the Hub: streams with current datasets, no loading script
 STAGES = ("pretrain", "finetune", "scratch")
-SUBSTITUTES = {"\u2019": "'", "\u2018": "'", "\u2014": "-", "\u2013": "-"}  # curly apostrophes and dashes, when the vocabulary lacks them
+SUBSTITUTES = {
+    "\u2019": "'",
+    "\u2018": "'",
+    "\u2014": "-",
+    "\u2013": "-",
+}  # curly apostrophes and dashes, when the vocabulary lacks them
 
 
 @dataclass
 class Config:
     # I/O
     out_dir: str = f"out/{SCRIPT}"  # each stage writes its checkpoint and log.csv to out_dir/<stage>
-    data: str = ""  # the finetuning text, a local UTF-8 file (its characters are the vocabulary); empty: TinyShakespeare, downloaded
-    pretrain_data: str = ""  # local text files or folders of .txt files (comma-separated) to pretrain on; empty: stream FineWeb-Edu
+    data: str = ""  # finetuning text: a local UTF-8 file (its characters are the vocabulary); empty: TinyShakespeare
+    pretrain_data: str = ""  # text files or folders of .txt files to pretrain on, comma-separated; empty: FineWeb-Edu
     pretrain_tokens: int = 100_000_000  # encode at most this many tokens of the pretraining corpus; 0: all of it
     data_dir: str = ""  # downloads and the encoded pretraining corpus go here; empty: data/ next to this script
     tokenizer: str = "char"  # char (the finetuning text's characters) or gpt2 (GPT-2's BPE through tiktoken)
     unknown: str = ""  # char tokenizer: the vocabulary character that replaces characters outside it; empty: drop them
-    stage: str = "all"  # pretrain, finetune (from out_dir/pretrain), scratch (the finetune budget from random weights), or all
+    stage: str = "all"  # pretrain, finetune (from out_dir/pretrain), scratch (finetune, but from random weights), all
     resume: bool = False  # continue the stage from out_dir/<stage>/ckpt.pt, the latest saved state (all: those begun)
-    overwrite: bool = False  # start over in an out_dir that holds this script's checkpoints (replaces ckpt.pt and best.pt)
+    overwrite: bool = False  # start over in an out_dir holding this script's checkpoints (replaces ckpt.pt and best.pt)
     eval_interval: int = 500  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 200  # batches per split in each evaluation
     log_interval: int = 10  # print and log the training loss every this many iterations
@@ -95,7 +104,7 @@ class Config:
     learning_rate: float = 1e-3  # peak learning rate of pretraining and of the from-scratch run
     min_lr: float = 1e-4  # learning rate at the end of the cosine decay
     warmup_iters: int = 100  # linear warmup steps
-    lr_decay_iters: int = 0  # cosine decay length of pretraining; 0 means max_iters (the other stages decay over finetune_iters)
+    lr_decay_iters: int = 0  # pretraining's cosine decay length; 0: max_iters (other stages decay over finetune_iters)
     weight_decay: float = 0.1  # AdamW weight decay, applied to matrices only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2 (0.99 since there are few tokens per step)
@@ -104,7 +113,7 @@ class Config:
     finetune_learning_rate: float = 5e-4  # peak learning rate of finetuning (from scratch uses learning_rate)
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
+    dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     # sampling
     prompt: str = ""  # if set, skip training: load the --stage best.pt (all: finetune) and continue this text
@@ -114,8 +123,19 @@ class Config:
     top_k: int = 200  # sample only among the k most likely tokens; 0 for all
 
 
-RESUMED = ("n_layer", "n_head", "n_embd", "block_size", "bias",  # --resume takes the architecture and data from ckpt.pt
-           "data", "pretrain_data", "pretrain_tokens", "data_dir", "tokenizer", "unknown")
+RESUMED = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "block_size",
+    "bias",  # --resume takes the architecture and data from ckpt.pt
+    "data",
+    "pretrain_data",
+    "pretrain_tokens",
+    "data_dir",
+    "tokenizer",
+    "unknown",
+)
 
 
 def die(msg):
@@ -129,35 +149,72 @@ def die(msg):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)  # --lr is not --lr_decay_iters
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False
+    )  # --lr is not --lr_decay_iters
     parser.error = lambda msg: die(f"{msg} (see --help)")
-    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
+    comments = dict(
+        re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M)
+    )  # each field's comment is its help
     for f in fields(Config):
         if f.type is bool:
             default = f"--{'' if f.default else 'no-'}{f.name}"
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f"{comments[f.name]} (default {default})")
+            parser.add_argument(
+                f"--{f.name}",
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=f"{comments[f.name]} (default {default})",
+            )
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
+            parser.add_argument(
+                f"--{f.name}",
+                type=type(f.default),
+                default=f.default,
+                help=f"{comments[f.name]} (default {f.default!r})",
+            )
     unset = object()  # marks the flags not typed on the command line
     args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
     cfg = Config(**{k: v for k, v in args.items() if v is not unset})
     cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
     checks = [
-        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --n_embd, --block_size and --batch_size must be at least 1"),
+        (
+            cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1,
+            "--n_layer, --n_head, --n_embd, --block_size and --batch_size must be at least 1",
+        ),
         (cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
-        (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
+        (
+            cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1,
+            "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1",
+        ),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-        (cfg.learning_rate > 0 and cfg.finetune_learning_rate > 0 and cfg.min_lr >= 0,
-         "--learning_rate and --finetune_learning_rate must be > 0 and --min_lr >= 0"),
-        (cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0, "--seed, --warmup_iters and --lr_decay_iters must be >= 0"),
-        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)"),
+        (
+            cfg.learning_rate > 0 and cfg.finetune_learning_rate > 0 and cfg.min_lr >= 0,
+            "--learning_rate and --finetune_learning_rate must be > 0 and --min_lr >= 0",
+        ),
+        (
+            cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0,
+            "--seed, --warmup_iters and --lr_decay_iters must be >= 0",
+        ),
+        (
+            cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
+            "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)",
+        ),
         (cfg.finetune_iters >= 0 and cfg.pretrain_tokens >= 0, "--finetune_iters and --pretrain_tokens must be >= 0"),
         (cfg.stage in STAGES + ("all",), f"--stage {cfg.stage} is not one of pretrain, finetune, scratch, all"),
         (cfg.tokenizer in ("char", "gpt2"), f"--tokenizer {cfg.tokenizer} is not char or gpt2"),
-        (len(cfg.unknown) <= 1, f"--unknown {cfg.unknown!r} must be one character, or empty to drop unknown characters"),
-        (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
-        (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
+        (
+            len(cfg.unknown) <= 1,
+            f"--unknown {cfg.unknown!r} must be one character, or empty to drop unknown characters",
+        ),
+        (
+            cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1,
+            "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1",
+        ),
+        (
+            cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -186,7 +243,10 @@ def download(url, path):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        die(f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local text file")
+        die(
+            f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local "
+            "text file"
+        )
 
 
 def load_text(cfg):
@@ -224,12 +284,17 @@ class CharTokenizer:
         subs = {c: self.stoi[s] for c, s in SUBSTITUTES.items() if c not in self.stoi and s in self.stoi}
         self.lut[[ord(c) for c in subs]] = list(subs.values())
         self.substituted = np.array([ord(c) for c in subs], dtype=np.uint32)
-        self.separator = np.array([self.stoi["\n"]] * 2 if "\n" in self.stoi else [], dtype=np.int32)  # between documents
+        self.separator = np.array(
+            [self.stoi["\n"]] * 2 if "\n" in self.stoi else [], dtype=np.int32
+        )  # between documents
 
     def encode(self, s):
         bad = sorted(set(s) - self.stoi.keys())
         if bad:
-            die(f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its training text")
+            die(
+                f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its "
+                "training text"
+            )
         return [self.stoi[c] for c in s]
 
     def decode(self, ids):
@@ -262,12 +327,19 @@ class GPT2Tokenizer:
         try:
             import tiktoken
 
-            self.enc = tiktoken.get_encoding("gpt2")  # downloads two files into tiktoken's cache (TIKTOKEN_CACHE_DIR) once
+            self.enc = tiktoken.get_encoding(
+                "gpt2"
+            )  # downloads two files into tiktoken's cache (TIKTOKEN_CACHE_DIR) once
         except Exception as e:
-            fix = "pip install tiktoken and connect once, set TIKTOKEN_CACHE_DIR to a folder holding its cached files, or use --tokenizer char"
+            fix = (
+                "pip install tiktoken and connect once, set TIKTOKEN_CACHE_DIR to a folder holding its cached files, "
+                "or use --tokenizer char"
+            )
             die(f"could not load GPT-2's BPE through tiktoken ({type(e).__name__}); {fix}")
         self.vocab_size = self.enc.n_vocab  # 50257, which fits in uint16
-        self.separator = np.array([self.enc.eot_token], dtype=np.int32)  # <|endoftext|> between documents, as GPT-2 was trained
+        self.separator = np.array(
+            [self.enc.eot_token], dtype=np.int32
+        )  # <|endoftext|> between documents, as GPT-2 was trained
 
     def encode(self, s):
         return self.enc.encode_ordinary(s)
@@ -352,7 +424,10 @@ def write_corpus(docs, tok, cfg, path, n_files=0):
     stats, n_docs, t_print = {"tokens": 0, "characters": 0, "substituted": 0, "unknown": {}}, 0, 0.0
     total = f" of {n_files}" if n_files else ""
     cap = f" (at most {cfg.pretrain_tokens / 1e6:,.1f}M)" if cfg.pretrain_tokens else ""
-    show = lambda: print(f"\r  {n_docs:,}{total} documents, {stats['tokens'] / 1e6:,.1f}M tokens{cap}", end="", flush=True)  # noqa: E731
+
+    def show():
+        print(f"\r  {n_docs:,}{total} documents, {stats['tokens'] / 1e6:,.1f}M tokens{cap}", end="", flush=True)
+
     tmp = f"{path}.{os.getpid()}.part"
     try:
         with open(tmp, "wb") as f:
@@ -379,16 +454,26 @@ def write_corpus(docs, tok, cfg, path, n_files=0):
 
 
 def prepare_pretrain_data(cfg, tok):
-    """The pretraining corpus as a read-only uint16 memmap: encoded once into data/pretrain-<source>-<tokenizer>-<key>.bin,
-    where the key hashes everything that shapes it (the files' names, sizes and times, the vocabulary, --unknown,
-    --pretrain_tokens), and reused by later runs."""
+    """The pretraining corpus as a read-only uint16 memmap: encoded once into
+    data/pretrain-<source>-<tokenizer>-<key>.bin, where the key hashes everything that shapes it (the files' names,
+    sizes and times, the vocabulary, --unknown, --pretrain_tokens), and reused by later runs."""
     if cfg.pretrain_data:
         files = pretrain_files(cfg)
-        source, docs = [(os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p))) for p in files], read_documents(files)
+        source, docs = (
+            [(os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p))) for p in files],
+            read_documents(files),
+        )
     else:
-        source, docs = list(WEB_DATASET), stream_web_text()  # a generator: nothing is fetched unless the file must be written
-    key = hashlib.sha1(json.dumps([source, tok.name, tok.chars, cfg.unknown, cfg.pretrain_tokens]).encode()).hexdigest()[:10]
-    path = os.path.join(cfg.data_dir or DATA_DIR, f"pretrain-{'local' if cfg.pretrain_data else 'fineweb-edu'}-{tok.name}-{key}.bin")
+        source, docs = (
+            list(WEB_DATASET),
+            stream_web_text(),
+        )  # a generator: nothing is fetched unless the file must be written
+    key = hashlib.sha1(
+        json.dumps([source, tok.name, tok.chars, cfg.unknown, cfg.pretrain_tokens]).encode()
+    ).hexdigest()[:10]
+    path = os.path.join(
+        cfg.data_dir or DATA_DIR, f"pretrain-{'local' if cfg.pretrain_data else 'fineweb-edu'}-{tok.name}-{key}.bin"
+    )
     meta_path = path.removesuffix(".bin") + ".json"
     if os.path.exists(path) and os.path.exists(meta_path):
         print(f"reusing {path}")
@@ -403,21 +488,34 @@ def prepare_pretrain_data(cfg, tok):
     if n_unknown:
         common = ", ".join(f"{c!r} {k:,}" for c, k in sorted(meta["unknown"].items(), key=lambda ck: -ck[1])[:8])
         fate = f"replaced by {cfg.unknown!r}" if cfg.unknown else "dropped"
-        print(f"  {n_unknown:,} characters outside the vocabulary ({100 * n_unknown / meta['characters']:.2f}%) {fate}; most common: {common}")
+        print(
+            f"  {n_unknown:,} characters outside the vocabulary ({100 * n_unknown / meta['characters']:.2f}%) {fate}; "
+            f"most common: {common}"
+        )
     if meta["tokens"] < 10 * (cfg.block_size + 1):  # the val split, a tenth, must hold a block
-        die(f"the pretraining corpus has {meta['tokens']:,} tokens, too few for --block_size {cfg.block_size}; give --pretrain_data more text")
+        die(
+            f"the pretraining corpus has {meta['tokens']:,} tokens, too few for --block_size {cfg.block_size}; give "
+            "--pretrain_data more text"
+        )
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 class DataLoader:
-    """The corpus as an array of token ids (in memory, or a memmap on disk); 90% train, 10% val; batches start at random offsets."""
+    """The corpus as an array of token ids (in memory, or a memmap on disk); 90% train, 10% val; batches start at
+    random offsets."""
 
     def __init__(self, ids, cfg, device):
         n = int(0.9 * len(ids))
         self.splits = {"train": ids[:n], "val": ids[n:]}
-        for split, data in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
+        for (
+            split,
+            data,
+        ) in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
             if len(data) <= cfg.block_size:
-                die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a longer text or a smaller --block_size")
+                die(
+                    f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a "
+                    "longer text or a smaller --block_size"
+                )
         self.cfg, self.device = cfg, device
         self.offsets = np.arange(cfg.block_size + 1)
 
@@ -425,8 +523,13 @@ class DataLoader:
         """Under DDP every rank draws the offsets of every rank's micro-batch from the same generator and keeps its own:
         together the ranks train on exactly the micro-batches one process would."""
         data = self.splits[split]
-        ix = [torch.randint(len(data) - self.cfg.block_size, (self.cfg.batch_size, 1), generator=generator) for _ in range(world_size)][rank]
-        xy = torch.from_numpy(data[ix.numpy() + self.offsets].astype(np.int64))  # (B, T+1) in one indexing op: only these tokens are read
+        ix = [
+            torch.randint(len(data) - self.cfg.block_size, (self.cfg.batch_size, 1), generator=generator)
+            for _ in range(world_size)
+        ][rank]
+        xy = torch.from_numpy(
+            data[ix.numpy() + self.offsets].astype(np.int64)
+        )  # (B, T+1) in one indexing op: only these tokens are read
         x, y = xy[:, :-1], xy[:, 1:]
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
@@ -448,7 +551,9 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         # lower-triangular mask: position t may attend to positions 0..t
-        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False)
+        self.register_buffer(
+            "mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False
+        )
 
     def forward(self, x):
         B, T, C = x.size()
@@ -456,7 +561,9 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, n_head, T, head_size)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
         else:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
             att = att.masked_fill(~self.mask[:T, :T], float("-inf"))
@@ -524,7 +631,11 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = (
+            None
+            if targets is None
+            else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        )
         return logits, loss
 
     def configure_optimizer(self, cfg, device_type):
@@ -534,14 +645,18 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+        return torch.optim.AdamW(
+            groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda"
+        )
 
     def estimate_mfu(self, tokens_per_sec, device):
         """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s (PaLM, appendix B)."""
         L, H, Q, T = self.cfg.n_layer, self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head, self.cfg.block_size
         flops_per_token = 6 * self.num_params() + 12 * L * H * Q * T
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12)
+        peak = next(
+            (v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12
+        )
         return flops_per_token * tokens_per_sec / peak
 
     @torch.no_grad()
@@ -574,7 +689,10 @@ def setup_ddp(cfg):
         return 0
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if cfg.gradient_accumulation_steps % world_size:
-        die(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} counts micro-batches over all {world_size} processes; make it a multiple of {world_size}")
+        die(
+            f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} counts micro-batches over all "
+            f"{world_size} processes; make it a multiple of {world_size}"
+        )
     if cfg.device.startswith("cuda"):
         torch.cuda.set_device(cfg.device)
     # the others wait while the first process on their machine downloads and encodes the data: allow an hour
@@ -615,7 +733,10 @@ def setup_device(cfg):
         die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: a GPU per process
         if int(os.environ["LOCAL_WORLD_SIZE"]) > torch.cuda.device_count():  # the same verdict on every rank
-            die(f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}: this machine has {torch.cuda.device_count()} GPU(s)")
+            die(
+                f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}: this machine has "
+                f"{torch.cuda.device_count()} GPU(s)"
+            )
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         cfg.device = str(device)
     if cfg.dtype == "auto":
@@ -682,7 +803,8 @@ def save_checkpoint(path, state):
 
 
 def check_out_dir(out_dir, overwrite):
-    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another's never."""
+    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another
+    script's never."""
     for name in ("ckpt.pt", "best.pt"):
         path = os.path.join(out_dir, name)
         if not os.path.exists(path):
@@ -695,14 +817,20 @@ def check_out_dir(out_dir, overwrite):
         if script not in (None, SCRIPT):
             die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
         if not overwrite:
-            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with --overwrite")
+            die(
+                f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with "
+                "--overwrite"
+            )
 
 
 def resume_config(cfg, saved, names):
     """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
     for name in names:
         if name in cfg.given and getattr(cfg, name) != saved[name]:
-            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume, or start a new run in another --out_dir")
+            die(
+                f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to "
+                "resume, or start a new run in another --out_dir"
+            )
         setattr(cfg, name, saved[name])
 
 
@@ -724,7 +852,10 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)",
+            file=sys.stderr,
+        )
 
 
 STOP = StopRequest()
@@ -772,18 +903,28 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         model = torch.compile(model)
     eval_model = model  # evaluation runs outside DDP: every rank scores the same batches, with no communication
     if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)  # copies rank 0's weights to all
+        model = DDP(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )  # copies rank 0's weights to all
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     log = CSVLog(os.path.join(cfg.out_dir, "log.csv") if rank == 0 else os.devnull, iter_num)  # one writer: rank 0
     if cfg.wandb:
         try:
             import wandb
 
-            wandb.init(project=cfg.wandb_project, name=f"{SCRIPT}-{os.path.basename(cfg.out_dir)}", config=asdict(cfg))  # a run per stage
+            wandb.init(
+                project=cfg.wandb_project, name=f"{SCRIPT}-{os.path.basename(cfg.out_dir)}", config=asdict(cfg)
+            )  # a run per stage
         except Exception as e:
-            die(f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log locally")
+            die(
+                f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log "
+                "locally"
+            )
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # over all processes
-    print(f"tokens per iteration: {tokens_per_iter:,}" + (f" ({world_size} processes x {accum} micro-batches)" if world_size > 1 else ""))
+    print(
+        f"tokens per iteration: {tokens_per_iter:,}"
+        + (f" ({world_size} processes x {accum} micro-batches)" if world_size > 1 else "")
+    )
 
     def state(it):  # everything --resume needs to continue at iteration it
         return {
@@ -812,7 +953,13 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             losses = estimate_loss(eval_model, loader, cfg, autocast)
             print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
-            log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
+            log.write(
+                iter=it,
+                train_loss=f"{losses['train']:.4f}",
+                val_loss=f"{losses['val']:.4f}",
+                lr=f"{lr:.3e}",
+                ms_per_iter="",
+            )
             if cfg.wandb:
                 wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
             if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
@@ -829,7 +976,9 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         # forward and backward, gradients summed over the micro-batches
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            x, y = loader.get_batch("train", gen, rank, world_size)  # on a GPU this overlaps with the previous step's kernels
+            x, y = loader.get_batch(
+                "train", gen, rank, world_size
+            )  # on a GPU this overlaps with the previous step's kernels
             sync = world_size == 1 or micro == accum - 1  # DDP all-reduces the gradients once, in the last backward
             with nullcontext() if sync else model.no_sync():
                 with autocast:
@@ -856,12 +1005,17 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             lossf = loss_sum.item()  # .item() waits for the GPU: only when logging
             line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {tokens_per_iter / dt / 1000:.1f}k tok/s"
             if device.type == "cuda":
-                line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / world_size / dt, device):.1f}%"  # per GPU
+                line += (
+                    f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / world_size / dt, device):.1f}%"  # per GPU
+                )
             print(line)
             log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
     if dts:
         median = sorted(dts)[len(dts) // 2] * 1000
-        print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
+        print(
+            f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val "
+            f"{best_val:.4f}"
+        )
     log.f.close()
     if cfg.wandb:
         wandb.finish()
@@ -904,7 +1058,10 @@ def stage_checkpoints(cfg, stages, device):
 
 def check_vocabulary(ckpt, path, tok):
     if (ckpt.get("tokenizer"), ckpt.get("vocab")) != (tok.name, tok.chars):
-        die(f"{path} was trained with another vocabulary (--tokenizer {ckpt.get('tokenizer')}, or another --data); use the same --tokenizer and --data, or another --out_dir")
+        die(
+            f"{path} was trained with another vocabulary (--tokenizer {ckpt.get('tokenizer')}, or another --data); "
+            "use the same --tokenizer and --data, or another --out_dir"
+        )
 
 
 def run_stage(stage, cfg, tok, ids, device, autocast, ckpt=None):
@@ -928,7 +1085,10 @@ def run_stage(stage, cfg, tok, ids, device, autocast, ckpt=None):
         saved = Config(**init["config"])
         for name in ("n_layer", "n_head", "n_embd", "block_size", "bias"):  # the architecture comes from the checkpoint
             setattr(cfg, name, getattr(saved, name))
-    print(f"=== stage {stage}: {cfg.max_iters} iterations at learning rate {cfg.learning_rate:g}" + (f", from {init_path}" if init else ""))
+    print(
+        f"=== stage {stage}: {cfg.max_iters} iterations at learning rate {cfg.learning_rate:g}"
+        + (f", from {init_path}" if init else "")
+    )
     loader = DataLoader(ids, cfg, device)
     model = GPT(cfg, tok.vocab_size).to(device)
     if init:
@@ -945,10 +1105,14 @@ def main(argv=None):
     # every check that can fail comes before setup_ddp: under torchrun a mistake ends every process alike
     ckpts = {} if cfg.prompt else stage_checkpoints(cfg, stages, device)
     rank = setup_ddp(cfg)
-    torch.manual_seed(cfg.seed + rank)  # other dropout masks on each rank; DDP gives every rank rank 0's initial weights
+    torch.manual_seed(
+        cfg.seed + rank
+    )  # other dropout masks on each rank; DDP gives every rank rank 0's initial weights
 
     if cfg.prompt:  # sampling only: everything needed is in the checkpoint
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "finetune" if cfg.stage == "all" else cfg.stage, "best.pt"), device)
+        ckpt = load_checkpoint(
+            os.path.join(cfg.out_dir, "finetune" if cfg.stage == "all" else cfg.stage, "best.pt"), device
+        )
         tok = get_tokenizer(ckpt["tokenizer"], ckpt["vocab"])
         model = GPT(Config(**ckpt["config"]), tok.vocab_size).to(device)
         model.load_state_dict(ckpt["model"])
@@ -958,7 +1122,9 @@ def main(argv=None):
     for stage in stages if cfg.resume and cfg.stage == "all" else ():  # say which stages continue, before any trains
         begun = f"continues from iteration {ckpts[stage]['iter_num']}" if stage in ckpts else None
         print(f"--resume: stage {stage} {begun or 'has no ckpt.pt yet: it starts from the beginning'}")
-    with local_rank_zero_first(device):  # under torchrun one process per machine downloads and encodes; the others reuse its files
+    with local_rank_zero_first(
+        device
+    ):  # under torchrun one process per machine downloads and encodes; the others reuse its files
         text = load_text(cfg)
         tok = get_tokenizer(cfg.tokenizer, sorted(set(text)), cfg.unknown)
         ids = np.array(tok.encode(text), dtype=np.uint16)
@@ -982,7 +1148,10 @@ def main(argv=None):
     if cfg.stage == "all":
         name = os.path.basename(cfg.data) if cfg.data else "TinyShakespeare"
         ft, sc = best["finetune"], best["scratch"]
-        print(f"best val loss on {name} after {cfg.finetune_iters} iterations: finetuned {ft:.4f} | from scratch {sc:.4f} | pretraining gains {sc - ft:.4f}")
+        print(
+            f"best val loss on {name} after {cfg.finetune_iters} iterations: finetuned {ft:.4f} | from scratch "
+            f"{sc:.4f} | pretraining gains {sc - ft:.4f}"
+        )
     if rank == 0:
         sample(models.get("finetune", models[stage]), tok, cfg, device, autocast, tok.start)
     if dist.is_initialized():

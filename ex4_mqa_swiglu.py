@@ -50,7 +50,7 @@ class Config:
     out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
     data: str = ""  # a local UTF-8 text file to train on; empty: TinyShakespeare, downloaded into data/
     resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state
-    overwrite: bool = False  # start over in an out_dir that holds this script's checkpoint (replaces ckpt.pt and best.pt)
+    overwrite: bool = False  # start over in an out_dir holding this script's checkpoint (replaces ckpt.pt and best.pt)
     eval_interval: int = 250  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 200  # batches per split in each evaluation
     log_interval: int = 10  # print and log the training loss every this many iterations
@@ -66,7 +66,7 @@ class Config:
     flash: bool = True  # fused scaled_dot_product_attention instead of the explicit softmax(QK^T)V
     n_kv_head: int = 1  # key/value heads, each shared by n_head/n_kv_head query heads: 1 is MQA, n_head is MHA
     rope: bool = True  # rotary position embeddings on queries and keys instead of the learned position table
-    window: int = 0  # sliding-window attention: each token sees itself and the window-1 tokens before it; 0 is full causal
+    window: int = 0  # sliding-window attention: a token sees itself and the window-1 tokens before it; 0: full causal
     window_impl: str = "auto"  # how a window is computed: mask, blocked, or auto (blocked when T >= 4 * window)
     mlp: str = "swiglu"  # feed-forward: gelu (ex1's) or swiglu (gated SiLU, hidden width 8/3 n_embd)
     # training
@@ -84,7 +84,7 @@ class Config:
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
+    dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     # sampling
     prompt: str = ""  # if set, skip training: load out_dir/best.pt and continue this text
@@ -95,7 +95,14 @@ class Config:
     kv_cache: bool = True  # generate with a key/value cache; --no-kv_cache recomputes the whole context every step
 
 
-RESUMED = ("n_layer", "n_head", "n_embd", "block_size", "bias", "data")  # --resume takes the architecture and data from ckpt.pt
+RESUMED = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "block_size",
+    "bias",
+    "data",
+)  # --resume takes the architecture and data from ckpt.pt
 RESUMED += ("n_kv_head", "rope", "window", "mlp")  # and this script's architecture switches
 
 
@@ -106,35 +113,77 @@ def die(msg):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)  # --lr is not --lr_decay_iters
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False
+    )  # --lr is not --lr_decay_iters
     parser.error = lambda msg: die(f"{msg} (see --help)")
-    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
+    comments = dict(
+        re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M)
+    )  # each field's comment is its help
     for f in fields(Config):
         if f.type is bool:
             default = f"--{'' if f.default else 'no-'}{f.name}"
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f"{comments[f.name]} (default {default})")
+            parser.add_argument(
+                f"--{f.name}",
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=f"{comments[f.name]} (default {default})",
+            )
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
+            parser.add_argument(
+                f"--{f.name}",
+                type=type(f.default),
+                default=f.default,
+                help=f"{comments[f.name]} (default {f.default!r})",
+            )
     unset = object()  # marks the flags not typed on the command line
     args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
     cfg = Config(**{k: v for k, v in args.items() if v is not unset})
     cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
     checks = [
-        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --n_embd, --block_size and --batch_size must be at least 1"),
+        (
+            cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1,
+            "--n_layer, --n_head, --n_embd, --block_size and --batch_size must be at least 1",
+        ),
         (cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}"),
-        (cfg.n_kv_head >= 1 and cfg.n_head % cfg.n_kv_head == 0, f"--n_head {cfg.n_head} must be divisible by --n_kv_head {cfg.n_kv_head} (1 for MQA, {cfg.n_head} for MHA)"),
-        (not cfg.rope or cfg.n_head < 1 or cfg.n_embd // cfg.n_head % 2 == 0, f"--rope needs an even head size, not n_embd/n_head = {cfg.n_embd // cfg.n_head}; use --no-rope or change --n_embd"),
+        (
+            cfg.n_kv_head >= 1 and cfg.n_head % cfg.n_kv_head == 0,
+            f"--n_head {cfg.n_head} must be divisible by --n_kv_head {cfg.n_kv_head} (1 for MQA, {cfg.n_head} for MHA)",
+        ),
+        (
+            not cfg.rope or cfg.n_head < 1 or cfg.n_embd // cfg.n_head % 2 == 0,
+            f"--rope needs an even head size, not n_embd/n_head = {cfg.n_embd // cfg.n_head}; use --no-rope or "
+            "change --n_embd",
+        ),
         (cfg.window >= 0, f"--window {cfg.window} must be >= 0 (0 for full causal attention)"),
-        (cfg.window_impl in ("auto", "mask", "blocked"), f"--window_impl {cfg.window_impl} is not one of auto, mask, blocked"),
+        (
+            cfg.window_impl in ("auto", "mask", "blocked"),
+            f"--window_impl {cfg.window_impl} is not one of auto, mask, blocked",
+        ),
         (cfg.mlp in ("gelu", "swiglu"), f"--mlp {cfg.mlp} is not one of gelu, swiglu"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
-        (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
+        (
+            cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1,
+            "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1",
+        ),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
-        (cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0, "--seed, --warmup_iters and --lr_decay_iters must be >= 0"),
-        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)"),
-        (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
-        (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
+        (
+            cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0,
+            "--seed, --warmup_iters and --lr_decay_iters must be >= 0",
+        ),
+        (
+            cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
+            "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)",
+        ),
+        (
+            cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1,
+            "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1",
+        ),
+        (
+            cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -163,7 +212,10 @@ def download(url, path):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        die(f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local text file")
+        die(
+            f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local "
+            "text file"
+        )
 
 
 def load_text(cfg):
@@ -194,7 +246,10 @@ class CharTokenizer:
     def encode(self, s):
         bad = sorted(set(s) - self.stoi.keys())
         if bad:
-            die(f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its training text")
+            die(
+                f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its "
+                "training text"
+            )
         return [self.stoi[c] for c in s]
 
     def decode(self, ids):
@@ -207,9 +262,15 @@ class DataLoader:
     def __init__(self, ids, cfg, device):
         n = int(0.9 * len(ids))
         self.splits = {"train": ids[:n], "val": ids[n:]}
-        for split, data in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
+        for (
+            split,
+            data,
+        ) in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
             if len(data) <= cfg.block_size:
-                die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a longer text or a smaller --block_size")
+                die(
+                    f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a "
+                    "longer text or a smaller --block_size"
+                )
         self.cfg, self.device = cfg, device
         self.offsets = torch.arange(cfg.block_size + 1)
 
@@ -233,10 +294,16 @@ def attention(q, k, v, mask=None, flash=True, dropout_p=0.0):
     None is causal (Tq == Tk)."""
     if flash:
         gqa = k.size(-3) != q.size(-3)
-        if gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32):  # CUDA's fused kernels share heads only
-            k, v = (t.repeat_interleave(q.size(-3) // t.size(-3), dim=-3) for t in (k, v))  # unmasked in 16 bits: repeat
+        if (
+            gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32)
+        ):  # CUDA's fused kernels share heads only
+            k, v = (
+                t.repeat_interleave(q.size(-3) // t.size(-3), dim=-3) for t in (k, v)
+            )  # unmasked in 16 bits: repeat
             gqa = False
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, enable_gqa=gqa
+        )
     *batch, H, Tq, hs = q.shape
     n_kv_head, Tk = k.size(-3), k.size(-2)
     if mask is None:
@@ -277,9 +344,13 @@ def blocked_window_attention(q, k, v, window, flash=True, dropout_p=0.0):
     B, H, T, hs = q.shape
     W, n = window, -(-T // window)  # n blocks
     pad = n * W - T  # padding at the end of the last block
-    q = F.pad(q, (0, 0, 0, pad)).view(B, H, n, W, hs).transpose(1, 2).reshape(B * n, H, W, hs)  # every block a batch entry
+    q = (
+        F.pad(q, (0, 0, 0, pad)).view(B, H, n, W, hs).transpose(1, 2).reshape(B * n, H, W, hs)
+    )  # every block a batch entry
     k, v = (F.pad(t, (0, 0, W, pad)).view(B, -1, n + 1, W, hs).transpose(1, 2) for t in (k, v))  # and a block in front
-    k, v = (torch.cat([t[:, :-1], t[:, 1:]], dim=3).view(B * n, -1, 2 * W, hs) for t in (k, v))  # block i-1's keys, then block i's
+    k, v = (
+        torch.cat([t[:, :-1], t[:, 1:]], dim=3).view(B * n, -1, 2 * W, hs) for t in (k, v)
+    )  # block i-1's keys, then block i's
     pos = torch.arange(n * W, device=q.device).view(n, W)  # the position of every query; block i's keys start at (i-1)W
     mask = window_mask(pos, torch.cat([pos - W, pos], dim=1), window).repeat(B, 1, 1).unsqueeze(1)  # (B*n, 1, W, 2W)
     y = attention(q, k, v, mask, flash, dropout_p)
@@ -314,7 +385,11 @@ class CausalSelfAttention(nn.Module):
             k, v, k_pos = cache.update(k, v)
         own = pos == 0  # the keys are x's own tokens (no cache, or the prompt), not cached ones
         dropout_p = self.dropout if self.training else 0.0
-        if self.window and own and (self.window_impl == "blocked" or (self.window_impl == "auto" and T >= 4 * self.window)):
+        if (
+            self.window
+            and own
+            and (self.window_impl == "blocked" or (self.window_impl == "auto" and T >= 4 * self.window))
+        ):
             y = blocked_window_attention(q, k, v, self.window, self.flash, dropout_p)
         else:
             mask = None if own and not self.window else window_mask(q_pos, k_pos, self.window)  # None: causal
@@ -393,8 +468,11 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)  # token embeddings
-        self.wpe = None if cfg.rope else nn.Embedding(cfg.block_size, cfg.n_embd)  # learned position embeddings, unless RoPE
-        # the longest context the model reads; None (any length) when nothing depends on absolute positions: RoPE and a window
+        self.wpe = (
+            None if cfg.rope else nn.Embedding(cfg.block_size, cfg.n_embd)
+        )  # learned position embeddings, unless RoPE
+        # the longest context the model reads; None (any length) when nothing depends on absolute positions: RoPE and a
+        # window
         self.max_len = None if cfg.rope and cfg.window else cfg.block_size
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -418,7 +496,9 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, caches=None):
         B, T = idx.size()
         pos = caches[0].pos if caches else 0  # the position of idx's first token: the tokens already in the cache
-        assert self.max_len is None or pos + T <= self.max_len, f"sequence of {pos + T} tokens is longer than block_size {self.cfg.block_size}"
+        assert self.max_len is None or pos + T <= self.max_len, (
+            f"sequence of {pos + T} tokens is longer than block_size {self.cfg.block_size}"
+        )
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
@@ -426,7 +506,11 @@ class GPT(nn.Module):
         for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
             x = block(x, cache)
         logits = self.lm_head(self.ln_f(x))
-        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = (
+            None
+            if targets is None
+            else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        )
         return logits, loss
 
     def configure_optimizer(self, cfg, device_type):
@@ -436,7 +520,9 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+        return torch.optim.AdamW(
+            groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda"
+        )
 
     def estimate_mfu(self, tokens_per_sec, device):
         """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s (PaLM, appendix B)."""
@@ -444,7 +530,9 @@ class GPT(nn.Module):
         T = min(T, self.cfg.window or T)  # with a window, each query meets at most window keys
         flops_per_token = 6 * self.num_params() + 12 * L * H * Q * T
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12)
+        peak = next(
+            (v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12
+        )
         return flops_per_token * tokens_per_sec / peak
 
     @torch.no_grad()
@@ -548,7 +636,8 @@ def save_checkpoint(path, state):
 
 
 def check_out_dir(out_dir, overwrite):
-    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another's never."""
+    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another
+    script's never."""
     for name in ("ckpt.pt", "best.pt"):
         path = os.path.join(out_dir, name)
         if not os.path.exists(path):
@@ -561,14 +650,20 @@ def check_out_dir(out_dir, overwrite):
         if script not in (None, SCRIPT):
             die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
         if not overwrite:
-            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with --overwrite")
+            die(
+                f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with "
+                "--overwrite"
+            )
 
 
 def resume_config(cfg, saved, names):
     """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
     for name in names:
         if name in cfg.given and getattr(cfg, name) != saved[name]:
-            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume, or start a new run in another --out_dir")
+            die(
+                f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to "
+                "resume, or start a new run in another --out_dir"
+            )
         setattr(cfg, name, saved[name])
 
 
@@ -590,7 +685,10 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)",
+            file=sys.stderr,
+        )
 
 
 STOP = StopRequest()
@@ -642,7 +740,10 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
 
             wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
         except Exception as e:
-            die(f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log locally")
+            die(
+                f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log "
+                "locally"
+            )
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print(f"tokens per iteration: {tokens_per_iter:,}")
 
@@ -667,7 +768,13 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             losses = estimate_loss(model, loader, cfg, autocast)
             print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
-            log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
+            log.write(
+                iter=it,
+                train_loss=f"{losses['train']:.4f}",
+                val_loss=f"{losses['val']:.4f}",
+                lr=f"{lr:.3e}",
+                ms_per_iter="",
+            )
             if cfg.wandb:
                 wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
             if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
@@ -707,7 +814,10 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
     if dts:
         median = sorted(dts)[len(dts) // 2] * 1000
-        print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
+        print(
+            f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val "
+            f"{best_val:.4f}"
+        )
     log.f.close()
     if cfg.wandb:
         wandb.finish()
@@ -723,7 +833,9 @@ def sample(model, tok, cfg, device, autocast, prompt):
     torch.manual_seed(cfg.seed)  # the same --seed draws the same samples
     model.eval()
     with autocast:
-        out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, use_cache=cfg.kv_cache)
+        out = model.generate(
+            idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, use_cache=cfg.kv_cache
+        )
     for i, row in enumerate(out.tolist()):
         print(f"--- sample {i + 1} ---\n{tok.decode(row)}")
 

@@ -20,8 +20,8 @@ Changes from ex3_pretrain_finetune.py:
   Linear layers; a PATH to a best.pt of ex3 --tokenizer gpt2 or of this script; or scratch; --gelu): from_hf,
   hf_weights, checkpoint_weights, start_model.
 
-Run:       python flash_moe_finetune.py              (GPT-2 small, 4 experts in every other layer, 1000 steps of 8 x 1024
-                                                     tokens: a GPU; downloads GPT-2 and WikiText-2 once)
+Run:       python flash_moe_finetune.py              (GPT-2 small, 4 experts in every other layer, 1000 steps of
+                                                     8 x 1024 tokens: a GPU; downloads GPT-2 and WikiText-2 once)
 Zero-shot: python flash_moe_finetune.py --n_experts 1 --max_iters 0   (GPT-2's WikiText-2 test perplexity, no training)
 Dense:     python flash_moe_finetune.py --n_experts 1                 (the same fine-tune without experts)
 8 GPUs:    torchrun --standalone --nproc_per_node 8 flash_moe_finetune.py --init_from gpt2-medium \
@@ -73,10 +73,10 @@ class Config:
     out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
     data: str = ""  # a folder holding WikiText-2's train.txt, valid.txt, test.txt; empty: wikitext-2-raw-v1, downloaded
     data_dir: str = ""  # downloads go here (WikiText-2 in wikitext-2-raw-v1/); empty: data/ next to this script
-    train_split: str = "train"  # the split to fine-tune on: train, or valid where train.txt is missing (its last tenth is then the val split)
-    init_from: str = "gpt2"  # gpt2, gpt2-medium/-large/-xl, PATH (a best.pt of ex3 --tokenizer gpt2 or of this), scratch
+    train_split: str = "train"  # train, or valid where train.txt is missing (its last tenth is then the val split)
+    init_from: str = "gpt2"  # gpt2, gpt2-medium/-large/-xl, PATH (best.pt of ex3 --tokenizer gpt2 or of this), scratch
     resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state
-    overwrite: bool = False  # start over in an out_dir that holds this script's checkpoint (replaces ckpt.pt and best.pt)
+    overwrite: bool = False  # start over in an out_dir holding this script's checkpoint (replaces ckpt.pt and best.pt)
     eval_interval: int = 100  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 20  # batches per split in each evaluation
     log_interval: int = 10  # print and log the training loss every this many iterations
@@ -86,16 +86,16 @@ class Config:
     n_layer: int = 4  # transformer blocks (--init_from scratch; otherwise the starting model's)
     n_head: int = 4  # attention heads per block (scratch only)
     n_embd: int = 128  # embedding width (scratch only)
-    block_size: int = 0  # context length in tokens; 0: the starting model's (1024 for GPT-2), 128 from scratch; less crops the position embeddings
+    block_size: int = 0  # context length; 0: the starting model's (GPT-2: 1024, scratch: 128); less crops positions
     dropout: float = 0.1  # dropout probability (GPT-2's)
     bias: bool = True  # biases in Linear and LayerNorm layers (scratch only; GPT-2 has them)
     gelu: str = "tanh"  # GELU (scratch only): tanh, GPT-2's approximation, or none, the exact one ex3 trains with
-    attention: str = "fused"  # fused (scaled_dot_product_attention), tiled (FlashAttention's online softmax, written out) or explicit (softmax(QK^T)V)
+    attention: str = "fused"  # fused (SDPA kernel), tiled (FlashAttention's online softmax, written out) or explicit
     flash_block: int = 64  # queries and keys per tile of --attention tiled
     # mixture of experts
     n_experts: int = 4  # experts per upcycled MLP, each a copy of it; 1: no experts (the dense fine-tune)
     moe_k: int = 2  # experts each token is sent to (--top_k is the sampling flag)
-    moe_layers: str = "odd"  # layers whose MLP is upcycled: odd (1, 3, 5, ...: every other layer), all, or indices such as 0,2,5
+    moe_layers: str = "odd"  # layers to upcycle: odd (1, 3, 5, ...: every other layer), all, or indices such as 0,2,5
     balance_coef: float = 0.01  # weight of the load-balancing loss (Switch Transformer), summed over the MoE layers
     z_coef: float = 0.001  # weight of the router z-loss (ST-MoE), summed over the MoE layers
     # training
@@ -111,20 +111,20 @@ class Config:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2 (0.99 since there are few tokens per step)
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
-    test_stride: int = 0  # test perplexity: windows of block_size tokens this far apart, each scoring only its new tokens; 0: block_size // 2
+    test_stride: int = 0  # test perplexity: block_size windows this far apart score only new tokens; 0: block_size // 2
     test_tokens: int = 0  # measure the test perplexity on the first this many tokens of the test split; 0: all of it
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
+    dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     # sampling
-    prompt: str = ""  # if set, skip training: load out_dir/best.pt and continue this text with it and with the model it started from
+    prompt: str = ""  # if set, skip training: load out_dir/best.pt and continue this text with it and the initial model
     num_samples: int = 1  # samples to draw from each model
     max_new_tokens: int = 100  # tokens per sample
     temperature: float = 0.8  # <1 sharper, >1 more random
     top_k: int = 50  # sample only among the k most likely tokens; 0 for all
-    top_p: float = 0.95  # and only among the fewest most likely tokens whose probabilities sum to top_p (nucleus sampling); 1 for all
-    repetition_penalty: float = 1.2  # divide the logit of every token already in the text by this (multiply if negative), as in CTRL; 1: off
+    top_p: float = 0.95  # and only among the fewest likeliest tokens with total probability top_p (nucleus); 1 for all
+    repetition_penalty: float = 1.2  # as in CTRL: divide seen tokens' logits by this (multiply negative ones); 1: off
     ban: str = "<unk>"  # comma-separated words never to generate (each with and without a leading space)
     clean: bool = True  # print samples with WikiText's artefacts undone (@-@, @,@, spaces before punctuation, <unk>)
     compare: bool = True  # also sample from the starting model, with the same prompt and seed
@@ -144,15 +144,29 @@ def die(msg):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)  # --lr is not --lr_decay_iters
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False
+    )  # --lr is not --lr_decay_iters
     parser.error = lambda msg: die(f"{msg} (see --help)")
-    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
+    comments = dict(
+        re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M)
+    )  # each field's comment is its help
     for f in fields(Config):
         if f.type is bool:
             default = f"--{'' if f.default else 'no-'}{f.name}"
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f"{comments[f.name]} (default {default})")
+            parser.add_argument(
+                f"--{f.name}",
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=f"{comments[f.name]} (default {default})",
+            )
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
+            parser.add_argument(
+                f"--{f.name}",
+                type=type(f.default),
+                default=f.default,
+                help=f"{comments[f.name]} (default {f.default!r})",
+            )
     unset = object()  # marks the flags not typed on the command line
     args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
     cfg = Config(**{k: v for k, v in args.items() if v is not unset})
@@ -161,24 +175,51 @@ def parse_args(argv=None):
     if os.path.isdir(cfg.init_from):
         no_init = f"--init_from {cfg.init_from} is a folder; give a checkpoint file in it, such as its best.pt"
     checks = [
-        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 0 and cfg.batch_size >= 1, "--n_layer, --n_head, --n_embd and --batch_size must be at least 1, --block_size at least 0"),
+        (
+            cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 0 and cfg.batch_size >= 1,
+            "--n_layer, --n_head, --n_embd and --batch_size must be at least 1, --block_size at least 0",
+        ),
         (cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
-        (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
+        (
+            cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1,
+            "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1",
+        ),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
-        (cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0, "--seed, --warmup_iters and --lr_decay_iters must be >= 0"),
-        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)"),
+        (
+            cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0,
+            "--seed, --warmup_iters and --lr_decay_iters must be >= 0",
+        ),
+        (
+            cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
+            "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)",
+        ),
         (cfg.init_from in GPT2_MODELS + ("scratch",) or os.path.isfile(cfg.init_from), no_init),
-        (cfg.train_split in ("train", "valid"), f"--train_split {cfg.train_split} is not train or valid (the test split is only for measuring)"),
+        (
+            cfg.train_split in ("train", "valid"),
+            f"--train_split {cfg.train_split} is not train or valid (the test split is only for measuring)",
+        ),
         (cfg.gelu in ("tanh", "none"), f"--gelu {cfg.gelu} is not tanh or none"),
-        (cfg.attention in ("fused", "tiled", "explicit") and cfg.flash_block >= 1, f"--attention {cfg.attention} is not fused, tiled or explicit, or --flash_block is below 1"),
-        (cfg.n_experts >= 1 and cfg.moe_k >= 1 and (cfg.n_experts == 1 or cfg.moe_k <= cfg.n_experts), f"--n_experts {cfg.n_experts} must be >= 1 and --moe_k {cfg.moe_k} between 1 and it"),
+        (
+            cfg.attention in ("fused", "tiled", "explicit") and cfg.flash_block >= 1,
+            f"--attention {cfg.attention} is not fused, tiled or explicit, or --flash_block is below 1",
+        ),
+        (
+            cfg.n_experts >= 1 and cfg.moe_k >= 1 and (cfg.n_experts == 1 or cfg.moe_k <= cfg.n_experts),
+            f"--n_experts {cfg.n_experts} must be >= 1 and --moe_k {cfg.moe_k} between 1 and it",
+        ),
         (cfg.balance_coef >= 0 and cfg.z_coef >= 0, "--balance_coef and --z_coef must be >= 0"),
         (cfg.test_stride >= 0 and cfg.test_tokens >= 0, "--test_stride and --test_tokens must be >= 0"),
-        (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
+        (
+            cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1,
+            "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1",
+        ),
         (0 < cfg.top_p <= 1 and cfg.repetition_penalty > 0, "--top_p must be in (0, 1] and --repetition_penalty > 0"),
-        (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
+        (
+            cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -199,7 +240,9 @@ class GPT2Tokenizer:
         try:
             import tiktoken
 
-            self.enc = tiktoken.get_encoding("gpt2")  # downloads two files into tiktoken's cache (TIKTOKEN_CACHE_DIR) once
+            self.enc = tiktoken.get_encoding(
+                "gpt2"
+            )  # downloads two files into tiktoken's cache (TIKTOKEN_CACHE_DIR) once
         except Exception as e:
             fix = "pip install tiktoken and connect once, or set TIKTOKEN_CACHE_DIR to a folder holding its cache files"
             die(f"could not load GPT-2's BPE through tiktoken ({type(e).__name__}); {fix}")
@@ -239,7 +282,8 @@ def hub_unreachable(timeout=3.0):
 
 
 def download_wikitext(folder):
-    """WikiText-2 through datasets, each split written once into folder as a text file (a row of the dataset is a line)."""
+    """WikiText-2 through datasets, each split written once into folder as a text file (a row of the dataset is a
+    line)."""
     name, config = WIKITEXT
     fix = "pass --data with a folder holding WikiText-2's train.txt, valid.txt and test.txt"
     offline = hub_unreachable()  # before datasets is imported: it reads HF_DATASETS_OFFLINE then
@@ -273,7 +317,10 @@ def load_wikitext(cfg, tok):
     if cfg.data and not os.path.isdir(folder):
         die(f"--data {folder}: no such folder")
     names = lambda split: [f"{split}.txt", f"wiki.{split}.tokens", f"wiki.{split}.raw"]  # noqa: E731
-    find = lambda split: next((os.path.join(folder, n) for n in names(split) if os.path.isfile(os.path.join(folder, n))), None)  # noqa: E731
+
+    def find(split):
+        return next((os.path.join(folder, n) for n in names(split) if os.path.isfile(os.path.join(folder, n))), None)
+
     if not cfg.data and not all(find(s) for s in SPLITS):
         download_wikitext(folder)
     texts = {}
@@ -307,9 +354,15 @@ class DataLoader:
 
     def __init__(self, splits, cfg, device):
         self.splits = splits
-        for split, data in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
+        for (
+            split,
+            data,
+        ) in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
             if len(data) <= cfg.block_size:
-                die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a longer text or a smaller --block_size")
+                die(
+                    f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a "
+                    "longer text or a smaller --block_size"
+                )
         self.cfg, self.device = cfg, device
         self.offsets = np.arange(cfg.block_size + 1)
 
@@ -317,8 +370,13 @@ class DataLoader:
         """Under DDP every rank draws the offsets of every rank's micro-batch from the same generator and keeps its own:
         together the ranks train on exactly the micro-batches one process would."""
         data = self.splits[split]
-        ix = [torch.randint(len(data) - self.cfg.block_size, (self.cfg.batch_size, 1), generator=generator) for _ in range(world_size)][rank]
-        xy = torch.from_numpy(data[ix.numpy() + self.offsets].astype(np.int64))  # (B, T+1) in one indexing op: only these tokens are read
+        ix = [
+            torch.randint(len(data) - self.cfg.block_size, (self.cfg.batch_size, 1), generator=generator)
+            for _ in range(world_size)
+        ][rank]
+        xy = torch.from_numpy(
+            data[ix.numpy() + self.offsets].astype(np.int64)
+        )  # (B, T+1) in one indexing op: only these tokens are read
         x, y = xy[:, :-1], xy[:, 1:]
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
@@ -334,13 +392,20 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.dropout, self.attention, self.flash_block = cfg.n_head, cfg.dropout, cfg.attention, cfg.flash_block
+        self.n_head, self.dropout, self.attention, self.flash_block = (
+            cfg.n_head,
+            cfg.dropout,
+            cfg.attention,
+            cfg.flash_block,
+        )
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         # lower-triangular mask: position t may attend to positions 0..t
-        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False)
+        self.register_buffer(
+            "mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False
+        )
 
     def forward(self, x):
         B, T, C = x.size()
@@ -348,7 +413,9 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, n_head, T, head_size)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.attention == "fused":  # FlashAttention's kernel where the device has one
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
         elif self.attention == "tiled":  # the same algorithm, written out
             y = tiled_attention(q, k, v, self.flash_block, self.dropout if self.training else 0.0)
         else:
@@ -427,9 +494,13 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.moe_k = cfg.n_experts, cfg.moe_k
         self.router = nn.Linear(cfg.n_embd, cfg.n_experts, bias=False)
-        nn.init.normal_(self.router.weight, mean=0.0, std=0.02)  # random: the copies get different tokens and move apart
+        nn.init.normal_(
+            self.router.weight, mean=0.0, std=0.02
+        )  # random: the copies get different tokens and move apart
         self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
-        self.register_buffer("usage", torch.zeros(cfg.n_experts, dtype=torch.long), persistent=False)  # choices counted in eval mode
+        self.register_buffer(
+            "usage", torch.zeros(cfg.n_experts, dtype=torch.long), persistent=False
+        )  # choices counted in eval mode
         self.balance_loss = self.z_loss = 0.0  # the auxiliary losses of the last forward
 
     @classmethod
@@ -446,7 +517,8 @@ class MoE(nn.Module):
         logits = self.router(x).float()  # (N, E): softmax and z-loss in float32, also under autocast
         probs = F.softmax(logits, dim=-1)
         top_p, chosen = probs.topk(self.moe_k, dim=-1)  # (N, k)
-        # the chosen experts' weights sum to 1, so copies of one MLP add up to it. With k = 1 that weight is the constant
+        # the chosen experts' weights sum to 1, so copies of one MLP add up to it. With k = 1 that weight is the
+        # constant
         # 1 and the router would get no gradient: p / p.detach() is 1 too, but its gradient is that of p
         weights = top_p / (top_p.sum(-1, keepdim=True) if self.moe_k > 1 else top_p.detach())
         # the k choices take the place of SwitchHead's heads: the mean over them counts every choice in f
@@ -455,10 +527,14 @@ class MoE(nn.Module):
             self.usage += torch.bincount(chosen.flatten(), minlength=self.n_experts)
         # dispatch: the N * k choices sorted by expert, so that each expert runs once, on all of its tokens
         order = chosen.flatten().argsort()
-        counts = torch.bincount(chosen.flatten(), minlength=self.n_experts).tolist()  # the group sizes (one wait for the GPU)
+        counts = torch.bincount(
+            chosen.flatten(), minlength=self.n_experts
+        ).tolist()  # the group sizes (one wait for the GPU)
         tokens, gates = (order // self.moe_k).split(counts), weights.flatten()[order].split(counts)
         out = torch.zeros_like(x)
-        for expert, t, g in zip(self.experts, tokens, gates):  # an expert no token chose runs on 0 rows: zero gradient, still in the graph (DDP)
+        for expert, t, g in zip(
+            self.experts, tokens, gates
+        ):  # an expert no token chose runs on 0 rows: zero gradient, still in the graph (DDP)
             out.index_add_(0, t, expert(x[t]) * g[:, None].to(x.dtype))
         return out.view(B, T, C)
 
@@ -479,7 +555,8 @@ class Block(nn.Module):
 
 
 def moe_layer_ids(cfg):
-    """The layers --moe_layers names: odd (1, 3, 5, ...: every other layer, as in GShard and Switch), all, or indices."""
+    """The layers --moe_layers names: odd (1, 3, 5, ...: every other layer, as in GShard and Switch), all, or
+    indices."""
     if cfg.n_experts == 1:
         return []
     if cfg.moe_layers in ("odd", "all"):
@@ -490,7 +567,10 @@ def moe_layer_ids(cfg):
         except ValueError:
             die(f"--moe_layers {cfg.moe_layers} is not odd, all, or comma-separated layer indices")
     if not ids or not all(0 <= i < cfg.n_layer for i in ids):
-        die(f"--moe_layers {cfg.moe_layers} names no layer, or one outside 0..{cfg.n_layer - 1}, of this {cfg.n_layer}-layer model")
+        die(
+            f"--moe_layers {cfg.moe_layers} names no layer, or one outside 0..{cfg.n_layer - 1}, of this "
+            f"{cfg.n_layer}-layer model"
+        )
     return ids
 
 
@@ -535,9 +615,17 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x[:, start:]))
-        loss = None if targets is None else F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, start:].reshape(-1), ignore_index=-1)
+        loss = (
+            None
+            if targets is None
+            else F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, start:].reshape(-1), ignore_index=-1)
+        )
         if loss is not None and self.training and self.moes():  # one of each per MoE layer, as in Switch and ST-MoE
-            loss = loss + self.cfg.balance_coef * sum(m.balance_loss for m in self.moes()) + self.cfg.z_coef * sum(m.z_loss for m in self.moes())
+            loss = (
+                loss
+                + self.cfg.balance_coef * sum(m.balance_loss for m in self.moes())
+                + self.cfg.z_coef * sum(m.z_loss for m in self.moes())
+            )
         return logits, loss
 
     def configure_optimizer(self, cfg, device_type):
@@ -547,14 +635,18 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+        return torch.optim.AdamW(
+            groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda"
+        )
 
     def estimate_mfu(self, tokens_per_sec, device):
         """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s (PaLM, appendix B)."""
         L, H, Q, T = self.cfg.n_layer, self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head, self.cfg.block_size
         flops_per_token = 6 * self.num_params(active=True) + 12 * L * H * Q * T
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12)
+        peak = next(
+            (v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12
+        )
         return flops_per_token * tokens_per_sec / peak
 
     @torch.no_grad()
@@ -565,7 +657,9 @@ class GPT(nn.Module):
             context = idx[:, -self.cfg.block_size :]  # the model sees at most block_size tokens
             logits, _ = self(context, start=context.size(1) - 1)  # logits of the last position only
             logits = logits[:, -1, :].float()
-            if repetition_penalty != 1.0:  # CTRL (Keskar et al. 2019): every token already in the text becomes less likely
+            if (
+                repetition_penalty != 1.0
+            ):  # CTRL (Keskar et al. 2019): every token already in the text becomes less likely
                 seen = logits.gather(1, idx)
                 logits.scatter_(1, idx, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
             for seq in ban:  # a banned sequence loses its last token wherever the tokens before it were just generated
@@ -602,16 +696,30 @@ def top_p_filter(logits, p):
 
 
 def from_hf(hf):
-    """A transformers GPT2LMHeadModel as (architecture, state dict) for GPT. GPT-2's Conv1D layers keep their weights as
-    (in, out), a Linear as (out, in): the four matrices of each block are transposed; every name loses 'transformer.'."""
+    """A transformers GPT2LMHeadModel as (architecture, state dict) for GPT. GPT-2's Conv1D layers keep their weights
+    as (in, out), a Linear as (out, in): the four matrices of each block are transposed; every name loses
+    'transformer.'."""
     c = hf.config
     gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(c.activation_function)
-    if gelu is None or (c.n_inner or 4 * c.n_embd) != 4 * c.n_embd or c.layer_norm_epsilon != 1e-5 or c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights:
-        die("this GPT-2 configuration (activation, MLP width, LayerNorm epsilon or attention scaling) differs from GPT-2's; this script cannot load it")
+    if (
+        gelu is None
+        or (c.n_inner or 4 * c.n_embd) != 4 * c.n_embd
+        or c.layer_norm_epsilon != 1e-5
+        or c.scale_attn_by_inverse_layer_idx
+        or not c.scale_attn_weights
+    ):
+        die(
+            "this GPT-2 configuration (activation, MLP width, LayerNorm epsilon or attention scaling) differs from "
+            "GPT-2's; this script cannot load it"
+        )
     if not c.tie_word_embeddings:  # GPT ties them: loading it would replace one matrix by the other
-        die("this GPT-2 configuration has untied input and output embeddings (tie_word_embeddings=False); "
-            "this script ties them and cannot load it")
-    arch = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions, bias=True, gelu=gelu, n_experts=1)
+        die(
+            "this GPT-2 configuration has untied input and output embeddings (tie_word_embeddings=False); "
+            "this script ties them and cannot load it"
+        )
+    arch = dict(
+        n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions, bias=True, gelu=gelu, n_experts=1
+    )
     sd = {}
     for name, w in hf.state_dict().items():
         if name.split(".")[-2:] in (["attn", "bias"], ["attn", "masked_bias"]):
@@ -626,7 +734,10 @@ def from_hf(hf):
 
 def hf_weights(name):
     """OpenAI's GPT-2 through transformers, downloaded into the Hugging Face cache once."""
-    fix = "start from a checkpoint of this repository with --init_from PATH, or from random weights with --init_from scratch"
+    fix = (
+        "start from a checkpoint of this repository with --init_from PATH, or from random weights with --init_from "
+        "scratch"
+    )
     offline = hub_unreachable()
     if offline:  # say so now if it was never downloaded, rather than after importing transformers
         try:
@@ -646,7 +757,10 @@ def hf_weights(name):
         hf = GPT2LMHeadModel.from_pretrained(name)
     except OSError as e:  # offline (HF_HUB_OFFLINE=1 included), the Hub unreachable
         reason = (str(e).strip().splitlines() or [""])[0][:150]
-        die(f"could not load --init_from {name} ({type(e).__name__}: {reason}); connect once so that transformers caches it, or {fix}")
+        die(
+            f"could not load --init_from {name} ({type(e).__name__}: {reason}); connect once so that transformers "
+            f"caches it, or {fix}"
+        )
     return from_hf(hf)
 
 
@@ -655,7 +769,10 @@ def checkpoint_weights(path, device):
     parameter for parameter, with the exact GELU and no experts; this script's checkpoints say what they have."""
     ckpt = load_checkpoint(path, device, scripts=(SCRIPT, "ex3_pretrain_finetune"))
     if ckpt.get("tokenizer") != "gpt2":
-        die(f"{path} was trained with a character vocabulary, not GPT-2's BPE; train one with ex3_pretrain_finetune.py --tokenizer gpt2")
+        die(
+            f"{path} was trained with a character vocabulary, not GPT-2's BPE; train one with "
+            "ex3_pretrain_finetune.py --tokenizer gpt2"
+        )
     saved = {"gelu": "none", "n_experts": 1, "moe_k": 1, "moe_layers": "odd", **ckpt["config"]}  # ex3's lacks these
     return {name: saved[name] for name in DENSE + EXPERTS}, ckpt["model"], ckpt["model"]["lm_head.weight"].size(0)
 
@@ -667,15 +784,23 @@ def start_model(cfg, tok, device):
     if cfg.init_from == "scratch":
         cfg.block_size = cfg.block_size or 128
         return GPT(replace(cfg, n_experts=1), tok.vocab_size).to(device)
-    arch, sd, vocab_size = hf_weights(cfg.init_from) if cfg.init_from in GPT2_MODELS else checkpoint_weights(cfg.init_from, device)
+    arch, sd, vocab_size = (
+        hf_weights(cfg.init_from) if cfg.init_from in GPT2_MODELS else checkpoint_weights(cfg.init_from, device)
+    )
     if vocab_size != tok.vocab_size:
         die(f"--init_from {cfg.init_from} has a vocabulary of {vocab_size}, not GPT-2's {tok.vocab_size}")
     context, arch["block_size"] = arch["block_size"], cfg.block_size or arch["block_size"]
     if arch["block_size"] > context:
-        die(f"--block_size {cfg.block_size} is longer than the context of --init_from {cfg.init_from} ({context}); use at most {context}")
+        die(
+            f"--block_size {cfg.block_size} is longer than the context of --init_from {cfg.init_from} ({context}); "
+            f"use at most {context}"
+        )
     for name in DENSE + (EXPERTS if arch["n_experts"] > 1 else ()):  # experts: only a checkpoint's, if it has any
         setattr(cfg, name, arch[name])
-    sd = {**sd, "wpe.weight": sd["wpe.weight"][: cfg.block_size]}  # a shorter context keeps the first position embeddings
+    sd = {
+        **sd,
+        "wpe.weight": sd["wpe.weight"][: cfg.block_size],
+    }  # a shorter context keeps the first position embeddings
     model = GPT(replace(cfg, n_experts=arch["n_experts"]), tok.vocab_size).to(device)
     model.load_state_dict(sd)
     return model
@@ -694,8 +819,11 @@ def upcycle(model, cfg, x):
         model.cfg = cfg
         diff = (model.eval()(x)[0] - dense).abs().max().item()
     model.train()
-    print(f"upcycled the MLPs of layers {', '.join(map(str, moe_layer_ids(cfg)))} into {cfg.n_experts} experts each, top-{cfg.moe_k}: "
-          f"{before / 1e6:.2f}M -> {model.num_params() / 1e6:.2f}M parameters; largest logit change {diff:.1e}")  # fmt: skip
+    layers = ", ".join(map(str, moe_layer_ids(cfg)))
+    print(
+        f"upcycled the MLPs of layers {layers} into {cfg.n_experts} experts each, top-{cfg.moe_k}: "
+        f"{before / 1e6:.2f}M -> {model.num_params() / 1e6:.2f}M parameters; largest logit change {diff:.1e}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -710,7 +838,10 @@ def setup_ddp(cfg):
         return 0
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if cfg.gradient_accumulation_steps % world_size:
-        die(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} counts micro-batches over all {world_size} processes; make it a multiple of {world_size}")
+        die(
+            f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} counts micro-batches over all "
+            f"{world_size} processes; make it a multiple of {world_size}"
+        )
     if cfg.device.startswith("cuda"):
         torch.cuda.set_device(cfg.device)
     # the others wait while the first process on their machine downloads and encodes the data: allow an hour
@@ -751,7 +882,10 @@ def setup_device(cfg):
         die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: a GPU per process
         if int(os.environ["LOCAL_WORLD_SIZE"]) > torch.cuda.device_count():  # the same verdict on every rank
-            die(f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}: this machine has {torch.cuda.device_count()} GPU(s)")
+            die(
+                f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}: this machine has "
+                f"{torch.cuda.device_count()} GPU(s)"
+            )
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         cfg.device = str(device)
     if cfg.dtype == "auto":
@@ -835,10 +969,14 @@ def perplexity(model, ids, cfg, device, autocast):
     model.eval()
     reset_usage(model)
     nll = torch.zeros((), dtype=torch.float64, device=device)
-    for (length, new), group in itertools.groupby(windows[rank::world_size], key=lambda w: w[1:]):  # equal shapes, batched
+    for (length, new), group in itertools.groupby(
+        windows[rank::world_size], key=lambda w: w[1:]
+    ):  # equal shapes, batched
         starts = [w[0] for w in group]
         for b in range(0, len(starts), cfg.batch_size):
-            xy = torch.from_numpy(ids[np.array(starts[b : b + cfg.batch_size])[:, None] + np.arange(length + 1)].astype(np.int64)).to(device)
+            xy = torch.from_numpy(
+                ids[np.array(starts[b : b + cfg.batch_size])[:, None] + np.arange(length + 1)].astype(np.int64)
+            ).to(device)
             with autocast:
                 _, loss = model(xy[:, :-1], xy[:, 1:], start=length - new)
             nll += loss.double() * new * len(xy)
@@ -853,8 +991,10 @@ def report_perplexity(model, ids, words, cfg, device, autocast, when):
     them), and where the model has experts, their use on the test split."""
     t0 = time.time()
     ppl, nll, n = perplexity(model, ids, cfg, device, autocast)
-    print(f"test perplexity {when}: {ppl:.2f} per token ({n:,} tokens), {math.exp(nll / words):.2f} per word ({words:,})"
-          f" | window {cfg.block_size}, stride {window_stride(cfg)} | {time.time() - t0:.1f} s")
+    print(
+        f"test perplexity {when}: {ppl:.2f} per token ({n:,} tokens), {math.exp(nll / words):.2f} per word ({words:,})"
+        f" | window {cfg.block_size}, stride {window_stride(cfg)} | {time.time() - t0:.1f} s"
+    )
     for line in expert_usage(model):
         print(line)
     return ppl
@@ -883,7 +1023,8 @@ def save_checkpoint(path, state):
 
 
 def check_out_dir(out_dir, overwrite):
-    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another's never."""
+    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another
+    script's never."""
     for name in ("ckpt.pt", "best.pt"):
         path = os.path.join(out_dir, name)
         if not os.path.exists(path):
@@ -896,14 +1037,20 @@ def check_out_dir(out_dir, overwrite):
         if script not in (None, SCRIPT):
             die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
         if not overwrite:
-            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with --overwrite")
+            die(
+                f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with "
+                "--overwrite"
+            )
 
 
 def resume_config(cfg, saved, names):
     """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
     for name in names:
         if name in cfg.given and getattr(cfg, name) != saved[name]:
-            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume, or start a new run in another --out_dir")
+            die(
+                f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to "
+                "resume, or start a new run in another --out_dir"
+            )
         setattr(cfg, name, saved[name])
 
 
@@ -925,7 +1072,10 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)",
+            file=sys.stderr,
+        )
 
 
 STOP = StopRequest()
@@ -973,7 +1123,9 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         model = torch.compile(model)
     eval_model = model  # evaluation runs outside DDP: every rank scores the same batches, with no communication
     if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)  # copies rank 0's weights to all
+        model = DDP(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )  # copies rank 0's weights to all
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     log = CSVLog(os.path.join(cfg.out_dir, "log.csv") if rank == 0 else os.devnull, iter_num)  # one writer: rank 0
     if cfg.wandb:
@@ -982,9 +1134,15 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
 
             wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
         except Exception as e:
-            die(f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log locally")
+            die(
+                f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log "
+                "locally"
+            )
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # over all processes
-    print(f"tokens per iteration: {tokens_per_iter:,}" + (f" ({world_size} processes x {accum} micro-batches)" if world_size > 1 else ""))
+    print(
+        f"tokens per iteration: {tokens_per_iter:,}"
+        + (f" ({world_size} processes x {accum} micro-batches)" if world_size > 1 else "")
+    )
 
     def state(it):  # everything --resume needs to continue at iteration it
         return {
@@ -1015,7 +1173,13 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
             for line in expert_usage(raw_model):
                 print(line)
-            log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
+            log.write(
+                iter=it,
+                train_loss=f"{losses['train']:.4f}",
+                val_loss=f"{losses['val']:.4f}",
+                lr=f"{lr:.3e}",
+                ms_per_iter="",
+            )
             if cfg.wandb:
                 wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
             if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
@@ -1032,7 +1196,9 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         # forward and backward, gradients summed over the micro-batches
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            x, y = loader.get_batch("train", gen, rank, world_size)  # on a GPU this overlaps with the previous step's kernels
+            x, y = loader.get_batch(
+                "train", gen, rank, world_size
+            )  # on a GPU this overlaps with the previous step's kernels
             sync = world_size == 1 or micro == accum - 1  # DDP all-reduces the gradients once, in the last backward
             with nullcontext() if sync else model.no_sync():
                 with autocast:
@@ -1059,12 +1225,17 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             lossf = loss_sum.item()  # .item() waits for the GPU: only when logging (with the experts' auxiliary losses)
             line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {tokens_per_iter / dt / 1000:.1f}k tok/s"
             if device.type == "cuda":
-                line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / world_size / dt, device):.1f}%"  # per GPU
+                line += (
+                    f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / world_size / dt, device):.1f}%"  # per GPU
+                )
             print(line)
             log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
     if dts:
         median = sorted(dts)[len(dts) // 2] * 1000
-        print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
+        print(
+            f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val "
+            f"{best_val:.4f}"
+        )
     log.f.close()
     if cfg.wandb:
         wandb.finish()
@@ -1077,7 +1248,8 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
 
 def clean_wikitext(text):
     """WikiText's tokenisation undone for reading: 1 @,@ 000 -> 1,000, well @-@ known -> well-known, 3 @.@ 5 -> 3.5,
-    no space before closing punctuation or after opening brackets, it 's -> it's, " quoted " -> "quoted", <unk> removed."""
+    no space before closing punctuation or after opening brackets, it 's -> it's, " quoted " -> "quoted", <unk>
+    removed."""
     text = re.sub(r" @(.)@ ", r"\1", text)
     text = re.sub(r" ?<unk>", "", text)
     text = re.sub(r" ([.,;:!?%)\]}]|'s\b|'t\b|'re\b|'ve\b|'ll\b|'d\b|'m\b)", r"\1", text)
@@ -1088,7 +1260,11 @@ def clean_wikitext(text):
 
 def banned_sequences(words, tok):
     """The token sequences --ban forbids: each comma-separated word, with and without a leading space."""
-    return [seq for w in filter(None, (s.strip() for s in words.split(","))) for seq in {tuple(tok.encode(w)), tuple(tok.encode(" " + w))}]
+    return [
+        seq
+        for w in filter(None, (s.strip() for s in words.split(",")))
+        for seq in {tuple(tok.encode(w)), tuple(tok.encode(" " + w))}
+    ]
 
 
 def sample(model, tok, cfg, device, autocast, prompt):
@@ -1100,7 +1276,9 @@ def sample(model, tok, cfg, device, autocast, prompt):
         torch.manual_seed(cfg.seed)  # the same --seed draws the same samples
         m.eval()
         with autocast:
-            out = m.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, ban)
+            out = m.generate(
+                idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, ban
+            )
         for i, row in enumerate(out.tolist()):
             text = tok.decode(row)
             print(f"--- sample {i + 1}, {name} ---\n{clean_wikitext(text) if cfg.clean else text}")
@@ -1136,7 +1314,10 @@ def main(argv=None):
     else:
         upcycle(model, cfg, loader.get_batch("val", torch.Generator().manual_seed(0))[0][:1])
     torch.manual_seed(cfg.seed + rank)  # other dropout masks on each rank; DDP gives every rank rank 0's weights
-    print(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M used per token), device {device}, dtype {cfg.dtype}, attention {cfg.attention}")
+    print(
+        f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M used per token), "
+        f"device {device}, dtype {cfg.dtype}, attention {cfg.attention}"
+    )
     os.makedirs(cfg.out_dir, exist_ok=True)
     when = f"at iter {ckpt['iter_num']} (resumed)" if ckpt else "before fine-tuning"
     before = report_perplexity(model, splits["test"], words, cfg, device, autocast, when)

@@ -69,7 +69,7 @@ class Config:
     out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
     data: str = ""  # a local UTF-8 text file to train on; empty: TinyShakespeare, downloaded into data/
     resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state (of any phase)
-    overwrite: bool = False  # start over in an out_dir that holds this script's checkpoint (replaces ckpt.pt and best.pt)
+    overwrite: bool = False  # start over in an out_dir holding this script's checkpoint (replaces ckpt.pt and best.pt)
     init_from: str = "scratch"  # scratch (MLE pre-training here) or a switchhead_moe.py best.pt (its architecture wins)
     eval_interval: int = 250  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 200  # batches per split in each evaluation
@@ -80,12 +80,12 @@ class Config:
     n_layer: int = 4  # transformer blocks
     n_head: int = 2  # attention heads per block: attention matrices computed per layer
     n_embd: int = 128  # embedding width
-    head_size: int = 0  # width of each head's queries, keys and values; 0: n_embd // n_head when dense, else the largest with no more attention parameters than a dense layer
+    head_size: int = 0  # q/k/v width per head; 0: n_embd // n_head (dense), else the widest within dense's parameters
     n_experts: int = 4  # value experts and output experts per head; 1: dense multi-head attention (the baseline)
     moe_k: int = 2  # experts each token uses per head and projection (--top_k is the sampling flag)
-    gate: str = "sigmoid"  # sigmoid (SwitchHead: top moe_k, unnormalised gates) or softmax (Switch Transformer: arg-max expert, needs --moe_k 1)
+    gate: str = "sigmoid"  # sigmoid (SwitchHead: top moe_k, unnormalised) or softmax (Switch Transformer, --moe_k 1)
     balance_coef: float = 0.01  # weight of the load-balancing loss (--gate softmax only)
-    block_size: int = 64  # context length in tokens (64 as in ex1: the GAN samples seq_len tokens, a sampling step is cheap at this size)
+    block_size: int = 64  # context length in tokens (64 as in ex1: the GAN samples seq_len tokens, cheap at this size)
     dropout: float = 0.0  # dropout probability (0.2 is a good value for the larger GPU model)
     bias: bool = False  # biases in Linear and LayerNorm layers
     flash: bool = True  # fused scaled_dot_product_attention instead of the explicit softmax(QK^T)V
@@ -113,14 +113,14 @@ class Config:
     d_steps: int = 3  # discriminator steps per round
     gan_batch_size: int = 64  # sequences per generator or discriminator step (real and fake each)
     adv_learning_rate: float = 3e-5  # generator learning rate in the adversarial rounds, constant
-    rollouts: int = 0  # Monte-Carlo completions of each prefix for per-token rewards (SeqGAN); 0: one reward per sequence, D(x)
+    rollouts: int = 0  # Monte-Carlo completions per prefix for per-token rewards (SeqGAN); 0: one per sequence, D(x)
     baseline_decay: float = 0.9  # the baseline b follows the mean reward: b <- decay * b + (1 - decay) * mean(r)
     mle_weight: float = 0.0  # weight of an MLE loss on a real batch added to each generator step; 0: pure REINFORCE
     adv_eval_interval: int = 25  # evaluate and save ckpt.pt and best.pt every this many D pre-training steps or rounds
-    eval_samples: int = 128  # sequences sampled at each evaluation for D accuracy, BLEU and self-BLEU (the same draws each time)
+    eval_samples: int = 128  # sequences sampled per eval for D accuracy, BLEU and self-BLEU (the same draws each time)
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
+    dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     # sampling
     prompt: str = ""  # if set, skip training: load out_dir/best.pt and continue this text
@@ -130,8 +130,21 @@ class Config:
     top_k: int = 200  # sample only among the k most likely tokens; 0 for all
 
 
-RESUMED = ("n_layer", "n_head", "n_embd", "head_size", "n_experts", "moe_k", "gate", "block_size", "bias", "data", "init_from",
-           "d_embd", "d_hidden")  # --resume takes the architecture (the discriminator's too) and data from ckpt.pt
+RESUMED = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "head_size",
+    "n_experts",
+    "moe_k",
+    "gate",
+    "block_size",
+    "bias",
+    "data",
+    "init_from",
+    "d_embd",
+    "d_hidden",
+)  # --resume takes the architecture (the discriminator's too) and data from ckpt.pt
 
 
 def die(msg):
@@ -141,51 +154,112 @@ def die(msg):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)  # --lr is not --lr_decay_iters
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False
+    )  # --lr is not --lr_decay_iters
     parser.error = lambda msg: die(f"{msg} (see --help)")
-    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
+    comments = dict(
+        re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M)
+    )  # each field's comment is its help
     for f in fields(Config):
         if f.type is bool:
             default = f"--{'' if f.default else 'no-'}{f.name}"
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f"{comments[f.name]} (default {default})")
+            parser.add_argument(
+                f"--{f.name}",
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=f"{comments[f.name]} (default {default})",
+            )
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
+            parser.add_argument(
+                f"--{f.name}",
+                type=type(f.default),
+                default=f.default,
+                help=f"{comments[f.name]} (default {f.default!r})",
+            )
     unset = object()  # marks the flags not typed on the command line
     args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
     cfg = Config(**{k: v for k, v in args.items() if v is not unset})
     cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
     checks = [
-        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --n_embd, --block_size and --batch_size must be at least 1"),
-        (cfg.head_size > 0 or cfg.n_experts > 1 or cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}, or give --head_size"),
+        (
+            cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1,
+            "--n_layer, --n_head, --n_embd, --block_size and --batch_size must be at least 1",
+        ),
+        (
+            cfg.head_size > 0 or cfg.n_experts > 1 or cfg.n_embd % max(cfg.n_head, 1) == 0,
+            f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}, or give --head_size",
+        ),
         (cfg.head_size >= 0 and cfg.n_experts >= 1, "--head_size must be >= 0 and --n_experts >= 1"),
         (cfg.gate in ("sigmoid", "softmax"), f"--gate {cfg.gate} is not one of sigmoid, softmax"),
-        (cfg.n_experts == 1 or 1 <= cfg.moe_k <= cfg.n_experts, f"--moe_k {cfg.moe_k} must be between 1 and --n_experts {cfg.n_experts}"),
-        (cfg.n_experts == 1 or cfg.gate == "sigmoid" or cfg.moe_k == 1, f"--gate softmax sends each token to its arg-max expert: use --moe_k 1, not {cfg.moe_k}"),
+        (
+            cfg.n_experts == 1 or 1 <= cfg.moe_k <= cfg.n_experts,
+            f"--moe_k {cfg.moe_k} must be between 1 and --n_experts {cfg.n_experts}",
+        ),
+        (
+            cfg.n_experts == 1 or cfg.gate == "sigmoid" or cfg.moe_k == 1,
+            f"--gate softmax sends each token to its arg-max expert: use --moe_k 1, not {cfg.moe_k}",
+        ),
         (cfg.balance_coef >= 0, f"--balance_coef {cfg.balance_coef} must be >= 0"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
-        (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
+        (
+            cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1,
+            "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1",
+        ),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
-        (cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0, "--seed, --warmup_iters and --lr_decay_iters must be >= 0"),
-        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)"),
-        (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
-        (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
+        (
+            cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0,
+            "--seed, --warmup_iters and --lr_decay_iters must be >= 0",
+        ),
+        (
+            cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
+            "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)",
+        ),
+        (
+            cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1,
+            "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1",
+        ),
+        (
+            cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16",
+        ),
         (cfg.seq_len >= 2, f"--seq_len {cfg.seq_len} must be at least 2: a given first token and one sampled"),
-        (cfg.d_embd >= 1 and cfg.d_hidden >= 1 and cfg.gan_batch_size >= 1, "--d_embd, --d_hidden and --gan_batch_size must be at least 1"),
-        (min(cfg.d_pretrain_iters, cfg.adv_rounds, cfg.g_steps, cfg.d_steps, cfg.rollouts) >= 0, "--d_pretrain_iters, --adv_rounds, --g_steps, --d_steps and --rollouts must be >= 0"),
-        (cfg.d_learning_rate > 0 and cfg.adv_learning_rate > 0 and cfg.mle_weight >= 0, "--d_learning_rate and --adv_learning_rate must be > 0 and --mle_weight >= 0"),
+        (
+            cfg.d_embd >= 1 and cfg.d_hidden >= 1 and cfg.gan_batch_size >= 1,
+            "--d_embd, --d_hidden and --gan_batch_size must be at least 1",
+        ),
+        (
+            min(cfg.d_pretrain_iters, cfg.adv_rounds, cfg.g_steps, cfg.d_steps, cfg.rollouts) >= 0,
+            "--d_pretrain_iters, --adv_rounds, --g_steps, --d_steps and --rollouts must be >= 0",
+        ),
+        (
+            cfg.d_learning_rate > 0 and cfg.adv_learning_rate > 0 and cfg.mle_weight >= 0,
+            "--d_learning_rate and --adv_learning_rate must be > 0 and --mle_weight >= 0",
+        ),
         (0 <= cfg.baseline_decay < 1, f"--baseline_decay {cfg.baseline_decay} must be in [0, 1)"),
-        (cfg.adv_eval_interval >= 1 and cfg.eval_samples >= 2, "--adv_eval_interval must be at least 1 and --eval_samples at least 2 (self-BLEU compares samples)"),
-        (not (cfg.resume and cfg.init_from != "scratch"),
-         "--resume continues this script's own checkpoint and --init_from PATH starts from switchhead_moe's: give one"),
+        (
+            cfg.adv_eval_interval >= 1 and cfg.eval_samples >= 2,
+            "--adv_eval_interval must be at least 1 and --eval_samples at least 2 (self-BLEU compares samples)",
+        ),
+        (
+            not (cfg.resume and cfg.init_from != "scratch"),
+            "--resume continues this script's own checkpoint and --init_from PATH starts from switchhead_moe's: give "
+            "one",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
             die(msg)
     if cfg.head_size == 0:  # resolved here, so the checkpoint records the width that was used
-        cfg.head_size = cfg.n_embd // cfg.n_head if cfg.n_experts == 1 else matched_head_size(cfg.n_embd, cfg.n_head, cfg.n_experts)
+        cfg.head_size = (
+            cfg.n_embd // cfg.n_head if cfg.n_experts == 1 else matched_head_size(cfg.n_embd, cfg.n_head, cfg.n_experts)
+        )
         if cfg.head_size < 1:
-            die(f"--n_head {cfg.n_head} with --n_experts {cfg.n_experts} leaves no head width with the parameters of a dense layer of --n_embd {cfg.n_embd}; give --head_size")
+            die(
+                f"--n_head {cfg.n_head} with --n_experts {cfg.n_experts} leaves no head width with the parameters of "
+                f"a dense layer of --n_embd {cfg.n_embd}; give --head_size"
+            )
     return cfg
 
 
@@ -210,7 +284,10 @@ def download(url, path):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        die(f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local text file")
+        die(
+            f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local "
+            "text file"
+        )
 
 
 def load_text(cfg):
@@ -241,7 +318,10 @@ class CharTokenizer:
     def encode(self, s):
         bad = sorted(set(s) - self.stoi.keys())
         if bad:
-            die(f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its training text")
+            die(
+                f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its "
+                "training text"
+            )
         return [self.stoi[c] for c in s]
 
     def decode(self, ids):
@@ -254,9 +334,15 @@ class DataLoader:
     def __init__(self, ids, cfg, device):
         n = int(0.9 * len(ids))
         self.splits = {"train": ids[:n], "val": ids[n:]}
-        for split, data in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
+        for (
+            split,
+            data,
+        ) in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
             if len(data) <= cfg.block_size:
-                die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a longer text or a smaller --block_size")
+                die(
+                    f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a "
+                    "longer text or a smaller --block_size"
+                )
         self.cfg, self.device = cfg, device
         self.offsets = torch.arange(cfg.block_size + 1)
 
@@ -397,11 +483,17 @@ class SwitchHeadAttention(nn.Module):
         self.v_router = nn.Linear(C, H * E, bias=False)  # reads a source token: which experts make its value
         self.o_router = nn.Linear(C, H * E, bias=False)  # reads a destination token: which experts project its result
         self.v_experts = nn.Parameter(torch.randn(H, E, C, D) * 0.02)
-        self.o_experts = nn.Parameter(torch.randn(H, E, D, C) * 0.02 / math.sqrt(2 * cfg.n_layer))  # residual projections, as c_proj
+        self.o_experts = nn.Parameter(
+            torch.randn(H, E, D, C) * 0.02 / math.sqrt(2 * cfg.n_layer)
+        )  # residual projections, as c_proj
         self.bias = nn.Parameter(torch.zeros(C)) if cfg.bias else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.register_buffer("usage", torch.zeros(2, H, E, dtype=torch.long), persistent=False)  # choices counted in eval mode
-        self.register_buffer("first_expert", torch.arange(H).view(1, 1, H, 1) * E, persistent=False)  # head h's experts: h*E ...
+        self.register_buffer(
+            "usage", torch.zeros(2, H, E, dtype=torch.long), persistent=False
+        )  # choices counted in eval mode
+        self.register_buffer(
+            "first_expert", torch.arange(H).view(1, 1, H, 1) * E, persistent=False
+        )  # head h's experts: h*E ...
         self.aux_loss = 0.0  # the load-balancing loss of the last training forward (--gate softmax)
 
     def route(self, router, x, which):
@@ -417,7 +509,9 @@ class SwitchHeadAttention(nn.Module):
             if self.training:
                 self.aux_loss = self.aux_loss + load_balancing_loss(probs, idx[..., 0]) / 2  # mean of the two routers
         if not self.training:
-            self.usage[which] += torch.bincount((idx + self.first_expert).flatten(), minlength=self.usage[which].numel()).view_as(self.usage[which])
+            self.usage[which] += torch.bincount(
+                (idx + self.first_expert).flatten(), minlength=self.usage[which].numel()
+            ).view_as(self.usage[which])
         return gates, idx + self.first_expert  # indices into all H * E experts of the layer
 
     def forward(self, x, cache=None):
@@ -430,13 +524,29 @@ class SwitchHeadAttention(nn.Module):
         per_head = torch.arange(B * T * H, device=x.device).repeat_interleave(k)  # its (token, head) pair
         # values: for each source token and head, the gate-weighted sum of its k chosen value experts
         gates, idx = self.route(self.v_router, x, 0)
-        v = expert_matmul(x.reshape(B * T, C), self.v_experts.flatten(0, 1), idx.flatten(), gates.flatten(), per_token, per_head, B * T * H)
+        v = expert_matmul(
+            x.reshape(B * T, C),
+            self.v_experts.flatten(0, 1),
+            idx.flatten(),
+            gates.flatten(),
+            per_token,
+            per_head,
+            B * T * H,
+        )
         v = v.view(B, T, H, D).transpose(1, 2)
         key, v, mask = cached(cache, key, v)  # values cached after their experts
         y = attention(q, key, v, mask, self.flash, self.dropout if self.training else 0.0)  # H attention matrices
         # output: for each destination token, every head's result through that token's k chosen output experts, summed
         gates, idx = self.route(self.o_router, x, 1)
-        y = expert_matmul(y.transpose(1, 2).reshape(B * T * H, D), self.o_experts.flatten(0, 1), idx.flatten(), gates.flatten(), per_head, per_token, B * T)
+        y = expert_matmul(
+            y.transpose(1, 2).reshape(B * T * H, D),
+            self.o_experts.flatten(0, 1),
+            idx.flatten(),
+            gates.flatten(),
+            per_head,
+            per_token,
+            B * T,
+        )
         y = y.view(B, T, C)
         if self.bias is not None:
             y = y + self.bias
@@ -481,14 +591,19 @@ def cost_report(cfg, model):
     T, d, H, E = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_experts
     n = sum(p.numel() for p in model.blocks[0].attn.parameters())
     macs, mem = attention_cost(T, d, H, cfg.head_size, E, cfg.moe_k)
-    line = f"attention per layer at T={T} (the paper's accounting): {macs / 1e6:.1f}M MACs, {mem / 1e6:.2f}M floats, {n / 1e3:.1f}k parameters"
+    line = (
+        f"attention per layer at T={T} (the paper's accounting): {macs / 1e6:.1f}M MACs, {mem / 1e6:.2f}M floats, "
+        f"{n / 1e3:.1f}k parameters"
+    )
     if E == 1:
         return f"{line} (dense, {H} heads of {cfg.head_size})"
     dense_macs, dense_mem = attention_cost(T, d, H * E, d / (H * E), 1)
     return (
         f"{line} (SwitchHead, {H} heads of {cfg.head_size}, {E} experts, top-{cfg.moe_k}, {cfg.gate} gate)\n"
-        f"dense, {H * E} heads of {d / (H * E):g}: {dense_macs / 1e6:.1f}M MACs, {dense_mem / 1e6:.2f}M floats, {4 * d * d / 1e3:.1f}k parameters"
-        f" -> SwitchHead needs {100 * macs / dense_macs:.0f}% of its MACs and {100 * mem / dense_mem:.0f}% of its memory"
+        f"dense, {H * E} heads of {d / (H * E):g}: {dense_macs / 1e6:.1f}M MACs, {dense_mem / 1e6:.2f}M floats, "
+        f"{4 * d * d / 1e3:.1f}k parameters"
+        f" -> SwitchHead needs {100 * macs / dense_macs:.0f}% of its MACs and {100 * mem / dense_mem:.0f}% of its "
+        "memory"
     )
 
 
@@ -544,20 +659,35 @@ class GPT(nn.Module):
         """Parameters without the position embeddings; active=True: only those one token uses (moe_k of the experts)."""
         n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
         if active and self.cfg.n_experts > 1:
-            n -= self.cfg.n_layer * 2 * self.cfg.n_head * (self.cfg.n_experts - self.cfg.moe_k) * self.cfg.n_embd * self.cfg.head_size
+            n -= (
+                self.cfg.n_layer
+                * 2
+                * self.cfg.n_head
+                * (self.cfg.n_experts - self.cfg.moe_k)
+                * self.cfg.n_embd
+                * self.cfg.head_size
+            )
         return n
 
     def forward(self, idx, targets=None, caches=None):
         B, T = idx.size()
         pos = caches[0].pos if caches else 0  # the position of idx's first token: the tokens already in the cache
-        assert pos + T <= self.cfg.block_size, f"sequence of {pos + T} tokens is longer than block_size {self.cfg.block_size}"
+        assert pos + T <= self.cfg.block_size, (
+            f"sequence of {pos + T} tokens is longer than block_size {self.cfg.block_size}"
+        )
         x = self.drop(self.wte(idx) + self.wpe(torch.arange(pos, pos + T, device=idx.device)))
         for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
             x = block(x, cache)
         logits = self.lm_head(self.ln_f(x))
-        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = (
+            None
+            if targets is None
+            else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        )
         if loss is not None and self.training and self.cfg.n_experts > 1 and self.cfg.gate == "softmax":
-            loss = loss + self.cfg.balance_coef * sum(block.attn.aux_loss for block in self.blocks)  # one per layer, as in Switch
+            loss = loss + self.cfg.balance_coef * sum(
+                block.attn.aux_loss for block in self.blocks
+            )  # one per layer, as in Switch
         return logits, loss
 
     def configure_optimizer(self, cfg, device_type):
@@ -567,14 +697,18 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+        return torch.optim.AdamW(
+            groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda"
+        )
 
     def estimate_mfu(self, tokens_per_sec, device):
         """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s (PaLM, appendix B)."""
         L, H, Q, T = self.cfg.n_layer, self.cfg.n_head, self.cfg.head_size, self.cfg.block_size
         flops_per_token = 6 * self.num_params(active=True) + 12 * L * H * Q * T
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12)
+        peak = next(
+            (v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12
+        )
         return flops_per_token * tokens_per_sec / peak
 
     @torch.no_grad()
@@ -636,7 +770,8 @@ class Discriminator(nn.Module):
 
 
 def discriminator_loss(disc, real, fake):
-    """L_D = -mean(log D(real) + log(1 - D(fake))), from the logits z: log D = log sigmoid(z), log(1 - D) = log sigmoid(-z)."""
+    """L_D = -mean(log D(real) + log(1 - D(fake))), from the logits z: log D = log sigmoid(z),
+    log(1 - D) = log sigmoid(-z)."""
     return -(F.logsigmoid(disc.logit(real)) + F.logsigmoid(-disc.logit(fake))).mean()
 
 
@@ -660,7 +795,9 @@ def rollout_rewards(model, disc, seqs, n_rollouts, temperature=1.0):
     all T - 2 prefixes are sampled together, one rollout at a time."""
     B, T = seqs.shape
     given = torch.arange(2, T, device=seqs.device).repeat_interleave(B)  # row j * B + b: x_0 .. x_{j + 1} of sequence b
-    rewards = sum(disc(complete(model, seqs.repeat(T - 2, 1), given, temperature)).view(T - 2, B) for _ in range(n_rollouts))
+    rewards = sum(
+        disc(complete(model, seqs.repeat(T - 2, 1), given, temperature)).view(T - 2, B) for _ in range(n_rollouts)
+    )
     return torch.cat((rewards.T / n_rollouts, disc(seqs)[:, None]), dim=1)
 
 
@@ -748,7 +885,12 @@ def self_bleu(samples, n):
 def text_metrics(texts, refs):
     """BLEU-2/3/4 of the texts against refs (References of held-out text) and their self-BLEU-4."""
     hyps = [words(t) for t in texts]
-    return {"bleu2": bleu(hyps, refs, 2), "bleu3": bleu(hyps, refs, 3), "bleu4": bleu(hyps, refs, 4), "self_bleu4": self_bleu(hyps, 4)}
+    return {
+        "bleu2": bleu(hyps, refs, 2),
+        "bleu3": bleu(hyps, refs, 3),
+        "bleu4": bleu(hyps, refs, 4),
+        "self_bleu4": self_bleu(hyps, 4),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -792,7 +934,9 @@ def expert_usage(model):
     lines = []
     for i, block in enumerate(model.blocks):
         if isinstance(block.attn, SwitchHeadAttention):
-            share = (100 * block.attn.usage / block.attn.usage.sum(-1, keepdim=True).clamp(min=1)).round().long().tolist()
+            share = (
+                (100 * block.attn.usage / block.attn.usage.sum(-1, keepdim=True).clamp(min=1)).round().long().tolist()
+            )
             value, output = (" / ".join(" ".join(f"{p:3d}" for p in head) for head in side) for side in share)
             lines.append(f"  layer {i} expert use (% per head, heads split by /) | value {value} | output {output}")
     return lines
@@ -842,7 +986,8 @@ def save_checkpoint(path, state):
 
 
 def check_out_dir(out_dir, overwrite):
-    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another's never."""
+    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another
+    script's never."""
     for name in ("ckpt.pt", "best.pt"):
         path = os.path.join(out_dir, name)
         if not os.path.exists(path):
@@ -855,14 +1000,20 @@ def check_out_dir(out_dir, overwrite):
         if script not in (None, SCRIPT):
             die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
         if not overwrite:
-            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with --overwrite")
+            die(
+                f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with "
+                "--overwrite"
+            )
 
 
 def resume_config(cfg, saved, names):
     """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
     for name in names:
         if name in cfg.given and getattr(cfg, name) != saved[name]:
-            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume, or start a new run in another --out_dir")
+            die(
+                f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to "
+                "resume, or start a new run in another --out_dir"
+            )
         setattr(cfg, name, saved[name])
 
 
@@ -884,7 +1035,10 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)",
+            file=sys.stderr,
+        )
 
 
 STOP = StopRequest()
@@ -897,7 +1051,22 @@ class CSVLog:
     """out_dir/log.csv: one row per log line (batch loss) and per evaluation (train and val estimates), in every
     phase (the phase column); GAN rows add D's loss and accuracy, the reward, BLEU and self-BLEU."""
 
-    columns = ["iter", "train_loss", "val_loss", "lr", "ms_per_iter", "phase", "d_loss", "reward", "d_acc_real", "d_acc_fake", "bleu2", "bleu3", "bleu4", "self_bleu4"]
+    columns = [
+        "iter",
+        "train_loss",
+        "val_loss",
+        "lr",
+        "ms_per_iter",
+        "phase",
+        "d_loss",
+        "reward",
+        "d_acc_real",
+        "d_acc_fake",
+        "bleu2",
+        "bleu3",
+        "bleu4",
+        "self_bleu4",
+    ]
 
     def __init__(self, path, start=None):
         rows = []
@@ -966,7 +1135,10 @@ def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
 
             wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
         except Exception as e:
-            die(f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log locally")
+            die(
+                f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log "
+                "locally"
+            )
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print(f"tokens per iteration: {tokens_per_iter:,}")
 
@@ -988,7 +1160,13 @@ def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
             print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
             for line in expert_usage(raw_model):
                 print(line)
-            log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
+            log.write(
+                iter=it,
+                train_loss=f"{losses['train']:.4f}",
+                val_loss=f"{losses['val']:.4f}",
+                lr=f"{lr:.3e}",
+                ms_per_iter="",
+            )
             if cfg.wandb:
                 wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
             if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
@@ -1023,7 +1201,10 @@ def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
             log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
     if dts:
         median = sorted(dts)[len(dts) // 2] * 1000
-        print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
+        print(
+            f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val "
+            f"{best_val:.4f}"
+        )
     return best_val
 
 
@@ -1107,18 +1288,28 @@ def train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ck
             if wandb.run is None:  # not started by phase 1
                 wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
         except Exception as e:
-            die(f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log locally")
+            die(
+                f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log "
+                "locally"
+            )
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     refs, real_eval = held_out(loader, tok, cfg)
-    print(f"GAN on sequences of {cfg.seq_len} tokens, {cfg.gan_batch_size} real and {cfg.gan_batch_size} fake per step;"
-          f" rewards {'per token, ' + str(cfg.rollouts) + ' rollouts per prefix' if cfg.rollouts else 'per sequence, D(x)'}")  # fmt: skip
+    reward_kind = f"per token, {cfg.rollouts} rollouts per prefix" if cfg.rollouts else "per sequence, D(x)"
+    print(
+        f"GAN on sequences of {cfg.seq_len} tokens, {cfg.gan_batch_size} real and {cfg.gan_batch_size} fake per step; "
+        f"rewards {reward_kind}"
+    )
 
     def state(name, it):  # everything --resume needs to continue at step it of phase name
         g_opt = g_optimizer if name == "adversarial" else None
         return checkpoint(cfg, tok, device, name, it, model, g_opt, disc, d_optimizer, baseline, best_val, gen)
 
     for name in PHASES[PHASES.index(phase) :]:
-        steps, lr = (cfg.d_pretrain_iters, cfg.d_learning_rate) if name == "d_pretrain" else (cfg.adv_rounds, cfg.adv_learning_rate)
+        steps, lr = (
+            (cfg.d_pretrain_iters, cfg.d_learning_rate)
+            if name == "d_pretrain"
+            else (cfg.adv_rounds, cfg.adv_learning_rate)
+        )
         label = "d-pretrain" if name == "d_pretrain" else "round"
         log.phase = name
         first = start if name == phase else 0
@@ -1133,15 +1324,32 @@ def train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ck
                 losses = estimate_loss(model, loader, cfg, autocast)
                 m, _ = evaluate_samples(model, disc, real_eval, refs, tok, cfg, autocast)
                 print(
-                    f"{label} {it} | NLL train {losses['train']:.4f} val {losses['val']:.4f} | D accuracy real {100 * m['d_acc_real']:.1f}%"
-                    f" fake {100 * m['d_acc_fake']:.1f}% | BLEU-2/3/4 {m['bleu2']:.3f} {m['bleu3']:.3f} {m['bleu4']:.3f}"
+                    f"{label} {it} | NLL train {losses['train']:.4f} val {losses['val']:.4f} | D accuracy real "
+                    f"{100 * m['d_acc_real']:.1f}%"
+                    f" fake {100 * m['d_acc_fake']:.1f}% | BLEU-2/3/4 {m['bleu2']:.3f} {m['bleu3']:.3f} "
+                    f"{m['bleu4']:.3f}"
                     f" | self-BLEU-4 {m['self_bleu4']:.3f} | {time.time() - t_start:.1f} s"
                 )
-                log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="", **{k: f"{v:.4f}" for k, v in m.items()})
+                log.write(
+                    iter=it,
+                    train_loss=f"{losses['train']:.4f}",
+                    val_loss=f"{losses['val']:.4f}",
+                    lr=f"{lr:.3e}",
+                    ms_per_iter="",
+                    **{k: f"{v:.4f}" for k, v in m.items()},
+                )
                 if cfg.wandb:
-                    wandb.log({f"{name}/iter": it, f"{name}/val_nll": losses["val"], **{f"{name}/{k}": v for k, v in m.items()}})
+                    wandb.log(
+                        {
+                            f"{name}/iter": it,
+                            f"{name}/val_nll": losses["val"],
+                            **{f"{name}/{k}": v for k, v in m.items()},
+                        }
+                    )
                 # best.pt: the generator to sample from, the latest (a GAN has no best model), without the optimizers
-                save_checkpoint(best_path, {k: v for k, v in state(name, it).items() if k not in ("optimizer", "d_optimizer")})
+                save_checkpoint(
+                    best_path, {k: v for k, v in state(name, it).items() if k not in ("optimizer", "d_optimizer")}
+                )
                 save_checkpoint(ckpt_path, state(name, it))
                 print(f"saved {ckpt_path} and {best_path}")
                 t0 = time.time()  # keep evaluation out of the per-step timing
@@ -1154,9 +1362,16 @@ def train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ck
                 for _ in range(cfg.g_steps):
                     mle_batch = loader.get_batch("train", gen) if cfg.mle_weight else None
                     real = loader.get_text("train", cfg.gan_batch_size, gen)
-                    baseline, reward = generator_step(model, disc, g_optimizer, real, cfg, baseline, autocast, scaler, mle_batch)
+                    baseline, reward = generator_step(
+                        model, disc, g_optimizer, real, cfg, baseline, autocast, scaler, mle_batch
+                    )
             d_steps = cfg.d_steps if name == "adversarial" else 1
-            d_losses = [discriminator_step(model, disc, d_optimizer, loader.get_text("train", cfg.gan_batch_size, gen), cfg, autocast) for _ in range(d_steps)]
+            d_losses = [
+                discriminator_step(
+                    model, disc, d_optimizer, loader.get_text("train", cfg.gan_batch_size, gen), cfg, autocast
+                )
+                for _ in range(d_steps)
+            ]
             d_loss = sum(d_losses) / len(d_losses) if d_losses else float("nan")
 
             # log: the step's time, and every log_interval a line and a row of log.csv
@@ -1167,7 +1382,13 @@ def train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ck
                 if reward is not None:
                     line += f" | reward {reward:.4f} (baseline {baseline:.4f})"
                 print(f"{line} | {dt * 1000:.1f} ms")
-                log.write(iter=it, lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}", d_loss=f"{d_loss:.4f}", reward="" if reward is None else f"{reward:.4f}")
+                log.write(
+                    iter=it,
+                    lr=f"{lr:.3e}",
+                    ms_per_iter=f"{dt * 1000:.2f}",
+                    d_loss=f"{d_loss:.4f}",
+                    reward="" if reward is None else f"{reward:.4f}",
+                )
     if cfg.wandb:
         wandb.finish()
 
@@ -1207,10 +1428,23 @@ def main(argv=None):
         check_out_dir(cfg.out_dir, cfg.overwrite)
         if cfg.init_from != "scratch":  # the generator from switchhead_moe.py: its architecture and vocabulary
             init = load_checkpoint(cfg.init_from, device, scripts=("switchhead_moe",))
-            for name in ("n_layer", "n_head", "n_embd", "head_size", "n_experts", "moe_k", "gate", "block_size", "bias"):
+            for name in (
+                "n_layer",
+                "n_head",
+                "n_embd",
+                "head_size",
+                "n_experts",
+                "moe_k",
+                "gate",
+                "block_size",
+                "bias",
+            ):
                 setattr(cfg, name, init["config"][name])
     if cfg.seq_len > cfg.block_size:
-        die(f"--seq_len {cfg.seq_len} is longer than the generator's --block_size {cfg.block_size}; use at most {cfg.block_size}")
+        die(
+            f"--seq_len {cfg.seq_len} is longer than the generator's --block_size {cfg.block_size}; use at most "
+            f"{cfg.block_size}"
+        )
     text = load_text(cfg)
     source = ckpt or init
     tok = CharTokenizer(source["vocab"] if source else sorted(set(text)))
@@ -1224,8 +1458,14 @@ def main(argv=None):
         model.load_state_dict(source["model"])
     if ckpt:
         disc.load_state_dict(ckpt["discriminator"])
-    print(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M used per token), device {device}, dtype {cfg.dtype}")
-    print(f"discriminator: {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M parameters (embedding {cfg.d_embd}, LSTM {cfg.d_hidden})")
+    print(
+        f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M used per token), "
+        f"device {device}, dtype {cfg.dtype}"
+    )
+    print(
+        f"discriminator: {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M parameters (embedding {cfg.d_embd}, "
+        f"LSTM {cfg.d_hidden})"
+    )
     print(cost_report(cfg, model))
     os.makedirs(cfg.out_dir, exist_ok=True)
     phase = ckpt["phase"] if ckpt else "d_pretrain" if init else "mle"
@@ -1236,7 +1476,10 @@ def main(argv=None):
                 best_val = train(cfg, model, disc, loader, tok, device, autocast, log, ckpt)
             elif init:
                 best_val = init["best_val_loss"]
-                print(f"generator from {cfg.init_from} (iter {init['iter_num']}, val {best_val:.4f}): no MLE pre-training here")
+                print(
+                    f"generator from {cfg.init_from} (iter {init['iter_num']}, val {best_val:.4f}): no MLE "
+                    "pre-training here"
+                )
             else:
                 best_val = ckpt["best_val_loss"]
             if phase != "adversarial":

@@ -47,7 +47,7 @@ class Config:
     out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
     data: str = ""  # a local UTF-8 text file to train on; empty: TinyShakespeare, downloaded into data/
     resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state
-    overwrite: bool = False  # start over in an out_dir that holds this script's checkpoint (replaces ckpt.pt and best.pt)
+    overwrite: bool = False  # start over in an out_dir holding this script's checkpoint (replaces ckpt.pt and best.pt)
     eval_interval: int = 250  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 200  # batches per split in each evaluation
     log_interval: int = 10  # print and log the training loss every this many iterations
@@ -61,8 +61,8 @@ class Config:
     n_hidden: int = 408  # hidden state size per layer and direction (408: 0.80M parameters with lstm, as ex1)
     block_size: int = 64  # tokens per training sequence: backpropagation through time runs over this many steps
     dropout: float = 0.0  # dropout on the embeddings, between layers and before the output layer
-    bidirectional: bool = False  # also read every sequence backwards; sees the next token, so it is not a language model
-    stateful: bool = False  # each batch row continues where the last batch stopped, the hidden state carried (truncated BPTT)
+    bidirectional: bool = False  # also read each sequence backwards; sees the next token, so it is not a language model
+    stateful: bool = False  # each batch row resumes where the last one stopped, hidden state carried (truncated BPTT)
     # training
     seed: int = 1337  # seeds the weights, the batches, dropout and sampling
     batch_size: int = 12  # sequences per micro-batch
@@ -78,7 +78,7 @@ class Config:
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
+    dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     # sampling
     prompt: str = ""  # if set, skip training: load out_dir/best.pt and continue this text
@@ -88,7 +88,15 @@ class Config:
     top_k: int = 200  # sample only among the k most likely tokens; 0 for all
 
 
-RESUMED = ("cell", "activation", "n_layer", "n_embd", "n_hidden", "bidirectional", "data")  # --resume takes the architecture and data from ckpt.pt
+RESUMED = (
+    "cell",
+    "activation",
+    "n_layer",
+    "n_embd",
+    "n_hidden",
+    "bidirectional",
+    "data",
+)  # --resume takes the architecture and data from ckpt.pt
 
 
 def die(msg):
@@ -98,31 +106,63 @@ def die(msg):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)  # --lr is not --lr_decay_iters
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False
+    )  # --lr is not --lr_decay_iters
     parser.error = lambda msg: die(f"{msg} (see --help)")
-    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
+    comments = dict(
+        re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M)
+    )  # each field's comment is its help
     for f in fields(Config):
         if f.type is bool:
             default = f"--{'' if f.default else 'no-'}{f.name}"
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f"{comments[f.name]} (default {default})")
+            parser.add_argument(
+                f"--{f.name}",
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=f"{comments[f.name]} (default {default})",
+            )
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
+            parser.add_argument(
+                f"--{f.name}",
+                type=type(f.default),
+                default=f.default,
+                help=f"{comments[f.name]} (default {f.default!r})",
+            )
     unset = object()  # marks the flags not typed on the command line
     args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
     cfg = Config(**{k: v for k, v in args.items() if v is not unset})
     cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
     checks = [
-        (cfg.n_layer >= 1 and cfg.n_embd >= 1 and cfg.n_hidden >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_embd, --n_hidden, --block_size and --batch_size must be at least 1"),
+        (
+            cfg.n_layer >= 1 and cfg.n_embd >= 1 and cfg.n_hidden >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1,
+            "--n_layer, --n_embd, --n_hidden, --block_size and --batch_size must be at least 1",
+        ),
         (cfg.cell in ("elman", "lstm", "gru"), f"--cell {cfg.cell} is not one of elman, lstm, gru"),
         (cfg.activation in ("slide", "tanh"), f"--activation {cfg.activation} is not one of slide, tanh"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
-        (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
+        (
+            cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1,
+            "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1",
+        ),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
-        (cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0, "--seed, --warmup_iters and --lr_decay_iters must be >= 0"),
-        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)"),
-        (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
-        (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
+        (
+            cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0,
+            "--seed, --warmup_iters and --lr_decay_iters must be >= 0",
+        ),
+        (
+            cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
+            "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)",
+        ),
+        (
+            cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1,
+            "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1",
+        ),
+        (
+            cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -151,7 +191,10 @@ def download(url, path):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        die(f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local text file")
+        die(
+            f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local "
+            "text file"
+        )
 
 
 def load_text(cfg):
@@ -182,7 +225,10 @@ class CharTokenizer:
     def encode(self, s):
         bad = sorted(set(s) - self.stoi.keys())
         if bad:
-            die(f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its training text")
+            die(
+                f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its "
+                "training text"
+            )
         return [self.stoi[c] for c in s]
 
     def decode(self, ids):
@@ -196,18 +242,28 @@ class DataLoader:
     def __init__(self, ids, cfg, device):
         n = int(0.9 * len(ids))
         self.splits = {"train": ids[:n], "val": ids[n:]}
-        for split, data in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
+        for (
+            split,
+            data,
+        ) in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
             if len(data) <= cfg.block_size:
-                die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a longer text or a smaller --block_size")
+                die(
+                    f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a "
+                    "longer text or a smaller --block_size"
+                )
         self.cfg, self.device = cfg, device
         self.offsets = torch.arange(cfg.block_size + 1)
         if cfg.stateful:
             length = n // cfg.batch_size
             if length < cfg.block_size + 1:
                 need = cfg.batch_size * (cfg.block_size + 1)
-                die(f"--stateful needs at least --batch_size * (--block_size + 1) = {need} training characters, "
-                    f"the training split has {n}; use a longer text or a smaller --batch_size or --block_size")
-            self.streams = ids[: length * cfg.batch_size].view(cfg.batch_size, length)  # (B, length): row b reads on where it stopped
+                die(
+                    f"--stateful needs at least --batch_size * (--block_size + 1) = {need} training characters, "
+                    f"the training split has {n}; use a longer text or a smaller --batch_size or --block_size"
+                )
+            self.streams = ids[: length * cfg.batch_size].view(
+                cfg.batch_size, length
+            )  # (B, length): row b reads on where it stopped
             self.pos = 0  # where the next chunk starts in every stream
 
     def get_batch(self, split, generator):
@@ -237,7 +293,8 @@ class DataLoader:
 
 
 def slide(a):
-    """min(1, max(0, a)): linear inside (0, 1), flat outside; the gradient is 1 strictly inside (0, 1) and 0 elsewhere."""
+    """min(1, max(0, a)): linear inside (0, 1), flat outside; the gradient is 1 strictly inside (0, 1) and 0
+    elsewhere."""
     return F.hardtanh(a, 0.0, 1.0)
 
 
@@ -264,14 +321,15 @@ class ElmanLayer(nn.Module):
 
 class Elman(nn.Module):
     """Stacked, optionally bidirectional Elman layers, called like nn.LSTM and nn.GRU with batch_first=True:
-    x (B, T, n_in), h_0 (n_layer * directions, B, n_hidden) or None -> the last layer's h_t (B, T, directions * n_hidden),
-    and every layer's last state in h_0's shape."""
+    x (B, T, n_in), h_0 (n_layer * directions, B, n_hidden) or None -> the last layer's h_t
+    (B, T, directions * n_hidden), and every layer's last state in h_0's shape."""
 
     def __init__(self, n_in, n_hidden, n_layer, dropout, bidirectional, activation):
         super().__init__()
         self.directions, self.n_hidden = 2 if bidirectional else 1, n_hidden
         self.layers = nn.ModuleList(  # layer l, direction d is layers[l * directions + d], as torch orders h_0
-            ElmanLayer(n_in if i < self.directions else self.directions * n_hidden, n_hidden, activation) for i in range(n_layer * self.directions)
+            ElmanLayer(n_in if i < self.directions else self.directions * n_hidden, n_hidden, activation)
+            for i in range(n_layer * self.directions)
         )
         self.dropout = nn.Dropout(dropout)
 
@@ -308,7 +366,14 @@ class RNNLM(nn.Module):
             self.rnn = Elman(cfg.n_embd, cfg.n_hidden, cfg.n_layer, cfg.dropout, cfg.bidirectional, cfg.activation)
         else:
             rnn = nn.LSTM if cfg.cell == "lstm" else nn.GRU
-            self.rnn = rnn(cfg.n_embd, cfg.n_hidden, cfg.n_layer, batch_first=True, dropout=cfg.dropout if cfg.n_layer > 1 else 0.0, bidirectional=cfg.bidirectional)
+            self.rnn = rnn(
+                cfg.n_embd,
+                cfg.n_hidden,
+                cfg.n_layer,
+                batch_first=True,
+                dropout=cfg.dropout if cfg.n_layer > 1 else 0.0,
+                bidirectional=cfg.bidirectional,
+            )
         self.lm_head = nn.Linear((2 if cfg.bidirectional else 1) * cfg.n_hidden, vocab_size)  # y_t = W_yh h_t + b_y
 
     def num_params(self):
@@ -319,7 +384,11 @@ class RNNLM(nn.Module):
         x = self.drop(self.wte(idx))
         h, state = self.rnn(x, state)  # h: the last layer's h_t at every position
         logits = self.lm_head(self.drop(h))
-        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = (
+            None
+            if targets is None
+            else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        )
         return logits, loss, state
 
     def configure_optimizer(self, cfg, device_type):
@@ -329,13 +398,17 @@ class RNNLM(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+        return torch.optim.AdamW(
+            groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda"
+        )
 
     def estimate_mfu(self, tokens_per_sec, device):
         """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s (PaLM, appendix B)."""
         flops_per_token = 6 * self.num_params()  # every weight is used once per token; there is no attention term
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12)
+        peak = next(
+            (v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12
+        )
         return flops_per_token * tokens_per_sec / peak
 
     @torch.no_grad()
@@ -438,7 +511,8 @@ def save_checkpoint(path, state):
 
 
 def check_out_dir(out_dir, overwrite):
-    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another's never."""
+    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another
+    script's never."""
     for name in ("ckpt.pt", "best.pt"):
         path = os.path.join(out_dir, name)
         if not os.path.exists(path):
@@ -451,14 +525,20 @@ def check_out_dir(out_dir, overwrite):
         if script not in (None, SCRIPT):
             die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
         if not overwrite:
-            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with --overwrite")
+            die(
+                f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with "
+                "--overwrite"
+            )
 
 
 def resume_config(cfg, saved, names):
     """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
     for name in names:
         if name in cfg.given and getattr(cfg, name) != saved[name]:
-            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume, or start a new run in another --out_dir")
+            die(
+                f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to "
+                "resume, or start a new run in another --out_dir"
+            )
         setattr(cfg, name, saved[name])
 
 
@@ -480,7 +560,10 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)",
+            file=sys.stderr,
+        )
 
 
 STOP = StopRequest()
@@ -521,7 +604,9 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        if cfg.stateful and ckpt["stream"] and ckpt["config"]["batch_size"] == cfg.batch_size:  # else the streams start over
+        if (
+            cfg.stateful and ckpt["stream"] and ckpt["config"]["batch_size"] == cfg.batch_size
+        ):  # else the streams start over
             loader.pos, hidden = ckpt["stream"]["pos"], ckpt["stream"]["hidden"]
         print(f"resuming from iter {iter_num} (best val {best_val:.4f})")
     if cfg.compile:
@@ -535,11 +620,17 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
 
             wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
         except Exception as e:
-            die(f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log locally")
+            die(
+                f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log "
+                "locally"
+            )
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print(f"tokens per iteration: {tokens_per_iter:,}")
     if cfg.stateful:
-        print(f"stateful: {cfg.batch_size} streams of {loader.streams.size(1):,} tokens, read {cfg.block_size} at a time; the state is carried, its gradient cut")
+        print(
+            f"stateful: {cfg.batch_size} streams of {loader.streams.size(1):,} tokens, read {cfg.block_size} at a "
+            "time; the state is carried, its gradient cut"
+        )
 
     def state(it):  # everything --resume needs to continue at iteration it
         return {
@@ -563,7 +654,13 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             losses = estimate_loss(model, loader, cfg, autocast)
             print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
-            log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
+            log.write(
+                iter=it,
+                train_loss=f"{losses['train']:.4f}",
+                val_loss=f"{losses['val']:.4f}",
+                lr=f"{lr:.3e}",
+                ms_per_iter="",
+            )
             if cfg.wandb:
                 wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
             if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
@@ -610,7 +707,10 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
     if dts:
         median = sorted(dts)[len(dts) // 2] * 1000
-        print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
+        print(
+            f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val "
+            f"{best_val:.4f}"
+        )
     log.f.close()
     if cfg.wandb:
         wandb.finish()
@@ -631,8 +731,10 @@ def sample(model, tok, cfg, device, autocast, prompt):
         print(f"--- sample {i + 1} ---\n{tok.decode(row)}")
 
 
-BIDIRECTIONAL_NOTE = ("note: --bidirectional has read token t+1 (backwards) when it predicts it: its loss collapses, "
-                      "but it is not a language model and its samples are nonsense")
+BIDIRECTIONAL_NOTE = (
+    "note: --bidirectional has read token t+1 (backwards) when it predicts it: its loss collapses, "
+    "but it is not a language model and its samples are nonsense"
+)
 
 
 def main(argv=None):
@@ -657,8 +759,11 @@ def main(argv=None):
     else:
         check_out_dir(cfg.out_dir, cfg.overwrite)
     if cfg.bidirectional and cfg.stateful:  # checked here: --resume takes --bidirectional from the checkpoint
-        die("--bidirectional cannot be --stateful: the backward direction starts at the end of each chunk, so it has no "
-            "state to carry; drop one of them")
+        die(
+            "--bidirectional cannot be --stateful: the backward direction starts at the end of each chunk, so it has "
+            "no "
+            "state to carry; drop one of them"
+        )
     text = load_text(cfg)
     tok = CharTokenizer(ckpt["vocab"] if ckpt else sorted(set(text)))
     ids = torch.tensor(tok.encode(text), dtype=torch.long)

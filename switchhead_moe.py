@@ -58,7 +58,7 @@ class Config:
     out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
     data: str = ""  # a local UTF-8 text file to train on; empty: TinyShakespeare, downloaded into data/
     resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state
-    overwrite: bool = False  # start over in an out_dir that holds this script's checkpoint (replaces ckpt.pt and best.pt)
+    overwrite: bool = False  # start over in an out_dir holding this script's checkpoint (replaces ckpt.pt and best.pt)
     eval_interval: int = 250  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 200  # batches per split in each evaluation
     log_interval: int = 10  # print and log the training loss every this many iterations
@@ -68,10 +68,10 @@ class Config:
     n_layer: int = 4  # transformer blocks
     n_head: int = 2  # attention heads per block: attention matrices computed per layer
     n_embd: int = 128  # embedding width
-    head_size: int = 0  # width of each head's queries, keys and values; 0: n_embd // n_head when dense, else the largest with no more attention parameters than a dense layer
+    head_size: int = 0  # q/k/v width per head; 0: n_embd // n_head (dense), else the widest within dense's parameters
     n_experts: int = 4  # value experts and output experts per head; 1: dense multi-head attention (the baseline)
     moe_k: int = 2  # experts each token uses per head and projection (--top_k is the sampling flag)
-    gate: str = "sigmoid"  # sigmoid (SwitchHead: top moe_k, unnormalised gates) or softmax (Switch Transformer: arg-max expert, needs --moe_k 1)
+    gate: str = "sigmoid"  # sigmoid (SwitchHead: top moe_k, unnormalised) or softmax (Switch Transformer, --moe_k 1)
     balance_coef: float = 0.01  # weight of the load-balancing loss (--gate softmax only)
     block_size: int = 256  # context length in tokens (attention cost grows with it: that is where SwitchHead saves)
     dropout: float = 0.0  # dropout probability (0.2 is a good value for the larger GPU model)
@@ -92,7 +92,7 @@ class Config:
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float16 on cuda, float32 on cpu), float32, bfloat16, float16
+    dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     # sampling
     prompt: str = ""  # if set, skip training: load out_dir/best.pt and continue this text
@@ -102,7 +102,18 @@ class Config:
     top_k: int = 200  # sample only among the k most likely tokens; 0 for all
 
 
-RESUMED = ("n_layer", "n_head", "n_embd", "head_size", "n_experts", "moe_k", "gate", "block_size", "bias", "data")  # --resume takes the architecture and data from ckpt.pt
+RESUMED = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "head_size",
+    "n_experts",
+    "moe_k",
+    "gate",
+    "block_size",
+    "bias",
+    "data",
+)  # --resume takes the architecture and data from ckpt.pt
 
 
 def die(msg):
@@ -112,43 +123,89 @@ def die(msg):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)  # --lr is not --lr_decay_iters
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False
+    )  # --lr is not --lr_decay_iters
     parser.error = lambda msg: die(f"{msg} (see --help)")
-    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # each field's comment is its help
+    comments = dict(
+        re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M)
+    )  # each field's comment is its help
     for f in fields(Config):
         if f.type is bool:
             default = f"--{'' if f.default else 'no-'}{f.name}"
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f"{comments[f.name]} (default {default})")
+            parser.add_argument(
+                f"--{f.name}",
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=f"{comments[f.name]} (default {default})",
+            )
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default!r})")
+            parser.add_argument(
+                f"--{f.name}",
+                type=type(f.default),
+                default=f.default,
+                help=f"{comments[f.name]} (default {f.default!r})",
+            )
     unset = object()  # marks the flags not typed on the command line
     args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
     cfg = Config(**{k: v for k, v in args.items() if v is not unset})
     cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
     checks = [
-        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1, "--n_layer, --n_head, --n_embd, --block_size and --batch_size must be at least 1"),
-        (cfg.head_size > 0 or cfg.n_experts > 1 or cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}, or give --head_size"),
+        (
+            cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1,
+            "--n_layer, --n_head, --n_embd, --block_size and --batch_size must be at least 1",
+        ),
+        (
+            cfg.head_size > 0 or cfg.n_experts > 1 or cfg.n_embd % max(cfg.n_head, 1) == 0,
+            f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}, or give --head_size",
+        ),
         (cfg.head_size >= 0 and cfg.n_experts >= 1, "--head_size must be >= 0 and --n_experts >= 1"),
         (cfg.gate in ("sigmoid", "softmax"), f"--gate {cfg.gate} is not one of sigmoid, softmax"),
-        (cfg.n_experts == 1 or 1 <= cfg.moe_k <= cfg.n_experts, f"--moe_k {cfg.moe_k} must be between 1 and --n_experts {cfg.n_experts}"),
-        (cfg.n_experts == 1 or cfg.gate == "sigmoid" or cfg.moe_k == 1, f"--gate softmax sends each token to its arg-max expert: use --moe_k 1, not {cfg.moe_k}"),
+        (
+            cfg.n_experts == 1 or 1 <= cfg.moe_k <= cfg.n_experts,
+            f"--moe_k {cfg.moe_k} must be between 1 and --n_experts {cfg.n_experts}",
+        ),
+        (
+            cfg.n_experts == 1 or cfg.gate == "sigmoid" or cfg.moe_k == 1,
+            f"--gate softmax sends each token to its arg-max expert: use --moe_k 1, not {cfg.moe_k}",
+        ),
         (cfg.balance_coef >= 0, f"--balance_coef {cfg.balance_coef} must be >= 0"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
-        (cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1, "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1"),
+        (
+            cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1,
+            "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1",
+        ),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
-        (cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0, "--seed, --warmup_iters and --lr_decay_iters must be >= 0"),
-        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)"),
-        (cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1, "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1"),
-        (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16"),
+        (
+            cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0,
+            "--seed, --warmup_iters and --lr_decay_iters must be >= 0",
+        ),
+        (
+            cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
+            "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)",
+        ),
+        (
+            cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1,
+            "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1",
+        ),
+        (
+            cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
             die(msg)
     if cfg.head_size == 0:  # resolved here, so the checkpoint records the width that was used
-        cfg.head_size = cfg.n_embd // cfg.n_head if cfg.n_experts == 1 else matched_head_size(cfg.n_embd, cfg.n_head, cfg.n_experts)
+        cfg.head_size = (
+            cfg.n_embd // cfg.n_head if cfg.n_experts == 1 else matched_head_size(cfg.n_embd, cfg.n_head, cfg.n_experts)
+        )
         if cfg.head_size < 1:
-            die(f"--n_head {cfg.n_head} with --n_experts {cfg.n_experts} leaves no head width with the parameters of a dense layer of --n_embd {cfg.n_embd}; give --head_size")
+            die(
+                f"--n_head {cfg.n_head} with --n_experts {cfg.n_experts} leaves no head width with the parameters of "
+                f"a dense layer of --n_embd {cfg.n_embd}; give --head_size"
+            )
     return cfg
 
 
@@ -173,7 +230,10 @@ def download(url, path):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        die(f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local text file")
+        die(
+            f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local "
+            "text file"
+        )
 
 
 def load_text(cfg):
@@ -204,7 +264,10 @@ class CharTokenizer:
     def encode(self, s):
         bad = sorted(set(s) - self.stoi.keys())
         if bad:
-            die(f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its training text")
+            die(
+                f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its "
+                "training text"
+            )
         return [self.stoi[c] for c in s]
 
     def decode(self, ids):
@@ -217,9 +280,15 @@ class DataLoader:
     def __init__(self, ids, cfg, device):
         n = int(0.9 * len(ids))
         self.splits = {"train": ids[:n], "val": ids[n:]}
-        for split, data in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
+        for (
+            split,
+            data,
+        ) in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
             if len(data) <= cfg.block_size:
-                die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a longer text or a smaller --block_size")
+                die(
+                    f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a "
+                    "longer text or a smaller --block_size"
+                )
         self.cfg, self.device = cfg, device
         self.offsets = torch.arange(cfg.block_size + 1)
 
@@ -312,11 +381,17 @@ class SwitchHeadAttention(nn.Module):
         self.v_router = nn.Linear(C, H * E, bias=False)  # reads a source token: which experts make its value
         self.o_router = nn.Linear(C, H * E, bias=False)  # reads a destination token: which experts project its result
         self.v_experts = nn.Parameter(torch.randn(H, E, C, D) * 0.02)
-        self.o_experts = nn.Parameter(torch.randn(H, E, D, C) * 0.02 / math.sqrt(2 * cfg.n_layer))  # residual projections, as c_proj
+        self.o_experts = nn.Parameter(
+            torch.randn(H, E, D, C) * 0.02 / math.sqrt(2 * cfg.n_layer)
+        )  # residual projections, as c_proj
         self.bias = nn.Parameter(torch.zeros(C)) if cfg.bias else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.register_buffer("usage", torch.zeros(2, H, E, dtype=torch.long), persistent=False)  # choices counted in eval mode
-        self.register_buffer("first_expert", torch.arange(H).view(1, 1, H, 1) * E, persistent=False)  # head h's experts: h*E ...
+        self.register_buffer(
+            "usage", torch.zeros(2, H, E, dtype=torch.long), persistent=False
+        )  # choices counted in eval mode
+        self.register_buffer(
+            "first_expert", torch.arange(H).view(1, 1, H, 1) * E, persistent=False
+        )  # head h's experts: h*E ...
         self.aux_loss = 0.0  # the load-balancing loss of the last training forward (--gate softmax)
 
     def route(self, router, x, which):
@@ -332,7 +407,9 @@ class SwitchHeadAttention(nn.Module):
             if self.training:
                 self.aux_loss = self.aux_loss + load_balancing_loss(probs, idx[..., 0]) / 2  # mean of the two routers
         if not self.training:
-            self.usage[which] += torch.bincount((idx + self.first_expert).flatten(), minlength=self.usage[which].numel()).view_as(self.usage[which])
+            self.usage[which] += torch.bincount(
+                (idx + self.first_expert).flatten(), minlength=self.usage[which].numel()
+            ).view_as(self.usage[which])
         return gates, idx + self.first_expert  # indices into all H * E experts of the layer
 
     def forward(self, x):
@@ -345,12 +422,28 @@ class SwitchHeadAttention(nn.Module):
         per_head = torch.arange(B * T * H, device=x.device).repeat_interleave(k)  # its (token, head) pair
         # values: for each source token and head, the gate-weighted sum of its k chosen value experts
         gates, idx = self.route(self.v_router, x, 0)
-        v = expert_matmul(x.reshape(B * T, C), self.v_experts.flatten(0, 1), idx.flatten(), gates.flatten(), per_token, per_head, B * T * H)
+        v = expert_matmul(
+            x.reshape(B * T, C),
+            self.v_experts.flatten(0, 1),
+            idx.flatten(),
+            gates.flatten(),
+            per_token,
+            per_head,
+            B * T * H,
+        )
         v = v.view(B, T, H, D).transpose(1, 2)
         y = attention(q, key, v, None, self.flash, self.dropout if self.training else 0.0)  # H attention matrices
         # output: for each destination token, every head's result through that token's k chosen output experts, summed
         gates, idx = self.route(self.o_router, x, 1)
-        y = expert_matmul(y.transpose(1, 2).reshape(B * T * H, D), self.o_experts.flatten(0, 1), idx.flatten(), gates.flatten(), per_head, per_token, B * T)
+        y = expert_matmul(
+            y.transpose(1, 2).reshape(B * T * H, D),
+            self.o_experts.flatten(0, 1),
+            idx.flatten(),
+            gates.flatten(),
+            per_head,
+            per_token,
+            B * T,
+        )
         y = y.view(B, T, C)
         if self.bias is not None:
             y = y + self.bias
@@ -395,14 +488,19 @@ def cost_report(cfg, model):
     T, d, H, E = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_experts
     n = sum(p.numel() for p in model.blocks[0].attn.parameters())
     macs, mem = attention_cost(T, d, H, cfg.head_size, E, cfg.moe_k)
-    line = f"attention per layer at T={T} (the paper's accounting): {macs / 1e6:.1f}M MACs, {mem / 1e6:.2f}M floats, {n / 1e3:.1f}k parameters"
+    line = (
+        f"attention per layer at T={T} (the paper's accounting): {macs / 1e6:.1f}M MACs, {mem / 1e6:.2f}M floats, "
+        f"{n / 1e3:.1f}k parameters"
+    )
     if E == 1:
         return f"{line} (dense, {H} heads of {cfg.head_size})"
     dense_macs, dense_mem = attention_cost(T, d, H * E, d / (H * E), 1)
     return (
         f"{line} (SwitchHead, {H} heads of {cfg.head_size}, {E} experts, top-{cfg.moe_k}, {cfg.gate} gate)\n"
-        f"dense, {H * E} heads of {d / (H * E):g}: {dense_macs / 1e6:.1f}M MACs, {dense_mem / 1e6:.2f}M floats, {4 * d * d / 1e3:.1f}k parameters"
-        f" -> SwitchHead needs {100 * macs / dense_macs:.0f}% of its MACs and {100 * mem / dense_mem:.0f}% of its memory"
+        f"dense, {H * E} heads of {d / (H * E):g}: {dense_macs / 1e6:.1f}M MACs, {dense_mem / 1e6:.2f}M floats, "
+        f"{4 * d * d / 1e3:.1f}k parameters"
+        f" -> SwitchHead needs {100 * macs / dense_macs:.0f}% of its MACs and {100 * mem / dense_mem:.0f}% of its "
+        "memory"
     )
 
 
@@ -458,7 +556,14 @@ class GPT(nn.Module):
         """Parameters without the position embeddings; active=True: only those one token uses (moe_k of the experts)."""
         n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
         if active and self.cfg.n_experts > 1:
-            n -= self.cfg.n_layer * 2 * self.cfg.n_head * (self.cfg.n_experts - self.cfg.moe_k) * self.cfg.n_embd * self.cfg.head_size
+            n -= (
+                self.cfg.n_layer
+                * 2
+                * self.cfg.n_head
+                * (self.cfg.n_experts - self.cfg.moe_k)
+                * self.cfg.n_embd
+                * self.cfg.head_size
+            )
         return n
 
     def forward(self, idx, targets=None):
@@ -468,9 +573,15 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = (
+            None
+            if targets is None
+            else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        )
         if loss is not None and self.training and self.cfg.n_experts > 1 and self.cfg.gate == "softmax":
-            loss = loss + self.cfg.balance_coef * sum(block.attn.aux_loss for block in self.blocks)  # one per layer, as in Switch
+            loss = loss + self.cfg.balance_coef * sum(
+                block.attn.aux_loss for block in self.blocks
+            )  # one per layer, as in Switch
         return logits, loss
 
     def configure_optimizer(self, cfg, device_type):
@@ -480,14 +591,18 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+        return torch.optim.AdamW(
+            groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda"
+        )
 
     def estimate_mfu(self, tokens_per_sec, device):
         """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s (PaLM, appendix B)."""
         L, H, Q, T = self.cfg.n_layer, self.cfg.n_head, self.cfg.head_size, self.cfg.block_size
         flops_per_token = 6 * self.num_params(active=True) + 12 * L * H * Q * T
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12)
+        peak = next(
+            (v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 312e12
+        )
         return flops_per_token * tokens_per_sec / peak
 
     @torch.no_grad()
@@ -549,7 +664,9 @@ def expert_usage(model):
     lines = []
     for i, block in enumerate(model.blocks):
         if isinstance(block.attn, SwitchHeadAttention):
-            share = (100 * block.attn.usage / block.attn.usage.sum(-1, keepdim=True).clamp(min=1)).round().long().tolist()
+            share = (
+                (100 * block.attn.usage / block.attn.usage.sum(-1, keepdim=True).clamp(min=1)).round().long().tolist()
+            )
             value, output = (" / ".join(" ".join(f"{p:3d}" for p in head) for head in side) for side in share)
             lines.append(f"  layer {i} expert use (% per head, heads split by /) | value {value} | output {output}")
     return lines
@@ -599,7 +716,8 @@ def save_checkpoint(path, state):
 
 
 def check_out_dir(out_dir, overwrite):
-    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another's never."""
+    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another
+    script's never."""
     for name in ("ckpt.pt", "best.pt"):
         path = os.path.join(out_dir, name)
         if not os.path.exists(path):
@@ -612,14 +730,20 @@ def check_out_dir(out_dir, overwrite):
         if script not in (None, SCRIPT):
             die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
         if not overwrite:
-            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with --overwrite")
+            die(
+                f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with "
+                "--overwrite"
+            )
 
 
 def resume_config(cfg, saved, names):
     """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
     for name in names:
         if name in cfg.given and getattr(cfg, name) != saved[name]:
-            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume, or start a new run in another --out_dir")
+            die(
+                f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to "
+                "resume, or start a new run in another --out_dir"
+            )
         setattr(cfg, name, saved[name])
 
 
@@ -641,7 +765,10 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)",
+            file=sys.stderr,
+        )
 
 
 STOP = StopRequest()
@@ -693,7 +820,10 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
 
             wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
         except Exception as e:
-            die(f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log locally")
+            die(
+                f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log "
+                "locally"
+            )
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print(f"tokens per iteration: {tokens_per_iter:,}")
 
@@ -720,7 +850,13 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
             for line in expert_usage(raw_model):
                 print(line)
-            log.write(iter=it, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", lr=f"{lr:.3e}", ms_per_iter="")
+            log.write(
+                iter=it,
+                train_loss=f"{losses['train']:.4f}",
+                val_loss=f"{losses['val']:.4f}",
+                lr=f"{lr:.3e}",
+                ms_per_iter="",
+            )
             if cfg.wandb:
                 wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
             if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
@@ -760,7 +896,10 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
     if dts:
         median = sorted(dts)[len(dts) // 2] * 1000
-        print(f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val {best_val:.4f}")
+        print(
+            f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val "
+            f"{best_val:.4f}"
+        )
     log.f.close()
     if cfg.wandb:
         wandb.finish()
@@ -809,7 +948,10 @@ def main(argv=None):
     model = GPT(cfg, len(tok.chars)).to(device)
     if ckpt:
         model.load_state_dict(ckpt["model"])
-    print(f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M used per token), device {device}, dtype {cfg.dtype}")
+    print(
+        f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M used per token), "
+        f"device {device}, dtype {cfg.dtype}"
+    )
     print(cost_report(cfg, model))
     os.makedirs(cfg.out_dir, exist_ok=True)
     try:

@@ -112,7 +112,10 @@ def attention_worker(a):
     fwd(*small), fwd_bwd(*small)
     del small
     q, k, v = inputs(a.T)
-    out, base = {}, peak_mb(device)  # CPU: the peak so far never goes down, so forward+backward's is measured from here too
+    out, base = (
+        {},
+        peak_mb(device),
+    )  # CPU: the peak so far never goes down, so forward+backward's is measured from here too
     for name, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -135,34 +138,48 @@ def attention_worker(a):
 
 def bench_attention(a):
     W, H, hs = a.window, a.heads, a.head_size
-    print(f"## Attention, B=1, {H} heads of {hs}, {a.n_kv_head} key/value heads, window {W}, {a.device}\n\nmachine: {machine(a.threads)}\n")
+    print(
+        f"## Attention, B=1, {H} heads of {hs}, {a.n_kv_head} key/value heads, window {W}, {a.device}\n\nmachine: "
+        f"{machine(a.threads)}\n"
+    )
     results = {}
     for T in a.lengths:
         for name in a.variants:
-            need_gb = 4 * H * T * T * 4 / 2**30  # explicit forward+backward holds about four T x T float tensors per head
+            need_gb = (
+                4 * H * T * T * 4 / 2**30
+            )  # explicit forward+backward holds about four T x T float tensors per head
             if name in QUADRATIC_EXPLICIT and need_gb > a.max_gb:
                 results[name, T] = None
                 print(f"T={T:6d} {name:24s} skipped: needs about {need_gb:.0f} GB (--max_gb {a.max_gb})", flush=True)
                 continue
-            cmd = [sys.executable, __file__, "_attention", "--variant", name, "--T", str(T), "--window", str(W), "--heads", str(H),
-                   "--head_size", str(hs), "--n_kv_head", str(a.n_kv_head), "--device", a.device, "--threads", str(a.threads or 0),
-                   "--reps", str(a.reps), "--budget_s", str(a.budget_s)]  # fmt: skip
+            cmd = [sys.executable, __file__, "_attention", "--variant", name, "--T", str(T), "--window", str(W),
+                   "--heads", str(H), "--head_size", str(hs), "--n_kv_head", str(a.n_kv_head), "--device", a.device,
+                   "--threads", str(a.threads or 0), "--reps", str(a.reps), "--budget_s", str(a.budget_s)]  # fmt: skip
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
                 print(f"T={T:6d} {name:24s} failed:\n{p.stderr[-2000:]}", flush=True)
                 results[name, T] = None
                 continue
             r = results[name, T] = json.loads(p.stdout.strip().splitlines()[-1])
-            print(f"T={T:6d} {name:24s} fwd {r['fwd_ms']:9.1f} ms {r['fwd_mb']:8.1f} MB | fwd+bwd {r['fwd_bwd_ms']:9.1f} ms {r['fwd_bwd_mb']:8.1f} MB", flush=True)
+            print(
+                f"T={T:6d} {name:24s} fwd {r['fwd_ms']:9.1f} ms {r['fwd_mb']:8.1f} MB | fwd+bwd "
+                f"{r['fwd_bwd_ms']:9.1f} ms {r['fwd_bwd_mb']:8.1f} MB",
+                flush=True,
+            )
     print()
-    for key, title, fmt in (("ms", "time, ms: forward / forward+backward", "{:.1f}"), ("mb", "peak memory, MB: forward / forward+backward", "{:.0f}")):
+    for key, title, fmt in (
+        ("ms", "time, ms: forward / forward+backward", "{:.1f}"),
+        ("mb", "peak memory, MB: forward / forward+backward", "{:.0f}"),
+    ):
         print(f"### Attention {title}\n")
         rows = []
         for T in a.lengths:
             cells = []
             for name in a.variants:
                 r = results.get((name, T))
-                cells.append("skipped" if r is None else f"{fmt.format(r['fwd_' + key])} / {fmt.format(r['fwd_bwd_' + key])}")
+                cells.append(
+                    "skipped" if r is None else f"{fmt.format(r['fwd_' + key])} / {fmt.format(r['fwd_bwd_' + key])}"
+                )
             rows.append([T, *cells])
         table(["T", *a.variants], rows)
     T = 8192 if 8192 in a.lengths else max(a.lengths)
@@ -172,8 +189,12 @@ def bench_attention(a):
         if b and full_x and full_f:
             mem = full_x["fwd_bwd_mb"] / max(b["fwd_bwd_mb"], 1e-9)
             speed = full_f["fwd_bwd_ms"] / b["fwd_bwd_ms"]
-            print(f"T={T}, W={W}, {name}: {mem:.1f}x less peak memory than full explicit (target >= 20x: {'met' if mem >= 20 else 'NOT met'}), "
-                  f"forward+backward {speed:.1f}x faster than full causal flash (target >= 5x: {'met' if speed >= 5 else 'NOT met'})")  # fmt: skip
+            mem_met = "met" if mem >= 20 else "NOT met"
+            speed_met = "met" if speed >= 5 else "NOT met"
+            print(
+                f"T={T}, W={W}, {name}: {mem:.1f}x less peak memory than full explicit (target >= 20x: {mem_met}), "
+                f"forward+backward {speed:.1f}x faster than full causal flash (target >= 5x: {speed_met})"
+            )
     print()
 
 
@@ -191,7 +212,9 @@ def bench_cache(a):
     rows = []
     for window in (0, W):
         for kv, label in ((H, "MHA"), (2, "GQA"), (1, "MQA")):
-            cfg = ex4.Config(n_layer=L, n_head=H, n_embd=C, block_size=bs, n_kv_head=kv, window=window, rope=True, mlp="swiglu")
+            cfg = ex4.Config(
+                n_layer=L, n_head=H, n_embd=C, block_size=bs, n_kv_head=kv, window=window, rope=True, mlp="swiglu"
+            )
             torch.manual_seed(0)
             model = ex4.GPT(cfg, 65).to(device).eval()
             prompt = torch.randint(65, (1, a.gen_prompt), device=device)
@@ -214,11 +237,28 @@ def bench_cache(a):
             same = torch.equal(res[True][1], res[False][1])
             speedup = res[True][0] / res[False][0]
             name = f"{label} ({kv} kv head{'s' if kv > 1 else ''})" + (f", window {window}" if window else "")
-            rows.append([name, f"{cache_bytes / 2**10:,.0f} KiB ({slots} slots)", f"{res[True][0]:.0f}", f"{res[False][0]:.1f}", f"{speedup:.1f}x", "yes" if same else "NO"])
-            print(f"{name:32s} cache {cache_bytes / 2**10:8.0f} KiB | cached {res[True][0]:7.1f} tok/s | recomputed {res[False][0]:7.1f} tok/s | {speedup:5.1f}x | same tokens: {same}", flush=True)
+            rows.append(
+                [
+                    name,
+                    f"{cache_bytes / 2**10:,.0f} KiB ({slots} slots)",
+                    f"{res[True][0]:.0f}",
+                    f"{res[False][0]:.1f}",
+                    f"{speedup:.1f}x",
+                    "yes" if same else "NO",
+                ]
+            )
+            print(
+                f"{name:32s} cache {cache_bytes / 2**10:8.0f} KiB | cached {res[True][0]:7.1f} tok/s | recomputed "
+                f"{res[False][0]:7.1f} tok/s | {speedup:5.1f}x | same tokens: {same}",
+                flush=True,
+            )
     print()
     table(["attention", "KV cache (all layers)", "cached tok/s", "recomputed tok/s", "speed-up", "same tokens"], rows)
-    print("target: cached generation >= 5x faster than recomputing: " + ("met" if all(float(r[4][:-1]) >= 5 for r in rows) else "NOT met") + "\n")
+    print(
+        "target: cached generation >= 5x faster than recomputing: "
+        + ("met" if all(float(r[4][:-1]) >= 5 for r in rows) else "NOT met")
+        + "\n"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,14 +281,21 @@ def train_runs(a):
         (f"ex4 defaults + window {w}", "ex4_mqa_swiglu.py", ["--window", w]),
     ]
     if a.quick:
-        runs = [(n, s, f + (["--max_iters", "40"] if s.startswith("ex1") else ["--max_iters", "20"])) for n, s, f in runs[:2] + runs[-2:]]
+        runs = [
+            (n, s, f + (["--max_iters", "40"] if s.startswith("ex1") else ["--max_iters", "20"]))
+            for n, s, f in runs[:2] + runs[-2:]
+        ]
     return runs
 
 
 def read_run(out_dir, stdout):
-    """Evaluations (iter, val, training seconds so far, elapsed seconds so far) from log.csv and the printed eval lines."""
+    """Evaluations (iter, val, training seconds so far, elapsed seconds so far) from log.csv and the printed eval
+    lines."""
     rows = read_log(out_dir)
-    elapsed = {int(m[1]): float(m[2]) for m in re.finditer(r"^iter (\d+) \| train [\d.]+ \| val [\d.]+ \| ([\d.]+) s$", stdout, re.M)}
+    elapsed = {
+        int(m[1]): float(m[2])
+        for m in re.finditer(r"^iter (\d+) \| train [\d.]+ \| val [\d.]+ \| ([\d.]+) s$", stdout, re.M)
+    }
     evals, train_s, ms = [], 0.0, []
     for r in rows:
         if r["ms_per_iter"]:
@@ -261,10 +308,35 @@ def read_run(out_dir, stdout):
 
 def bench_train(a):
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)} if a.threads else dict(os.environ)
-    common = ["--device", "cpu", "--log_interval", "1", "--eval_interval", str(a.eval_interval), "--eval_iters", str(a.eval_iters), "--max_new_tokens", "0"]
+    common = [
+        "--device",
+        "cpu",
+        "--log_interval",
+        "1",
+        "--eval_interval",
+        str(a.eval_interval),
+        "--eval_iters",
+        str(a.eval_iters),
+        "--max_new_tokens",
+        "0",
+    ]
     if a.quick:
-        common = ["--device", "cpu", "--log_interval", "1", "--eval_interval", "10", "--eval_iters", "5", "--max_new_tokens", "0"]
-    print(f"## Training on TinyShakespeare, ex1's CPU model (4 layers, 4 heads, 128 wide, block 64, batch 12), cpu\n\nmachine: {machine(a.threads)}\n")
+        common = [
+            "--device",
+            "cpu",
+            "--log_interval",
+            "1",
+            "--eval_interval",
+            "10",
+            "--eval_iters",
+            "5",
+            "--max_new_tokens",
+            "0",
+        ]
+    print(
+        "## Training on TinyShakespeare, ex1's CPU model (4 layers, 4 heads, 128 wide, block 64, batch 12), "
+        f"cpu\n\nmachine: {machine(a.threads)}\n"
+    )
     print(f"every run: {' '.join(common)} (time = sum of per-iteration times in log.csv, evaluations excluded)\n")
     results = {}
     for name, script, flags in train_runs(a):
@@ -291,18 +363,41 @@ def bench_train(a):
 
     rows = []
     for name, (evals, median_ms, wall, flags) in results.items():
-        cells = [name, evals[-1][0], f"{median_ms:.1f}", f"{min(e[1] for e in evals):.4f}", f"{evals[-1][2]:.0f}", f"{evals[-1][3]:.0f}"]
+        cells = [
+            name,
+            evals[-1][0],
+            f"{median_ms:.1f}",
+            f"{min(e[1] for e in evals):.4f}",
+            f"{evals[-1][2]:.0f}",
+            f"{evals[-1][3]:.0f}",
+        ]
         for t in targets:
             hit = reach(evals, t)
-            cells.append("not reached" if hit is None else f"iter {hit[0]}, {hit[1]:.0f} s ({100 * hit[1] / ex1_time:.0f}%)")
+            cells.append(
+                "not reached" if hit is None else f"iter {hit[0]}, {hit[1]:.0f} s ({100 * hit[1] / ex1_time:.0f}%)"
+            )
         rows.append(cells)
     print()
-    table(["run", "iters", "ms/iter", "best val", "train s", "elapsed s", *(f"val <= {t:.4f}: when (% of ex1's {ex1_time:.0f} s)" for t in targets)], rows)
+    table(
+        [
+            "run",
+            "iters",
+            "ms/iter",
+            "best val",
+            "train s",
+            "elapsed s",
+            *(f"val <= {t:.4f}: when (% of ex1's {ex1_time:.0f} s)" for t in targets),
+        ],
+        rows,
+    )
     d = results.get("ex4 defaults (MQA+SwiGLU+RoPE)")
     if d:
         hit = reach(d[0], a.target)
         ok = hit is not None and hit[1] <= 0.4 * ex1_time
-        print(f"target: ex4's defaults reach val {a.target} in <= 40% of ex1's time ({0.4 * ex1_time:.0f} s): {'met' if ok else 'NOT met'}\n")
+        print(
+            f"target: ex4's defaults reach val {a.target} in <= 40% of ex1's time ({0.4 * ex1_time:.0f} s): "
+            f"{'met' if ok else 'NOT met'}\n"
+        )
     plot(results, a.png, a.target)
 
 
@@ -320,9 +415,17 @@ def plot(results, path, target):
     vals = [e[1] for evals, *_ in results.values() for e in evals]
     for ax, x, xlabel in zip(axes, (0, 2), ("iteration", "training time, s (evaluations excluded)")):
         for name, (evals, *_) in results.items():
-            ax.plot([e[x] for e in evals], [e[1] for e in evals], marker=".", label=name, linewidth=2.5 if name == "ex1" or name.startswith("ex4 defaults (") else 1.2)
+            ax.plot(
+                [e[x] for e in evals],
+                [e[1] for e in evals],
+                marker=".",
+                label=name,
+                linewidth=2.5 if name == "ex1" or name.startswith("ex4 defaults (") else 1.2,
+            )
         ax.axhline(target, color="gray", linestyle="--", linewidth=0.8)
-        ax.set_ylim(min(vals) - 0.03, min(max(vals), min(vals) + 0.8))  # the interesting part: the last 0.8 of the descent
+        ax.set_ylim(
+            min(vals) - 0.03, min(max(vals), min(vals) + 0.8)
+        )  # the interesting part: the last 0.8 of the descent
         ax.set(xlabel=xlabel, ylabel="val loss", title="TinyShakespeare, ex1's CPU model size")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -335,9 +438,17 @@ def plot(results, path, target):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["attention", "cache", "train", "all", "_attention"], help="which benchmark (_attention: internal worker)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script works, the numbers mean nothing")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "part",
+        choices=["attention", "cache", "train", "all", "_attention"],
+        help="which benchmark (_attention: internal worker)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes: checks that the script works, the numbers mean nothing"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default (all cores)")
     p.add_argument("--device", default="cpu", help="attention and cache parts: cpu or cuda")
     p.add_argument("--lengths", default="512,1024,2048,4096,8192,16384", help="attention: sequence lengths")
@@ -346,19 +457,27 @@ def main(argv=None):
     p.add_argument("--head_size", type=int, default=64, help="head size (attention and cache)")
     p.add_argument("--n_kv_head", type=int, default=6, help="attention: key/value heads (6: ordinary multi-head)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="attention: which variants, comma-separated")
-    p.add_argument("--max_gb", type=float, default=16, help="attention: skip explicit T x T variants needing more memory than this")
+    p.add_argument(
+        "--max_gb", type=float, default=16, help="attention: skip explicit T x T variants needing more memory than this"
+    )
     p.add_argument("--reps", type=int, default=5, help="attention: timed calls at most (best of), after the first")
-    p.add_argument("--budget_s", type=float, default=2.0, help="attention: stop timing a variant after this many seconds")
+    p.add_argument(
+        "--budget_s", type=float, default=2.0, help="attention: stop timing a variant after this many seconds"
+    )
     p.add_argument("--gen_tokens", type=int, default=1000, help="cache: new tokens")
     p.add_argument("--gen_prompt", type=int, default=24, help="cache: prompt tokens")
     p.add_argument("--gen_layers", type=int, default=2, help="cache: layers")
-    p.add_argument("--gen_block_size", type=int, default=1024, help="cache: block_size (must hold the prompt and the new tokens)")
+    p.add_argument(
+        "--gen_block_size", type=int, default=1024, help="cache: block_size (must hold the prompt and the new tokens)"
+    )
     p.add_argument("--gen_window", type=int, default=256, help="cache: window of the windowed rows")
     p.add_argument("--train_window", type=int, default=32, help="train: window of the windowed runs")
     p.add_argument("--eval_interval", type=int, default=100, help="train: evaluate every this many iterations")
     p.add_argument("--eval_iters", type=int, default=200, help="train: batches per evaluation (ex1's default)")
     p.add_argument("--target", type=float, default=1.89, help="train: the val loss to reach")
-    p.add_argument("--out_dir", default=os.path.join(ROOT, "out", "bench_ex4"), help="train: the runs' out_dirs go under this")
+    p.add_argument(
+        "--out_dir", default=os.path.join(ROOT, "out", "bench_ex4"), help="train: the runs' out_dirs go under this"
+    )
     p.add_argument("--png", default=os.path.join(PICTURES, "ex4_train_curves.png"), help="train: the picture")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--T", type=int, help=argparse.SUPPRESS)

@@ -24,9 +24,9 @@ Steps, each a fresh process as a user would run it, with its output under out/be
      gan_text.py's own functions. Each generator is sampled at every --temperatures value; temperature 1 is the
      distribution the GAN trained. Real text (train-split sequences, scored the same way) marks the target.
      The sampling noise is shown by scoring the MLE generator at temperature 1 with a second seed.
-  4. A picture, benchmarks/pictures/gan_quality_diversity.png: BLEU-4 and BLEU-2 against self-BLEU, one curve per generator
-     over the temperatures, real text as a star. The verdict compares the GAN at temperature 1 with the MLE curve
-     at the same self-BLEU-4 (linear interpolation between temperatures): the higher BLEU-4 wins.
+  4. A picture, benchmarks/pictures/gan_quality_diversity.png: BLEU-4 and BLEU-2 against self-BLEU, one curve per
+     generator over the temperatures, real text as a star. The verdict compares the GAN at temperature 1 with the MLE
+     curve at the same self-BLEU-4 (linear interpolation between temperatures): the higher BLEU-4 wins.
 It prints markdown tables for the README.
 """
 
@@ -48,7 +48,10 @@ OUT = os.path.join(ROOT, "out", "bench_gan")
 
 def load_generator(path, script):
     ckpt = gan.load_checkpoint(path, torch.device("cpu"), scripts=(script,))
-    model = gan.GPT(gan.Config(**{k: v for k, v in ckpt["config"].items() if k in gan.Config.__dataclass_fields__}), len(ckpt["vocab"]))
+    model = gan.GPT(
+        gan.Config(**{k: v for k, v in ckpt["config"].items() if k in gan.Config.__dataclass_fields__}),
+        len(ckpt["vocab"]),
+    )
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt["vocab"]
 
@@ -72,7 +75,9 @@ def interpolate(points, x):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("--mle_iters", type=int, default=2000, help="MLE iterations of the generator (switchhead_moe.py)")
+    parser.add_argument(
+        "--mle_iters", type=int, default=2000, help="MLE iterations of the generator (switchhead_moe.py)"
+    )
     parser.add_argument("--d_pretrain_iters", type=int, default=200)
     parser.add_argument("--adv_rounds", type=int, default=150)
     parser.add_argument("--samples", type=int, default=256, help="samples per generator and temperature")
@@ -81,35 +86,93 @@ def main():
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--data", default="", help="a local text file instead of TinyShakespeare")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true", help="tiny runs: 20 MLE iterations, 2 D steps, 3 rounds, 32 samples")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny runs: 20 MLE iterations, 2 D steps, 3 rounds, 32 samples"
+    )
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
-    common = ["--block_size", "64", "--seed", str(args.seed), "--device", args.device, "--max_new_tokens", "0"] + (["--data", args.data] if args.data else [])
-    mle_flags, gan_flags = ["--max_iters", str(args.mle_iters)], ["--d_pretrain_iters", str(args.d_pretrain_iters), "--adv_rounds", str(args.adv_rounds)]
+    common = ["--block_size", "64", "--seed", str(args.seed), "--device", args.device, "--max_new_tokens", "0"] + (
+        ["--data", args.data] if args.data else []
+    )
+    mle_flags, gan_flags = (
+        ["--max_iters", str(args.mle_iters)],
+        ["--d_pretrain_iters", str(args.d_pretrain_iters), "--adv_rounds", str(args.adv_rounds)],
+    )
     if args.quick:
         args.samples, args.temperatures, args.eval_iters = 32, [0.8, 1.0, 1.2], 2
-        mle_flags = ["--max_iters", "20", "--eval_interval", "20", "--eval_iters", "2", "--n_layer", "2", "--n_embd", "64"]
-        gan_flags = ["--d_pretrain_iters", "2", "--adv_rounds", "3", "--adv_eval_interval", "1", "--eval_iters", "2", "--eval_samples", "16", "--gan_batch_size", "8"]
-    print(f"torch threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores", flush=True)
+        mle_flags = [
+            "--max_iters",
+            "20",
+            "--eval_interval",
+            "20",
+            "--eval_iters",
+            "2",
+            "--n_layer",
+            "2",
+            "--n_embd",
+            "64",
+        ]
+        gan_flags = [
+            "--d_pretrain_iters",
+            "2",
+            "--adv_rounds",
+            "3",
+            "--adv_eval_interval",
+            "1",
+            "--eval_iters",
+            "2",
+            "--eval_samples",
+            "16",
+            "--gan_batch_size",
+            "8",
+        ]
+    print(
+        f"torch threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores",
+        flush=True,
+    )
 
     # 1 and 2: the two training runs
     mle_dir, gan_dir = os.path.join(OUT, "mle"), os.path.join(OUT, "gan")
     for d in (mle_dir, gan_dir):
         os.makedirs(d, exist_ok=True)
-    cmd = [sys.executable, os.path.join(ROOT, "switchhead_moe.py"), *common, *mle_flags, "--out_dir", mle_dir, "--overwrite"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "switchhead_moe.py"),
+        *common,
+        *mle_flags,
+        "--out_dir",
+        mle_dir,
+        "--overwrite",
+    ]
     print(f"MLE: {' '.join(cmd[1:])}", flush=True)
     _, t_mle, _ = run(cmd, log_path=os.path.join(mle_dir, "stdout.txt"))
     print(f"  {t_mle / 60:.1f} min", flush=True)
-    cmd = [sys.executable, os.path.join(ROOT, "gan_text.py"), *common, *gan_flags, *extra, "--init_from", os.path.join(mle_dir, "best.pt"), "--out_dir", gan_dir, "--overwrite"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "gan_text.py"),
+        *common,
+        *gan_flags,
+        *extra,
+        "--init_from",
+        os.path.join(mle_dir, "best.pt"),
+        "--out_dir",
+        gan_dir,
+        "--overwrite",
+    ]
     print(f"GAN: {' '.join(cmd[1:])}", flush=True)
     _, t_gan, _ = run(cmd, log_path=os.path.join(gan_dir, "stdout.txt"))
     print(f"  {t_gan / 60:.1f} min", flush=True)
 
     # 3: both generators, measured the same way
     t0 = time.time()
-    generators = {"MLE": load_generator(os.path.join(mle_dir, "best.pt"), "switchhead_moe"), "GAN": load_generator(os.path.join(gan_dir, "best.pt"), "gan_text")}
+    generators = {
+        "MLE": load_generator(os.path.join(mle_dir, "best.pt"), "switchhead_moe"),
+        "GAN": load_generator(os.path.join(gan_dir, "best.pt"), "gan_text"),
+    }
     vocab = generators["MLE"][1]
-    cfg = gan.parse_args(common + ["--eval_samples", str(args.samples), "--eval_iters", str(args.eval_iters), "--device", "cpu"])
+    cfg = gan.parse_args(
+        common + ["--eval_samples", str(args.samples), "--eval_iters", str(args.eval_iters), "--device", "cpu"]
+    )
     tok = gan.CharTokenizer(vocab)
     loader = gan.DataLoader(torch.tensor(tok.encode(gan.load_text(cfg)), dtype=torch.long), cfg, torch.device("cpu"))
     refs, real = gan.held_out(loader, tok, cfg)
@@ -126,29 +189,45 @@ def main():
     noise, _ = measure(generators["MLE"][0], real, refs, tok, cfg, 1.0, args.seed + 100)
     for name, (model, _) in generators.items():  # self-BLEU-2 for the second panel
         for temp in args.temperatures:
-            next(r for r in rows if r[0] == name and r[1] == temp)[3]["self_bleu2"] = gan.self_bleu([gan.words(t) for t in texts[name, temp]], 2)
+            next(r for r in rows if r[0] == name and r[1] == temp)[3]["self_bleu2"] = gan.self_bleu(
+                [gan.words(t) for t in texts[name, temp]], 2
+            )
     target["self_bleu2"] = gan.self_bleu([gan.words(tok.decode(row)) for row in train_real.tolist()], 2)
     t_eval = time.time() - t0
 
-    print(f"\n{args.samples} samples of 64 characters per row; NLL: val cross-entropy per character over {args.eval_iters} batches")
+    print(
+        f"\n{args.samples} samples of 64 characters per row; NLL: val cross-entropy per character over "
+        f"{args.eval_iters} batches"
+    )
     print("| generator | temperature | NLL | BLEU-2 | BLEU-3 | BLEU-4 | self-BLEU-4 | self-BLEU-2 | distinct samples |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, temp, nll, m in rows:
         scores = " | ".join(f"{m[k]:.3f}" for k in ("bleu2", "bleu3", "bleu4", "self_bleu4", "self_bleu2"))
-        print(f"| {name} | {temp} | {'-' if nll is None else f'{nll:.4f}'} | {scores} | {m['distinct']}/{args.samples} |")
+        print(
+            f"| {name} | {temp} | {'-' if nll is None else f'{nll:.4f}'} | {scores} | {m['distinct']}/{args.samples} |"
+        )
     base = next(r[3] for r in rows if r[0] == "MLE" and r[1] == 1.0) if 1.0 in args.temperatures else None
     if base:
-        diffs = ", ".join(f"{label} {noise[k]:.3f} ({noise[k] - base[k]:+.3f})" for label, k in (("BLEU-2", "bleu2"), ("BLEU-4", "bleu4"), ("self-BLEU-4", "self_bleu4")))
+        diffs = ", ".join(
+            f"{label} {noise[k]:.3f} ({noise[k] - base[k]:+.3f})"
+            for label, k in (("BLEU-2", "bleu2"), ("BLEU-4", "bleu4"), ("self-BLEU-4", "self_bleu4"))
+        )
         print(f"sampling noise: MLE at T=1 with another seed: {diffs}")
 
     evals = [r for r in read_log(gan_dir) if r["phase"] != "mle" and r["bleu4"]]
     gan_cfg = torch.load(os.path.join(gan_dir, "ckpt.pt"), weights_only=True)["config"]
-    print(f"\nDiscriminator and generator over the GAN's phases (gan_text.py's evaluations: {gan_cfg['eval_samples']} samples at temperature 1)")
+    print(
+        f"\nDiscriminator and generator over the GAN's phases (gan_text.py's evaluations: {gan_cfg['eval_samples']} "
+        "samples at temperature 1)"
+    )
     print("| phase | step | D accuracy real | D accuracy fake | NLL val | BLEU-4 | self-BLEU-4 |")
     print("|---|---|---|---|---|---|---|")
     for r in evals:
         accuracy = f"{100 * float(r['d_acc_real']):.1f}% | {100 * float(r['d_acc_fake']):.1f}%"
-        print(f"| {r['phase']} | {r['iter']} | {accuracy} | {r['val_loss']} | {float(r['bleu4']):.3f} | {float(r['self_bleu4']):.3f} |")
+        print(
+            f"| {r['phase']} | {r['iter']} | {accuracy} | {r['val_loss']} | {float(r['bleu4']):.3f} | "
+            f"{float(r['self_bleu4']):.3f} |"
+        )
 
     # 4: the picture and the verdict
     import matplotlib
@@ -160,7 +239,12 @@ def main():
     for ax, n in zip(axes, (4, 2)):
         for name, style in (("MLE", "o-"), ("GAN", "s--")):
             pts = [(r[3][f"self_bleu{n}"], r[3][f"bleu{n}"], r[1]) for r in rows if r[0] == name]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{name} generator, temperatures {args.temperatures[0]}-{args.temperatures[-1]}")
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                style,
+                label=f"{name} generator, temperatures {args.temperatures[0]}-{args.temperatures[-1]}",
+            )
             for x, y, temp in pts:
                 ax.annotate(f"{temp:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.plot([target[f"self_bleu{n}"]], [target[f"bleu{n}"]], "k*", markersize=12, label="real text")
@@ -169,7 +253,10 @@ def main():
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     corpus = os.path.basename(args.data) if args.data else "TinyShakespeare"
-    fig.suptitle(f"{corpus}, {args.samples} samples of 64 characters: MLE generator vs after {gan_cfg['adv_rounds']} adversarial rounds")
+    fig.suptitle(
+        f"{corpus}, {args.samples} samples of 64 characters: MLE generator vs after {gan_cfg['adv_rounds']} "
+        "adversarial rounds"
+    )
     fig.tight_layout()
     png = os.path.join(OUT if args.quick else PICTURES, "gan_quality_diversity.png")  # a quick run keeps the README's
     fig.savefig(png, dpi=120)
@@ -180,14 +267,28 @@ def main():
         mle_curve = [(r[3]["self_bleu4"], r[3]["bleu4"]) for r in rows if r[0] == "MLE"]
         at = interpolate(mle_curve, gan_point["self_bleu4"])
         if at is None:
-            print(f"verdict: the GAN at T=1 (self-BLEU-4 {gan_point['self_bleu4']:.3f}) lies outside the MLE curve's range of self-BLEU-4: widen --temperatures")
+            print(
+                f"verdict: the GAN at T=1 (self-BLEU-4 {gan_point['self_bleu4']:.3f}) lies outside the MLE curve's "
+                "range of self-BLEU-4: widen --temperatures"
+            )
         else:
             margin, spread = gan_point["bleu4"] - at, abs(noise["bleu4"] - base["bleu4"]) if base else 0.0
             winner = "the GAN" if margin > 0 else "the temperature-tuned MLE generator"
-            verdict = f"{winner} wins by {abs(margin):.3f}" if abs(margin) > spread else f"no winner: the difference, {margin:+.3f}, is within the sampling noise"
-            print(f"verdict: at the GAN's diversity (self-BLEU-4 {gan_point['self_bleu4']:.3f}) the MLE curve reaches BLEU-4 {at:.3f}, "
-                  f"the GAN {gan_point['bleu4']:.3f}: {verdict} (sampling noise {spread:.3f}, from a second seed)")  # fmt: skip
-    collapsed = [f"{name} T={temp}" for name, temp, _, m in rows if name != "real text (train split)" and m["distinct"] < args.samples // 2]
+            verdict = (
+                f"{winner} wins by {abs(margin):.3f}"
+                if abs(margin) > spread
+                else f"no winner: the difference, {margin:+.3f}, is within the sampling noise"
+            )
+            print(
+                f"verdict: at the GAN's diversity (self-BLEU-4 {gan_point['self_bleu4']:.3f}) "
+                f"the MLE curve reaches BLEU-4 {at:.3f}, "
+                f"the GAN {gan_point['bleu4']:.3f}: {verdict} (sampling noise {spread:.3f}, from a second seed)"
+            )
+    collapsed = [
+        f"{name} T={temp}"
+        for name, temp, _, m in rows
+        if name != "real text (train split)" and m["distinct"] < args.samples // 2
+    ]
     print(f"collapse (fewer than half the samples distinct): {', '.join(collapsed) if collapsed else 'none'}")
     print(f"time: MLE {t_mle / 60:.1f} min, GAN {t_gan / 60:.1f} min, evaluation {t_eval / 60:.1f} min")
 

@@ -1,13 +1,16 @@
 """
 SwitchHead against dense attention at matched parameters: val loss, attention cost, time and peak memory.
 
-    python benchmarks/bench_switchhead.py --jobs 2         the full comparison: 3 models x 3 seeds x 2000 iterations at
-                                                           block 256, two runs at a time with one thread each: 59 minutes
-                                                           on 2 CPU cores (the README's table)
+    python benchmarks/bench_switchhead.py --jobs 2         the full comparison: 3 models x 3 seeds x 2000 iterations
+                                                           at block 256, two runs at a time with one thread each:
+                                                           59 minutes on 2 CPU cores (the README's table)
     python benchmarks/bench_switchhead.py                  the same one run at a time, with all the cores (not timed)
-    python benchmarks/bench_switchhead.py --seeds 1337 --max_iters 500     a reduced run, 3 runs of ~3 minutes (estimated)
-    python benchmarks/bench_switchhead.py --quick          a check of the pipeline in about a minute (numbers meaningless)
-    python benchmarks/bench_switchhead.py --device cuda -- --compile       on a GPU; flags after -- go to every run
+    python benchmarks/bench_switchhead.py --seeds 1337 --max_iters 500
+                                                           a reduced run, 3 runs of ~3 minutes (estimated)
+    python benchmarks/bench_switchhead.py --quick          a check of the pipeline in about a minute (numbers
+                                                           meaningless)
+    python benchmarks/bench_switchhead.py --device cuda -- --compile
+                                                           on a GPU; flags after -- go to every run
 
 The models (ex1's CPU settings, 4 layers of width 128, batch 12, 2000 iterations, except block 256, where attention
 is a large part of the cost; at block 64 the projections dominate and the models cannot be told apart):
@@ -61,8 +64,9 @@ def run_model(name, seed, args, extra, threads):
     out_dir = os.path.join(ROOT, "out", "bench_switchhead", f"{name.replace(' ', '_')}-{seed}")
     os.makedirs(out_dir, exist_ok=True)
     flags = MODELS[name] + [
-        "--seed", str(seed), "--out_dir", out_dir, "--overwrite", "--max_iters", str(args.max_iters), "--block_size", str(args.block_size),
-        "--eval_iters", str(args.eval_iters), "--eval_interval", str(max(1, args.max_iters)), "--device", args.device,
+        "--seed", str(seed), "--out_dir", out_dir, "--overwrite", "--max_iters", str(args.max_iters),
+        "--block_size", str(args.block_size), "--eval_iters", str(args.eval_iters),
+        "--eval_interval", str(max(1, args.max_iters)), "--device", args.device,
         "--max_new_tokens", "0", *extra,
     ]  # fmt: skip
     cmd = [sys.executable, "-c", RUNNER, os.path.join(ROOT, "switchhead_moe.py"), *flags]
@@ -93,11 +97,18 @@ def main():
     extra = [a for a in extra if a != "--"]
     if args.quick:
         args.seeds, args.max_iters, args.block_size, args.eval_iters = args.seeds[:1], 10, 32, 2
-    print(f"block {args.block_size}, {args.max_iters} iterations, {args.eval_iters} val batches, seeds {args.seeds}, device {args.device} {' '.join(extra)}")
+    print(
+        f"block {args.block_size}, {args.max_iters} iterations, {args.eval_iters} val batches, seeds {args.seeds}, "
+        f"device {args.device} {' '.join(extra)}"
+    )
     env = dict(os.environ)
     if args.jobs > 1:  # parallel runs at full threads each would thrash the cores
         env.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // args.jobs)))
-    print(f"(torch threads: OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores, {args.jobs} run(s) at a time)", flush=True)
+    print(
+        f"(torch threads: OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores, {args.jobs} "
+        "run(s) at a time)",
+        flush=True,
+    )
     _, _, floor = run([sys.executable, "-c", "import torch"])
 
     runs = [(name, seed) for name in args.models for seed in args.seeds]
@@ -105,7 +116,10 @@ def main():
         futures = [pool.submit(run_model, name, seed, args, extra, env.get("OMP_NUM_THREADS")) for name, seed in runs]
         for f in concurrent.futures.as_completed(futures):
             (name, seed), r = runs[futures.index(f)], f.result()
-            print(f"  {name:<13} seed {seed}: val {r['val']:.4f} | {r['ms']:.1f} ms/iter | peak {r['mem_mb']:.0f} MB", flush=True)
+            print(
+                f"  {name:<13} seed {seed}: val {r['val']:.4f} | {r['ms']:.1f} ms/iter | peak {r['mem_mb']:.0f} MB",
+                flush=True,
+            )
     results = {}
     for (name, _), f in zip(runs, futures):
         results.setdefault(name, []).append(f.result())
@@ -121,28 +135,43 @@ def main():
         }  # fmt: skip
     ref = summary.get("dense 8-head")
     pct = lambda a, key: f"({100 * a / ref[key]:.0f}%)" if ref else ""  # noqa: E731
-    header = f"{'model':<13} | {'heads':<12} | {'params':>7} | {'attn MACs':>14} | {'attn floats':>13} | {'val mean':>8} | {'spread':>6} | {'ms/iter':>7} | {'peak MB':>7}"
+    header = (
+        f"{'model':<13} | {'heads':<12} | {'params':>7} | {'attn MACs':>14} | {'attn floats':>13} | "
+        f"{'val mean':>8} | {'spread':>6} | {'ms/iter':>7} | {'peak MB':>7}"
+    )
     print(f"\n{header}")
     for name, s in summary.items():
         cfg = s["cfg"]
         heads = f"{cfg.n_head}x{cfg.head_size}" + (f" E{cfg.n_experts} k{cfg.moe_k}" if cfg.n_experts > 1 else "")
         print(
-            f"{name:<13} | {heads:<12} | {s['params'] / 1e6:6.3f}M | {s['macs'] / 1e6:6.1f}M {pct(s['macs'], 'macs'):>6} | "
-            f"{s['mem'] / 1e6:5.2f}M {pct(s['mem'], 'mem'):>6} | {s['val']:8.4f} | {s['spread']:6.4f} | {s['ms']:7.1f} | {s['mb']:7.0f}"
+            f"{name:<13} | {heads:<12} | {s['params'] / 1e6:6.3f}M | {s['macs'] / 1e6:6.1f}M "
+            f"{pct(s['macs'], 'macs'):>6} | "
+            f"{s['mem'] / 1e6:5.2f}M {pct(s['mem'], 'mem'):>6} | {s['val']:8.4f} | {s['spread']:6.4f} | "
+            f"{s['ms']:7.1f} | {s['mb']:7.0f}"
         )
     print(f"{'floor':<13} | {'a process that only imports torch':<{len(header) - 26}} | {floor:7.0f}")
-    print("attention MACs and floats: one layer, by the paper's accounting, in % of the dense 8-head model; spread: max - min over seeds")
+    print(
+        "attention MACs and floats: one layer, by the paper's accounting, in % of the dense 8-head model; spread: max "
+        "- min over seeds"
+    )
 
     sw, d8, d2 = (summary.get(n) for n in ("switchhead", "dense 8-head", "dense 2-head"))
     if sw and d8:
         gap = 100 * (sw["val"] - d8["val"]) / d8["val"]
-        print(f"\nSwitchHead vs dense 8-head: val loss {gap:+.2f}% (target within 1%: {'met' if gap <= 1 else 'missed'}),"
-              f" attention MACs {100 * sw['macs'] / d8['macs']:.0f}% (target <= 50%), memory {100 * sw['mem'] / d8['mem']:.0f}% (target <= 35%),"
-              f" time per iteration {100 * sw['ms'] / d8['ms']:.0f}%, peak memory {100 * sw['mb'] / d8['mb']:.0f}% (whole process)")  # fmt: skip
+        print(
+            f"\nSwitchHead vs dense 8-head: val loss {gap:+.2f}% (target within 1%: {'met' if gap <= 1 else 'missed'}),"
+            f" attention MACs {100 * sw['macs'] / d8['macs']:.0f}% (target <= 50%), memory "
+            f"{100 * sw['mem'] / d8['mem']:.0f}% (target <= 35%),"
+            f" time per iteration {100 * sw['ms'] / d8['ms']:.0f}%,"
+            f" peak memory {100 * sw['mb'] / d8['mb']:.0f}% (whole process)"
+        )
     if sw and d2:
         margin, spread = d2["val"] - sw["val"], max(sw["spread"], d2["spread"])
-        print(f"SwitchHead vs dense 2-head: val loss {abs(margin):.4f} {'lower' if margin > 0 else 'higher'}; it {'beats' if margin > spread else 'does not beat'}"
-              f" it by more than the seed spread ({spread:.4f}, the larger of the two)")
+        print(
+            f"SwitchHead vs dense 2-head: val loss {abs(margin):.4f} {'lower' if margin > 0 else 'higher'}; it "
+            f"{'beats' if margin > spread else 'does not beat'}"
+            f" it by more than the seed spread ({spread:.4f}, the larger of the two)"
+        )
 
 
 if __name__ == "__main__":

@@ -18,20 +18,26 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = "--n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12 --dropout=0.0 --learning_rate=1e-3".split()
+SHARED = (
+    "--n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12 --dropout=0.0 --learning_rate=1e-3".split()
+)
 
 
 def ex1_ms(iters, out_dir):
-    cmd = [sys.executable, os.path.join(ROOT, "ex1_gpt.py"), *SHARED, f"--max_iters={iters}", "--eval_interval=100000", "--eval_iters=1",
-           "--log_interval=1", "--max_new_tokens=0", "--device=cpu", f"--out_dir={out_dir}", "--overwrite"]  # fmt: skip
+    cmd = [sys.executable, os.path.join(ROOT, "ex1_gpt.py"), *SHARED, f"--max_iters={iters}", "--eval_interval=100000",
+           "--eval_iters=1", "--log_interval=1", "--max_new_tokens=0", "--device=cpu", f"--out_dir={out_dir}",
+           "--overwrite"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return [float(m) for m in re.findall(r"^iter \d+ \| loss [\d.]+ \| ([\d.]+) ms", out, re.M)]
 
 
 def nanogpt_ms(iters, path, out_dir):
-    cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", *SHARED, f"--max_iters={iters}", f"--lr_decay_iters={iters}",
-           "--eval_interval=100000", "--eval_iters=1", "--log_interval=1", "--device=cpu", "--compile=False", f"--out_dir={out_dir}"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=path, env={**os.environ, "WANDB_MODE": "disabled"}).stdout
+    cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", *SHARED, f"--max_iters={iters}",
+           f"--lr_decay_iters={iters}", "--eval_interval=100000", "--eval_iters=1", "--log_interval=1", "--device=cpu",
+           "--compile=False", f"--out_dir={out_dir}"]  # fmt: skip
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, cwd=path, env={**os.environ, "WANDB_MODE": "disabled"}
+    ).stdout
     return [float(m) for m in re.findall(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms", out, re.M)]
 
 

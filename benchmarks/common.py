@@ -23,7 +23,10 @@ def machine(threads=None):
         pass
     n = threads or torch.get_num_threads()
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores, {n} torch threads{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {n} torch threads{gpu}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def table(header, rows):

@@ -40,7 +40,13 @@ def user_error(capsys, fn, *args):
 
 def run_script(script, *args, env=None):
     """Run a script in a fresh interpreter (as a user would) and return the completed process."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def assert_causal(model, vocab_size, T=16, t=9):
@@ -67,7 +73,20 @@ def assert_repeatable_samples(main, out_dir, capsys, prompt="All:"):
     """Sampling from a checkpoint alone: two samples that continue the prompt, the same again with the same --seed."""
     draws = []
     for _ in range(2):
-        main(["--out_dir", out_dir, "--prompt", prompt, "--max_new_tokens", "40", "--num_samples", "2", "--device", "cpu"])
+        main(
+            [
+                "--out_dir",
+                out_dir,
+                "--prompt",
+                prompt,
+                "--max_new_tokens",
+                "40",
+                "--num_samples",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
         draws.append(capsys.readouterr().out)
     assert draws[0] == draws[1] and draws[0].count("--- sample") == 2 and "\n" + prompt in draws[0]
 
@@ -79,7 +98,10 @@ def gpt2_cache(monkeypatch, tmp_path_factory):
     if not os.environ.get("TIKTOKEN_CACHE_DIR"):
         shared = os.path.join(ROOT, "..", "shared", "data", "tiktoken_cache")
         if not os.path.isdir(shared):
-            pytest.skip("GPT-2's BPE files are not available offline: set TIKTOKEN_CACHE_DIR, or provide ../shared/data/tiktoken_cache")
+            pytest.skip(
+                "GPT-2's BPE files are not available offline: set TIKTOKEN_CACHE_DIR, or provide "
+                "../shared/data/tiktoken_cache"
+            )
         copy = tmp_path_factory.mktemp("tiktoken_cache")
         for name in os.listdir(shared):
             shutil.copy(os.path.join(shared, name), copy)
@@ -96,8 +118,12 @@ def torchrun_and_single(tmp_path, worker_src, args):
         env.pop(k, None)
     ddp, one = str(tmp_path / "ddp"), str(tmp_path / "one")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    p = subprocess.run(torchrun + [str(worker), *args, "--out_dir", ddp], capture_output=True, text=True, timeout=180, env=env)
+    p = subprocess.run(
+        torchrun + [str(worker), *args, "--out_dir", ddp], capture_output=True, text=True, timeout=180, env=env
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    q = subprocess.run([sys.executable, str(worker), *args, "--out_dir", one], capture_output=True, text=True, timeout=120, env=env)
+    q = subprocess.run(
+        [sys.executable, str(worker), *args, "--out_dir", one], capture_output=True, text=True, timeout=120, env=env
+    )
     assert q.returncode == 0, q.stderr[-3000:]
     return ddp, one, p, q

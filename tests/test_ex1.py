@@ -7,7 +7,22 @@ import torch
 import ex1_gpt as ex1
 from conftest import assert_causal, assert_repeatable_samples, losses, read_log, run_script, user_error
 
-TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "4", "--device", "cpu", "--eval_iters", "2"]
+TINY = [
+    "--n_layer",
+    "2",
+    "--n_head",
+    "2",
+    "--n_embd",
+    "32",
+    "--block_size",
+    "16",
+    "--batch_size",
+    "4",
+    "--device",
+    "cpu",
+    "--eval_iters",
+    "2",
+]
 
 
 def tiny_model(**overrides):
@@ -54,7 +69,20 @@ def test_lr_schedule():
 
 
 def test_train_sample_resume(tmp_path, text_file, capsys):
-    common = TINY + ["--data", text_file, "--learning_rate", "1e-2", "--dropout", "0.1", "--eval_interval", "10", "--log_interval", "1", "--lr_decay_iters", "20"]
+    common = TINY + [
+        "--data",
+        text_file,
+        "--learning_rate",
+        "1e-2",
+        "--dropout",
+        "0.1",
+        "--eval_interval",
+        "10",
+        "--log_interval",
+        "1",
+        "--lr_decay_iters",
+        "20",
+    ]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     ex1.main(common + ["--out_dir", full, "--max_iters", "20", "--max_new_tokens", "30"])
     out = capsys.readouterr().out
@@ -86,7 +114,10 @@ def test_user_errors(tmp_path, text_file, capsys):
     assert "invalid int" in user_error(capsys, ex1.main, ["--n_layer", "four"])
     assert "no checkpoint" in user_error(capsys, ex1.main, ["--out_dir", str(tmp_path), "--prompt", "hi"])
     out = str(tmp_path / "o")
-    ex1.main(TINY + ["--data", text_file, "--out_dir", out, "--max_iters", "2", "--eval_interval", "1", "--max_new_tokens", "1"])
+    ex1.main(
+        TINY
+        + ["--data", text_file, "--out_dir", out, "--max_iters", "2", "--eval_interval", "1", "--max_new_tokens", "1"]
+    )
     assert "'Z'" in user_error(capsys, ex1.main, ["--out_dir", out, "--prompt", "Zounds"])  # no Z in the tiny text
     ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     ckpt["script"] = "ex2_addition"

@@ -71,7 +71,9 @@ class Oracle(nn.Module):
 def test_accuracy_decoding():
     cfg = ex2.Config(digits=2)
     problems = ex2.make_problems(torch.arange(10**4), 2)
-    acc, mistakes = ex2.accuracy(Oracle(2), problems, TOK, cfg, torch.device("cpu"), torch.autocast("cpu", enabled=False), show=3)
+    acc, mistakes = ex2.accuracy(
+        Oracle(2), problems, TOK, cfg, torch.device("cpu"), torch.autocast("cpu", enabled=False), show=3
+    )
     assert acc == pytest.approx(1 - 100 / 10**4)
     assert mistakes == ["05+00=5 (model: 6)", "05+01=6 (model: 7)", "05+02=7 (model: 8)"]
 
@@ -118,7 +120,9 @@ def test_train_answer_resume(tmp_path, capsys):
     ex2.main(["--out_dir", full, "--prompt", "12+34"])
     line = capsys.readouterr().out.strip()
     assert line.startswith("12+34=") and line[6:].isdigit()
-    assert "--prompt" in user_error(capsys, ex2.main, ["--out_dir", full, "--prompt", "123+4"])  # 3 digits for a 2-digit model
+    assert "--prompt" in user_error(
+        capsys, ex2.main, ["--out_dir", full, "--prompt", "123+4"]
+    )  # 3 digits for a 2-digit model
     assert "--digits" in user_error(capsys, ex2.main, ["--digits", "0"])
 
     # --resume takes --digits from the checkpoint: another value typed is an error, not silently ignored

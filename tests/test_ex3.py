@@ -18,8 +18,28 @@ import torch
 import ex3_pretrain_finetune as ex3
 from conftest import ROOT, TEXT, assert_causal, read_log, torchrun_and_single, user_error
 
-TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "4", "--device", "cpu", "--eval_iters", "2", "--max_new_tokens", "20"]
-BOOK = "Produced by a volunteer.\n\n*** START OF THE PROJECT GUTENBERG EBOOK {n} ***\n{body}\n*** END OF THE PROJECT GUTENBERG EBOOK {n} ***\nThe licence.\n"
+TINY = [
+    "--n_layer",
+    "2",
+    "--n_head",
+    "2",
+    "--n_embd",
+    "32",
+    "--block_size",
+    "16",
+    "--batch_size",
+    "4",
+    "--device",
+    "cpu",
+    "--eval_iters",
+    "2",
+    "--max_new_tokens",
+    "20",
+]
+BOOK = (
+    "Produced by a volunteer.\n\n*** START OF THE PROJECT GUTENBERG EBOOK {n} ***\n{body}\n"
+    "*** END OF THE PROJECT GUTENBERG EBOOK {n} ***\nThe licence.\n"
+)
 
 
 @pytest.fixture
@@ -50,7 +70,9 @@ def test_causal():
 def test_corpus_encoding_unknown_characters_round_trip_and_reuse(tmp_path, capsys, monkeypatch):
     books = tmp_path / "books"
     books.mkdir()
-    (books / "a.txt").write_text(BOOK.format(n=1, body="hear me speak\u2019s caf\u00e9 \u201cAll\u201d 42"), encoding="utf-8")
+    (books / "a.txt").write_text(
+        BOOK.format(n=1, body="hear me speak\u2019s caf\u00e9 \u201cAll\u201d 42"), encoding="utf-8"
+    )
     with open(books / "b.txt", "w", encoding="utf-8", newline="") as f:
         f.write("You are all resolved \u2014 speak.\r\nFirst\r\n")  # no Gutenberg markers, Windows line ends
     (books / "notes.md").write_text("not a .txt file: skipped")
@@ -60,7 +82,8 @@ def test_corpus_encoding_unknown_characters_round_trip_and_reuse(tmp_path, capsy
     ids = ex3.prepare_pretrain_data(cfg, tok)
     out = capsys.readouterr().out
     assert isinstance(ids, np.memmap) and ids.dtype == np.uint16
-    # header and licence cut, \u2019 and \u2014 written as ' and -, the accent, the quotes and the digits dropped, \r\n -> \n
+    # header and licence cut, \u2019 and \u2014 written as ' and -, the accent, the quotes and the digits dropped, \r\n
+    # -> \n
     expected = "hear me speak's caf All \n\n\n" + "You are all resolved - speak.\nFirst\n\n\n"
     assert tok.decode(ids.tolist()) == expected
     assert "2 curly apostrophes and dashes" in out
@@ -74,9 +97,17 @@ def test_corpus_encoding_unknown_characters_round_trip_and_reuse(tmp_path, capsy
     monkeypatch.undo()
 
     # --unknown ' ': each unknown character becomes one space (a new file); --pretrain_tokens caps the corpus
-    spaced = ex3.prepare_pretrain_data(ex3.Config(pretrain_data=str(books), data_dir=str(tmp_path / "data"), block_size=1, unknown=" "), ex3.CharTokenizer(tok.chars, " "))
-    assert tok.decode(spaced.tolist()).startswith("hear me speak's caf   All    \n\n\n") and "replaced by ' '" in capsys.readouterr().out
-    capped = ex3.prepare_pretrain_data(ex3.Config(pretrain_data=str(books), data_dir=str(tmp_path / "data"), block_size=1, pretrain_tokens=20), tok)
+    spaced = ex3.prepare_pretrain_data(
+        ex3.Config(pretrain_data=str(books), data_dir=str(tmp_path / "data"), block_size=1, unknown=" "),
+        ex3.CharTokenizer(tok.chars, " "),
+    )
+    assert (
+        tok.decode(spaced.tolist()).startswith("hear me speak's caf   All    \n\n\n")
+        and "replaced by ' '" in capsys.readouterr().out
+    )
+    capped = ex3.prepare_pretrain_data(
+        ex3.Config(pretrain_data=str(books), data_dir=str(tmp_path / "data"), block_size=1, pretrain_tokens=20), tok
+    )
     assert tok.decode(capped.tolist()) == expected[:20]
     assert len(os.listdir(tmp_path / "data")) == 6  # three corpora, each a .bin and its .json; no .part left
 
@@ -92,16 +123,35 @@ def test_web_text_unreachable_fails_fast(tmp_path, text_file):
     t = time.time()
     subprocess.run([sys.executable, "-c", "import ex3_pretrain_finetune"], cwd=ROOT, env=env, check=True)
     t_import, t = time.time() - t, time.time()  # importing torch takes seconds on a busy machine: not counted
-    args = TINY + ["--data", text_file, "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "o"), "--stage", "pretrain"]
-    p = subprocess.run([sys.executable, "ex3_pretrain_finetune.py", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    args = TINY + [
+        "--data",
+        text_file,
+        "--data_dir",
+        str(tmp_path),
+        "--out_dir",
+        str(tmp_path / "o"),
+        "--stage",
+        "pretrain",
+    ]
+    p = subprocess.run(
+        [sys.executable, "ex3_pretrain_finetune.py", *args], cwd=ROOT, capture_output=True, text=True, env=env
+    )
     err = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("error: could not reach 127.0.0.1"), p.stderr[-2000:]
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("error: could not reach 127.0.0.1"), p.stderr[
+        -2000:
+    ]
     assert "--pretrain_data" in err[0] and time.time() - t - t_import < 10
 
 
 def test_web_text_offline_names_the_local_fix(tmp_path, text_file, capsys):
-    """Without --pretrain_data the corpus is streamed through datasets; offline (HF_DATASETS_OFFLINE=1) that is one error line."""
-    line = user_error(capsys, ex3.main, TINY + ["--data", text_file, "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "o"), "--stage", "pretrain"])
+    """Without --pretrain_data the corpus is streamed through datasets; offline (HF_DATASETS_OFFLINE=1) that is one
+    error line."""
+    line = user_error(
+        capsys,
+        ex3.main,
+        TINY
+        + ["--data", text_file, "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "o"), "--stage", "pretrain"],
+    )
     assert "fineweb-edu" in line and "--pretrain_data" in line
     assert not [f for f in os.listdir(tmp_path) if f.endswith((".bin", ".part"))]  # nothing half-written left behind
 
@@ -112,8 +162,31 @@ def test_web_text_offline_names_the_local_fix(tmp_path, text_file, capsys):
 
 def test_finetune_starts_from_the_pretrained_weights(tmp_path, text_file, corpus, capsys):
     out = str(tmp_path / "out")
-    common = TINY + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--out_dir", out]
-    ex3.main(common + ["--stage", "pretrain", "--max_iters", "40", "--eval_interval", "40", "--learning_rate", "1e-2", "--warmup_iters", "5"])
+    common = TINY + [
+        "--data",
+        text_file,
+        "--pretrain_data",
+        corpus,
+        "--data_dir",
+        str(tmp_path / "data"),
+        "--out_dir",
+        out,
+    ]
+    ex3.main(
+        common
+        + [
+            "--stage",
+            "pretrain",
+            "--max_iters",
+            "40",
+            "--eval_interval",
+            "40",
+            "--learning_rate",
+            "1e-2",
+            "--warmup_iters",
+            "5",
+        ]
+    )
     ex3.main(common + ["--stage", "finetune", "--finetune_iters", "2", "--eval_interval", "1"])
     ex3.main(common + ["--stage", "scratch", "--finetune_iters", "2", "--eval_interval", "1"])
 
@@ -135,24 +208,46 @@ def test_finetune_starts_from_the_pretrained_weights(tmp_path, text_file, corpus
 
 
 def test_stage_all_smoke_stop_and_resume(tmp_path, text_file, corpus, capsys, monkeypatch):
-    common = TINY + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--learning_rate", "1e-2", "--log_interval", "1"]
+    common = TINY + [
+        "--data",
+        text_file,
+        "--pretrain_data",
+        corpus,
+        "--data_dir",
+        str(tmp_path / "data"),
+        "--learning_rate",
+        "1e-2",
+        "--log_interval",
+        "1",
+    ]
     common += ["--max_iters", "20", "--eval_interval", "10", "--lr_decay_iters", "20"]
     common += ["--finetune_iters", "10", "--finetune_learning_rate", "5e-3"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     ex3.main(common + ["--out_dir", full])
     out = capsys.readouterr().out
-    assert "=== stage pretrain" in out and "=== stage finetune" in out and "=== stage scratch" in out and "--- sample 1 ---" in out
-    summary = next(line for line in out.splitlines() if line.startswith("best val loss on tiny.txt after 10 iterations"))
+    assert (
+        "=== stage pretrain" in out
+        and "=== stage finetune" in out
+        and "=== stage scratch" in out
+        and "--- sample 1 ---" in out
+    )
+    summary = next(
+        line for line in out.splitlines() if line.startswith("best val loss on tiny.txt after 10 iterations")
+    )
     finetuned, scratch = (float(summary.split(word)[1].split()[0]) for word in ("finetuned", "from scratch"))
     for stage in ex3.STAGES:  # ckpt.pt: the last evaluation; best.pt: the best one, without the optimizer
         ckpt, best = (torch.load(os.path.join(full, stage, f), weights_only=True) for f in ("ckpt.pt", "best.pt"))
-        assert ckpt["iter_num"] == (20 if stage == "pretrain" else 10) and "optimizer" in ckpt and "optimizer" not in best
+        assert (
+            ckpt["iter_num"] == (20 if stage == "pretrain" else 10) and "optimizer" in ckpt and "optimizer" not in best
+        )
     assert finetuned == pytest.approx(min(r[2] for r in losses(os.path.join(full, "finetune"))), abs=1e-4)
     assert scratch == pytest.approx(min(r[2] for r in losses(os.path.join(full, "scratch"))), abs=1e-4)
 
     # SIGTERM during pretraining: ckpt.pt keeps the iteration reached, the later stages never start
     get_lr = ex3.get_lr
-    monkeypatch.setattr(ex3, "get_lr", lambda it, cfg: (it == 13 and os.kill(os.getpid(), signal.SIGTERM)) or get_lr(it, cfg))
+    monkeypatch.setattr(
+        ex3, "get_lr", lambda it, cfg: (it == 13 and os.kill(os.getpid(), signal.SIGTERM)) or get_lr(it, cfg)
+    )
     with pytest.raises(SystemExit) as e:
         ex3.main(common + ["--out_dir", part])
     monkeypatch.undo()
@@ -161,10 +256,15 @@ def test_stage_all_smoke_stop_and_resume(tmp_path, text_file, corpus, capsys, mo
     # --stage all --resume says what each stage does, then gives the uninterrupted run's losses in every stage
     ex3.main(common + ["--out_dir", part, "--resume"])
     out = capsys.readouterr().out
-    said = "--resume: stage pretrain continues from iteration 14\n--resume: stage finetune has no ckpt.pt yet: it starts"
+    said = (
+        "--resume: stage pretrain continues from iteration 14\n--resume: stage finetune has no ckpt.pt yet: it starts"
+    )
     assert said in out and out.index(said) < out.index("=== stage pretrain") and "resuming from iter 14" in out
     for stage in ex3.STAGES:  # as text: nan-free
-        logged = [[(r["iter"], r["train_loss"], r["val_loss"]) for r in read_log(os.path.join(d, stage))] for d in (part, full)]
+        logged = [
+            [(r["iter"], r["train_loss"], r["val_loss"]) for r in read_log(os.path.join(d, stage))]
+            for d in (part, full)
+        ]
         assert logged[0] == logged[1], stage
 
     # sampling reads the finetune stage's best.pt alone
@@ -189,10 +289,12 @@ def test_resume_takes_the_data_flags_from_the_checkpoint(tmp_path, text_file, co
     """--resume reads the data the run was started with (typing nothing, or the same values), and refuses another."""
     out, other = str(tmp_path / "out"), str(tmp_path / "other.txt")
     args = TINY + ["--out_dir", out, "--stage", "pretrain", "--eval_interval", "2"]
-    ex3.main(args + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--unknown", " ",
-                     "--pretrain_tokens", "5000", "--max_iters", "2"])  # fmt: skip
+    ex3.main(args + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"),
+                     "--unknown", " ", "--pretrain_tokens", "5000", "--max_iters", "2"])  # fmt: skip
     capsys.readouterr()
-    ex3.main(args + ["--max_iters", "4", "--resume", "--pretrain_data", corpus])  # without --data: the TinyShakespeare download
+    ex3.main(
+        args + ["--max_iters", "4", "--resume", "--pretrain_data", corpus]
+    )  # without --data: the TinyShakespeare download
     out_text = capsys.readouterr().out
     assert "resuming from iter 2" in out_text and "reusing" in out_text and "encoding" not in out_text
     open(other, "w").write(TEXT)
@@ -207,7 +309,22 @@ def test_gpt2_tokenizer(tmp_path, text_file, corpus, capsys, gpt2_cache):
     import tiktoken
 
     out = str(tmp_path / "out")
-    tiny = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2", "--device", "cpu", "--eval_iters", "1"]
+    tiny = [
+        "--n_layer",
+        "1",
+        "--n_head",
+        "2",
+        "--n_embd",
+        "16",
+        "--block_size",
+        "16",
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
+        "--eval_iters",
+        "1",
+    ]
     tiny += ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--out_dir", out]
     ex3.main(tiny + ["--tokenizer", "gpt2", "--max_iters", "2", "--finetune_iters", "1", "--max_new_tokens", "5"])
     assert "--- sample 1 ---" in capsys.readouterr().out
@@ -216,7 +333,10 @@ def test_gpt2_tokenizer(tmp_path, text_file, corpus, capsys, gpt2_cache):
     # the memmap decodes to the books' texts, each ended by <|endoftext|>
     (name,) = [f for f in os.listdir(tmp_path / "data") if f.endswith(".bin")]
     ids = np.memmap(tmp_path / "data" / name, dtype=np.uint16, mode="r")
-    bodies = [open(os.path.join(corpus, f), encoding="utf-8").read().split("***\n")[1].split("*** END")[0] for f in sorted(os.listdir(corpus))]
+    bodies = [
+        open(os.path.join(corpus, f), encoding="utf-8").read().split("***\n")[1].split("*** END")[0]
+        for f in sorted(os.listdir(corpus))
+    ]
     assert tiktoken.get_encoding("gpt2").decode(ids.tolist()) == "".join(b + "<|endoftext|>" for b in bodies)
     ex3.main(["--out_dir", out, "--prompt", "ROMEO:", "--max_new_tokens", "3", "--device", "cpu"])
     assert "--- sample 1 ---\nROMEO:" in capsys.readouterr().out
@@ -227,14 +347,32 @@ def test_user_errors(tmp_path, text_file, corpus, capsys):
     assert "--stage" in user_error(capsys, ex3.main, base + ["--stage", "everything"])
     assert "--tokenizer" in user_error(capsys, ex3.main, base + ["--tokenizer", "bpe"])
     assert "one character" in user_error(capsys, ex3.main, base + ["--unknown", "ab"])
-    assert "'Z'" in user_error(capsys, ex3.main, base + ["--unknown", "Z", "--pretrain_data", corpus])  # no Z in the tiny text
-    assert "no such file or folder" in user_error(capsys, ex3.main, base + ["--pretrain_data", str(tmp_path / "missing")])
+    assert "'Z'" in user_error(
+        capsys, ex3.main, base + ["--unknown", "Z", "--pretrain_data", corpus]
+    )  # no Z in the tiny text
+    assert "no such file or folder" in user_error(
+        capsys, ex3.main, base + ["--pretrain_data", str(tmp_path / "missing")]
+    )
     (tmp_path / "empty").mkdir()
     assert "no .txt files" in user_error(capsys, ex3.main, base + ["--pretrain_data", str(tmp_path / "empty")])
     out = str(tmp_path / "out")
     line = user_error(capsys, ex3.main, base + ["--stage", "finetune", "--out_dir", out])
     assert "no checkpoint" in line and "pretrain" in line and "--stage" in line
-    ex3.main(base + ["--stage", "pretrain", "--pretrain_data", corpus, "--out_dir", out, "--max_iters", "1", "--max_new_tokens", "1"])
+    ex3.main(
+        base
+        + [
+            "--stage",
+            "pretrain",
+            "--pretrain_data",
+            corpus,
+            "--out_dir",
+            out,
+            "--max_iters",
+            "1",
+            "--max_new_tokens",
+            "1",
+        ]
+    )
     other = tmp_path / "other.txt"
     other.write_text(TEXT + "Zounds!\n", encoding="utf-8")  # one more character: another vocabulary
     line = user_error(capsys, ex3.main, TINY + ["--data", str(other), "--stage", "finetune", "--out_dir", out])
@@ -273,16 +411,22 @@ def train(cfg, model, *args, **kwargs):
 ex3.DDP, TRAIN, ex3.train = CountingDDP, ex3.train, train
 ex3.main(sys.argv[1:])
 out = sys.argv[sys.argv.index("--out_dir") + 1]
-torch.save({{"params": models[0].state_dict(), "allreduces": allreduces[0]}}, os.path.join(out, "rank" + os.environ.get("RANK", "0") + ".pt"))
+torch.save(
+    {{"params": models[0].state_dict(), "allreduces": allreduces[0]}},
+    os.path.join(out, "rank" + os.environ.get("RANK", "0") + ".pt"),
+)
 """
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, text_file, corpus):
     """torchrun --nproc_per_node 2 on the CPU (gloo): parameters identical across ranks, the loss curve of one process
-    with the same global batch (4 micro-batches: 2 per rank), and one gradient all-reduce per step, not per micro-batch."""
+    with the same global batch (4 micro-batches: 2 per rank), and one gradient all-reduce per step, not per
+    micro-batch."""
     steps = 5
-    args = TINY + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--stage", "pretrain", "--max_iters", str(steps), "--warmup_iters", "0",
-                   "--eval_interval", str(steps), "--log_interval", "1", "--gradient_accumulation_steps", "4", "--learning_rate", "1e-2", "--max_new_tokens", "5"]  # fmt: skip
+    args = TINY + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"),
+                   "--stage", "pretrain", "--max_iters", str(steps), "--warmup_iters", "0",
+                   "--eval_interval", str(steps), "--log_interval", "1", "--gradient_accumulation_steps", "4",
+                   "--learning_rate", "1e-2", "--max_new_tokens", "5"]  # fmt: skip
     ddp, one, p, q = torchrun_and_single(tmp_path, WORKER.format(root=ROOT), args)
     assert p.stdout.count("iter 0 | train") == 1 and "2 processes x 2 micro-batches" in p.stdout  # only rank 0 prints
     assert "reusing" in q.stdout  # the corpus torchrun's rank 0 encoded
@@ -291,13 +435,18 @@ def test_torchrun_two_processes_equal_one(tmp_path, text_file, corpus):
     assert [r[0] for r in a] == [r[0] for r in b] and len(a) == steps + 2  # a loss every step, and two evaluations
     assert np.allclose(np.array(a)[:, 1:], np.array(b)[:, 1:], atol=2e-4, rtol=0, equal_nan=True)  # log.csv: .4f
     assert a[-1][2] < a[0][2] - 0.1  # it did train
-    r0, r1, single = (torch.load(os.path.join(d, f), weights_only=True) for d, f in ((ddp, "rank0.pt"), (ddp, "rank1.pt"), (one, "rank0.pt")))
+    r0, r1, single = (
+        torch.load(os.path.join(d, f), weights_only=True)
+        for d, f in ((ddp, "rank0.pt"), (ddp, "rank1.pt"), (one, "rank0.pt"))
+    )
     for name, p0 in r0["params"].items():
         assert torch.equal(p0, r1["params"][name]), name
         assert torch.allclose(p0, single["params"][name], atol=1e-5), name
     # the tiny model's gradients fit in one DDP bucket: one all-reduce per step; without no_sync it would be two
     assert r0["allreduces"] == r1["allreduces"] == steps and single["allreduces"] == 0
-    assert os.path.exists(os.path.join(ddp, "pretrain", "ckpt.pt")) and not os.path.exists(os.path.join(ddp, "pretrain", "ckpt.pt.tmp"))
+    assert os.path.exists(os.path.join(ddp, "pretrain", "ckpt.pt")) and not os.path.exists(
+        os.path.join(ddp, "pretrain", "ckpt.pt.tmp")
+    )
 
 
 def torchrun_env():
@@ -314,12 +463,26 @@ def test_torchrun_mistake_is_one_line(tmp_path, text_file):
     """Under torchrun a bad flag (found before the process group starts) and a missing data file (found after) each give
     one error line, rank 0's, even when rank 0 starts last, and no traceback from the script. torchrun then prints its
     own ChildFailedError report, traceback included, as it does whenever a process fails: a script cannot stop that."""
-    worker = tmp_path / "worker.py"  # rank 0 late: the others must not end the run (torchrun stops all) before it says why
-    worker.write_text(f"import os, sys, time\nsys.path.insert(0, {ROOT!r})\ntime.sleep(3 if os.environ['RANK'] == '0' else 0)\n"
+    # rank 0 late: the others must not end the run (torchrun stops all) before it says why
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"import os, sys, time\nsys.path.insert(0, {ROOT!r})\n"
+                      "time.sleep(3 if os.environ['RANK'] == '0' else 0)\n"
                       "import ex3_pretrain_finetune as ex3\nex3.main(sys.argv[1:])\n")  # fmt: skip
-    missing = TINY + ["--data", str(tmp_path / "missing.txt"), "--stage", "scratch", "--gradient_accumulation_steps", "2"]
-    for args, expect in [(["--n_layer", "0"], "--n_layer"), (missing + ["--out_dir", str(tmp_path / "o")], "no such file")]:
-        p = subprocess.run(TORCHRUN + [str(worker), *args], capture_output=True, text=True, timeout=180, env=torchrun_env())
+    missing = TINY + [
+        "--data",
+        str(tmp_path / "missing.txt"),
+        "--stage",
+        "scratch",
+        "--gradient_accumulation_steps",
+        "2",
+    ]
+    for args, expect in [
+        (["--n_layer", "0"], "--n_layer"),
+        (missing + ["--out_dir", str(tmp_path / "o")], "no such file"),
+    ]:
+        p = subprocess.run(
+            TORCHRUN + [str(worker), *args], capture_output=True, text=True, timeout=180, env=torchrun_env()
+        )
         errors = [line for line in (p.stdout + p.stderr).splitlines() if "error: " in line]
         assert p.returncode != 0 and len(errors) == 1, p.stderr[-3000:]
         assert errors[0].startswith("error: ") and expect in errors[0]
@@ -332,11 +495,13 @@ def test_torchrun_sigterm_to_one_process_stops_every_rank(tmp_path, text_file, c
     --resume (here in one process) continues to the losses of a run that was never stopped."""
     worker = tmp_path / "worker.py"  # writes its process id to pid<RANK>
     worker.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport ex3_pretrain_finetune as ex3\n"
-                      f"open(os.path.join({str(tmp_path)!r}, 'pid' + os.environ['RANK']), 'w').write(str(os.getpid()))\n"
+                      f"open(os.path.join({str(tmp_path)!r}, 'pid' + os.environ['RANK']), "
+                      "'w').write(str(os.getpid()))\n"
                       "ex3.main(sys.argv[1:])\n")  # fmt: skip
-    args = TINY + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--stage", "pretrain",
-                   "--warmup_iters", "0", "--lr_decay_iters", "50", "--eval_interval", "1000", "--log_interval", "1",
-                   "--gradient_accumulation_steps", "2", "--learning_rate", "1e-2", "--max_new_tokens", "5"]  # fmt: skip
+    args = TINY + ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"),
+                   "--stage", "pretrain", "--warmup_iters", "0", "--lr_decay_iters", "50", "--eval_interval", "1000",
+                   "--log_interval", "1", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-2",
+                   "--max_new_tokens", "5"]  # fmt: skip
     stopped, straight = str(tmp_path / "stopped"), str(tmp_path / "straight")
     cmd = TORCHRUN + [str(worker), *args, "--max_iters", "100000", "--out_dir", stopped]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=torchrun_env())

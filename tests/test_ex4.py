@@ -25,7 +25,11 @@ def model(seed=0, **kw):
 
 def qkv(B, H, n_kv_head, T, hs, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, H, T, hs, generator=g), torch.randn(B, n_kv_head, T, hs, generator=g), torch.randn(B, n_kv_head, T, hs, generator=g)
+    return (
+        torch.randn(B, H, T, hs, generator=g),
+        torch.randn(B, n_kv_head, T, hs, generator=g),
+        torch.randn(B, n_kv_head, T, hs, generator=g),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -36,7 +40,8 @@ def qkv(B, H, n_kv_head, T, hs, seed):
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_gqa_equals_mha_with_repeated_key_value_weights(flash, n_kv_head):
     """ex4's attention with n_kv_head heads equals ex1's multi-head attention whose key and value weights are those
-    of the group's shared head, repeated for each query head of the group (for n_kv_head == n_head: the same weights)."""
+    of the group's shared head, repeated for each query head of the group (for n_kv_head == n_head: the same
+    weights)."""
     cfg = tiny(n_kv_head=n_kv_head, rope=False, flash=flash)
     torch.manual_seed(0)
     gqa = ex4.CausalSelfAttention(cfg)
@@ -76,7 +81,9 @@ def test_kv_heads_shrink_the_projection_and_the_cache():
         cache_bytes[k] = sum(c.nbytes() for c in caches)
         assert caches[0].k.shape == (1, k, 32, 8)
     assert sizes == {4: 64, 2: 32, 1: 16}
-    assert cache_bytes[4] == 2 * cache_bytes[2] == 4 * cache_bytes[1] == 2 * 2 * 4 * 32 * 8 * 4  # layers, k and v, heads, slots, hs, fp32
+    assert (
+        cache_bytes[4] == 2 * cache_bytes[2] == 4 * cache_bytes[1] == 2 * 2 * 4 * 32 * 8 * 4
+    )  # layers, k and v, heads, slots, hs, fp32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,7 +113,9 @@ def test_rope_scores_depend_only_on_distance_and_norms_are_kept():
     rot = lambda x, p: ex4.rotate(x.view(1, 1, 1, 16), p).view(16)  # noqa: E731
     for m, n, shift in [(0, 0, 7), (5, 2, 100), (3, 9, 1000), (40, 1, 4000)]:
         score = rot(q, m) @ rot(k, n)
-        torch.testing.assert_close(rot(q, m + shift) @ rot(k, n + shift), score, atol=1e-4, rtol=1e-4)  # angles are float32
+        torch.testing.assert_close(
+            rot(q, m + shift) @ rot(k, n + shift), score, atol=1e-4, rtol=1e-4
+        )  # angles are float32
         assert not torch.allclose(rot(q, m) @ rot(k, n + 1), score, atol=1e-3)  # but the distance itself matters
     x = torch.randn(2, 3, 50, 16, generator=g, dtype=torch.float64)
     torch.testing.assert_close(ex4.rotate(x, 17).norm(dim=-1), x.norm(dim=-1))
@@ -154,7 +163,9 @@ def test_window_gradient_is_exactly_zero_beyond_the_window(flash, impl):
     assert seen.tolist() == [t - W < s <= t for s in range(T)]
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(window=4), dict(window=4, window_impl="blocked", flash=False), dict(**OFF)])
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(window=4), dict(window=4, window_impl="blocked", flash=False), dict(**OFF)]
+)
 def test_causality(kw):
     """Changing tokens after position t changes no logit at positions <= t."""
     assert_causal(model(**kw), V, T=32, t=20)
@@ -227,7 +238,26 @@ def test_unbounded_only_with_rope_and_window():
 # Through main
 
 
-SMALL = ["--device", "cpu", "--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "32", "--batch_size", "4", "--eval_interval", "5", "--eval_iters", "2", "--log_interval", "5"]
+SMALL = [
+    "--device",
+    "cpu",
+    "--n_layer",
+    "2",
+    "--n_head",
+    "4",
+    "--n_embd",
+    "32",
+    "--block_size",
+    "32",
+    "--batch_size",
+    "4",
+    "--eval_interval",
+    "5",
+    "--eval_iters",
+    "2",
+    "--log_interval",
+    "5",
+]
 
 
 def test_smoke_every_switch_on(text_file, tmp_path, capsys):
@@ -249,7 +279,9 @@ def test_smoke_every_switch_on(text_file, tmp_path, capsys):
     ex4.main([*SMALL, "--dropout", "0.1", "--out_dir", out, "--max_iters", "15", "--resume", "--max_new_tokens", "5"])
     printed = capsys.readouterr().out
     assert "resuming from iter 10" in printed and "iter 15 |" in printed
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["window"] == 8  # the architecture came from the checkpoint
+    assert (
+        torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["window"] == 8
+    )  # the architecture came from the checkpoint
     ex4.main([*SMALL, *on, "--data", text_file, "--out_dir", straight, "--max_iters", "15", "--max_new_tokens", "5"])
     assert losses(out) == losses(straight)  # resumed at 10, the same losses as the uninterrupted run, dropout and all
 
@@ -260,9 +292,25 @@ def test_smoke_every_switch_on(text_file, tmp_path, capsys):
     # sampling from the checkpoint runs past block_size (RoPE and a window), and the cache does not change the text
     texts = []
     for cache in ("--kv_cache", "--no-kv_cache"):
-        ex4.main(["--device", "cpu", "--out_dir", out, "--prompt", "All:", "--max_new_tokens", "80", "--temperature", "0", cache])
+        ex4.main(
+            [
+                "--device",
+                "cpu",
+                "--out_dir",
+                out,
+                "--prompt",
+                "All:",
+                "--max_new_tokens",
+                "80",
+                "--temperature",
+                "0",
+                cache,
+            ]
+        )
         texts.append(capsys.readouterr().out)
-    assert texts[0] == texts[1] and texts[0].startswith("--- sample 1 ---\nAll:") and len(texts[0].split("\n", 1)[1]) > 80
+    assert (
+        texts[0] == texts[1] and texts[0].startswith("--- sample 1 ---\nAll:") and len(texts[0].split("\n", 1)[1]) > 80
+    )
 
 
 @pytest.mark.parametrize(

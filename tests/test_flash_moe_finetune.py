@@ -25,9 +25,13 @@ from torch.nn import functional as F
 import flash_moe_finetune as fm
 from conftest import ROOT, assert_causal, losses, torchrun_and_single, user_error
 
-TINY = ["--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2", "--device", "cpu",
-        "--eval_iters", "2", "--max_new_tokens", "8", "--test_tokens", "300", "--learning_rate", "1e-2", "--warmup_iters", "0"]  # fmt: skip
-WIKI = ' = Lobster = \n \n The lobster is a <unk> animal . It \'s red @-@ tipped , 1 @,@ 000 g ( 3 @.@ 5 lb ) and " highly esteemed " .\n'
+TINY = ["--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "16",
+        "--batch_size", "2", "--device", "cpu", "--eval_iters", "2", "--max_new_tokens", "8", "--test_tokens", "300",
+        "--learning_rate", "1e-2", "--warmup_iters", "0"]  # fmt: skip
+WIKI = (
+    " = Lobster = \n \n The lobster is a <unk> animal . It 's red @-@ tipped , 1 @,@ 000 g ( 3 @.@ 5 lb ) "
+    'and " highly esteemed " .\n'
+)
 CPU = torch.device("cpu")
 
 
@@ -37,7 +41,9 @@ def wikitext(tmp_path):
     folder = tmp_path / "wikitext"
     folder.mkdir()
     for i, split in enumerate(("train", "valid", "test")):
-        (folder / f"{split}.txt").write_text((WIKI.replace("Lobster", f"Lobster {i}") + " The crab is green .\n") * 25, encoding="utf-8")
+        (folder / f"{split}.txt").write_text(
+            (WIKI.replace("Lobster", f"Lobster {i}") + " The crab is green .\n") * 25, encoding="utf-8"
+        )
     return str(folder)
 
 
@@ -66,7 +72,11 @@ def test_causal(attention):
 def test_hugging_face_gpt2_converted_gives_the_same_logits(monkeypatch):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    hf = perturbed(transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=101, n_positions=24, n_embd=32, n_layer=3, n_head=4))).eval()
+    hf = perturbed(
+        transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(vocab_size=101, n_positions=24, n_embd=32, n_layer=3, n_head=4)
+        )
+    ).eval()
     idx = torch.randint(101, (2, 24))
     with torch.no_grad():
         theirs = hf(idx).logits
@@ -76,7 +86,14 @@ def test_hugging_face_gpt2_converted_gives_the_same_logits(monkeypatch):
     for block_size in (0, 16):
         cfg = fm.Config(init_from="gpt2", block_size=block_size)
         model = fm.start_model(cfg, SimpleNamespace(vocab_size=101), CPU).eval()
-        assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias, cfg.gelu, cfg.block_size) == (3, 4, 32, True, "tanh", block_size or 24)
+        assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias, cfg.gelu, cfg.block_size) == (
+            3,
+            4,
+            32,
+            True,
+            "tanh",
+            block_size or 24,
+        )
         assert model.lm_head.weight is model.wte.weight  # still tied
         with torch.no_grad():
             ours, _ = model(idx[:, : cfg.block_size])
@@ -100,7 +117,11 @@ def test_untied_hugging_face_embeddings_are_refused(monkeypatch, capsys):
 def no_hub(tmp_path):
     """os.environ without the Hugging Face offline variables, its cache empty (HF_HOME), the Hub at a port where nothing
     listens (HF_ENDPOINT): unreachable even on a machine that is online."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         env["HF_ENDPOINT"] = f"http://127.0.0.1:{s.getsockname()[1]}"
@@ -163,10 +184,26 @@ def test_init_from_an_ex3_gpt2_checkpoint(tmp_path, gpt2_cache):
     cfg3 = ex3.Config(n_layer=2, n_head=2, n_embd=16, block_size=16, tokenizer="gpt2")
     ex3_model = perturbed(ex3.GPT(cfg3, 50257), 0.3).eval()  # large weights: the two GELUs differ by ~1e-3 here
     path = str(tmp_path / "best.pt")
-    torch.save({"script": "ex3_pretrain_finetune", "model": ex3_model.state_dict(), "config": asdict(cfg3), "tokenizer": "gpt2", "vocab": None}, path)
+    torch.save(
+        {
+            "script": "ex3_pretrain_finetune",
+            "model": ex3_model.state_dict(),
+            "config": asdict(cfg3),
+            "tokenizer": "gpt2",
+            "vocab": None,
+        },
+        path,
+    )
     cfg = fm.Config(init_from=path, n_experts=4)
     model = fm.start_model(cfg, fm.GPT2Tokenizer(), CPU).eval()
-    assert (cfg.n_layer, cfg.n_embd, cfg.bias, cfg.gelu, cfg.block_size, cfg.n_experts) == (2, 16, False, "none", 16, 4) and not model.moes()
+    assert (cfg.n_layer, cfg.n_embd, cfg.bias, cfg.gelu, cfg.block_size, cfg.n_experts) == (
+        2,
+        16,
+        False,
+        "none",
+        16,
+        4,
+    ) and not model.moes()
     idx = torch.randint(50257, (2, 16))
     with torch.no_grad():
         assert (model(idx)[0] - ex3_model(idx)[0]).abs().max() < 1e-5
@@ -228,7 +265,9 @@ def test_load_balancing_and_z_loss():
     for chosen in (torch.randint(E, (12, 2)), torch.zeros(12, 1, dtype=torch.long)):  # any routing
         assert fm.load_balancing_loss(uniform, chosen).item() == pytest.approx(1.0, abs=1e-6)
     one_hot = F.one_hot(torch.zeros(12, 1, dtype=torch.long), E).float()
-    assert fm.load_balancing_loss(one_hot, torch.zeros(12, 1, dtype=torch.long)).item() == pytest.approx(E)  # all on expert 0
+    assert fm.load_balancing_loss(one_hot, torch.zeros(12, 1, dtype=torch.long)).item() == pytest.approx(
+        E
+    )  # all on expert 0
     probs, chosen = F.softmax(torch.randn(50, E), dim=-1), torch.randint(E, (50, 2))
     f = torch.bincount(chosen.flatten(), minlength=E).float() / chosen.numel()
     expected = E * (f * probs.mean(0)).sum().item()
@@ -241,7 +280,9 @@ def test_load_balancing_and_z_loss():
 # Flash attention
 
 
-@pytest.mark.parametrize("B,H,T,D,block", [(2, 3, 1, 8, 16), (2, 3, 37, 8, 16), (1, 2, 64, 16, 16), (3, 1, 20, 4, 7), (1, 4, 5, 32, 8)])
+@pytest.mark.parametrize(
+    "B,H,T,D,block", [(2, 3, 1, 8, 16), (2, 3, 37, 8, 16), (1, 2, 64, 16, 16), (3, 1, 20, 4, 7), (1, 4, 5, 32, 8)]
+)
 def test_tiled_and_fused_attention_equal_explicit_attention(B, H, T, D, block):
     torch.manual_seed(T)
     q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -257,7 +298,10 @@ def test_tiled_and_fused_attention_equal_explicit_attention(B, H, T, D, block):
 
 def test_attention_flag_switches_the_model_path():
     torch.manual_seed(0)
-    models = {a: fm.GPT(tiny_cfg(attention=a, flash_block=5, block_size=23), 31).eval() for a in ("fused", "tiled", "explicit")}
+    models = {
+        a: fm.GPT(tiny_cfg(attention=a, flash_block=5, block_size=23), 31).eval()
+        for a in ("fused", "tiled", "explicit")
+    }
     for m in models.values():
         m.load_state_dict(models["explicit"].state_dict())
     x = torch.randint(31, (2, 23))
@@ -291,14 +335,18 @@ def test_banned_words_never_appear(gpt2_cache):
     unk = tok.encode(" <unk>")  # three tokens: ' <', 'unk', '>'
     assert len(unk) == 3 and tuple(unk) in fm.banned_sequences("<unk>, nothing", tok)
     the = tok.encode(" the")[0]
-    model = Stub(tok.vocab_size, {the: unk[0], unk[0]: unk[1], unk[1]: unk[2], unk[2]: unk[0]}, the)  # writes ' <unk>' forever
+    model = Stub(
+        tok.vocab_size, {the: unk[0], unk[0]: unk[1], unk[1]: unk[2], unk[2]: unk[0]}, the
+    )  # writes ' <unk>' forever
     idx = torch.tensor([tok.encode("It was")] * 2)
     assert "<unk>" in tok.decode(model.generate(idx, 12, temperature=0)[0].tolist())  # the check can see it
     ban = [list(s) for s in fm.banned_sequences("<unk>", tok)]
     for temperature in (0, 1.0):
         torch.manual_seed(0)
         for row in model.generate(idx, 12, temperature=temperature, top_k=2, ban=ban).tolist():
-            assert "<unk>" not in tok.decode(row) and " <unk" in tok.decode(row)  # it tried, and the last token was refused
+            assert "<unk>" not in tok.decode(row) and " <unk" in tok.decode(
+                row
+            )  # it tried, and the last token was refused
     # a one-token word is refused everywhere, though it is the model's favourite
     out = model.generate(idx, 12, temperature=0, ban=[[unk[0]]]).tolist()
     assert all(unk[0] not in row[2:] for row in out)
@@ -312,12 +360,18 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_repetition_penalty():
     model = Stub(20, {1: 7, 7: 7}, 3)  # always favours token 7 (10), then token 3 (5)
-    greedy = lambda penalty: model.generate(torch.tensor([[1]]), 2, temperature=0, repetition_penalty=penalty)[0].tolist()  # noqa: E731
+
+    def greedy(penalty):
+        return model.generate(torch.tensor([[1]]), 2, temperature=0, repetition_penalty=penalty)[0].tolist()
+
     assert greedy(1.0) == [1, 7, 7] and greedy(2.5) == [1, 7, 3]  # 10 / 2.5 < 5: once written, 7 loses to the runner-up
 
 
 def test_clean_wikitext():
-    assert fm.clean_wikitext(WIKI) == '= Lobster =\n\nThe lobster is a animal. It\'s red-tipped, 1,000 g (3.5 lb) and "highly esteemed".\n'
+    assert (
+        fm.clean_wikitext(WIKI)
+        == '= Lobster =\n\nThe lobster is a animal. It\'s red-tipped, 1,000 g (3.5 lb) and "highly esteemed".\n'
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,7 +422,11 @@ def test_smoke_upcycle_finetune_evaluate_sample_resume(tmp_path, wikitext, gpt2_
     assert "--- sample 1, starting model ---" in text and "--- sample 1, fine-tuned ---" in text
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)  # the latest state, whatever the val loss
     assert ckpt["iter_num"] == 6 and "optimizer" in ckpt
-    assert ckpt["tokenizer"] == "gpt2" and ckpt["config"]["n_experts"] == 4 and "blocks.0.mlp.experts.3.c_fc.weight" in ckpt["model"]
+    assert (
+        ckpt["tokenizer"] == "gpt2"
+        and ckpt["config"]["n_experts"] == 4
+        and "blocks.0.mlp.experts.3.c_fc.weight" in ckpt["model"]
+    )
     assert "optimizer" not in torch.load(os.path.join(out, "best.pt"), weights_only=True)  # the model to sample from
 
     # Ctrl-C during iteration 4: ckpt.pt holds iteration 5, and --resume (the data flag from the checkpoint) ends with
@@ -395,20 +453,39 @@ def test_smoke_upcycle_finetune_evaluate_sample_resume(tmp_path, wikitext, gpt2_
     capsys.readouterr()
     fm.main(["--out_dir", out, "--prompt", "The lobster", "--max_new_tokens", "12", "--device", "cpu", "--top_k", "0"])
     text = capsys.readouterr().out
-    assert "--- sample 1, starting model ---\nThe lobster" in text and "--- sample 1, fine-tuned ---\nThe lobster" in text
+    assert (
+        "--- sample 1, starting model ---\nThe lobster" in text and "--- sample 1, fine-tuned ---\nThe lobster" in text
+    )
     assert "<unk>" not in text
 
 
 def test_zero_shot_and_dense(tmp_path, wikitext, gpt2_cache, capsys):
-    fm.main(TINY + ["--data", wikitext, "--out_dir", str(tmp_path / "o"), "--n_experts", "1", "--max_iters", "0", "--attention", "tiled"])
+    fm.main(
+        TINY
+        + [
+            "--data",
+            wikitext,
+            "--out_dir",
+            str(tmp_path / "o"),
+            "--n_experts",
+            "1",
+            "--max_iters",
+            "0",
+            "--attention",
+            "tiled",
+        ]
+    )
     text = capsys.readouterr().out
-    assert "test perplexity before fine-tuning" in text and "upcycled" not in text and "tokens per iteration" not in text
+    assert (
+        "test perplexity before fine-tuning" in text and "upcycled" not in text and "tokens per iteration" not in text
+    )
     assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
 
 
 def test_user_errors(tmp_path, wikitext, gpt2_cache, capsys, monkeypatch):
     base = TINY + ["--data", wikitext, "--out_dir", str(tmp_path / "o")]
-    # offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1 in conftest), or without transformers: one line naming the flag to use instead
+    # offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1 in conftest), or without transformers: one line naming the flag
+    # to use instead
     line = user_error(capsys, fm.main, base + ["--init_from", "gpt2"])
     assert "gpt2" in line and "--init_from PATH" in line and "--init_from scratch" in line
     monkeypatch.setattr(fm, "DATA_DIR", str(tmp_path / "data"))  # no WikiText cached there
@@ -484,7 +561,10 @@ def test_help_lists_every_flag(capsys):
         fm.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    assert all(f"--{name} " in text or f"--{name}\n" in text or f"--{name}," in text or f"--{name} |" in text for name in fm.Config.__dataclass_fields__)
+    assert all(
+        f"--{name} " in text or f"--{name}\n" in text or f"--{name}," in text or f"--{name} |" in text
+        for name in fm.Config.__dataclass_fields__
+    )
     assert "(default --compare)" in " ".join(text.split()) and "(default --no-compile)" in " ".join(text.split())
 
 
@@ -520,13 +600,19 @@ torch.save(models[0].state_dict(), os.path.join(out, "rank" + os.environ.get("RA
 def test_torchrun_two_processes_equal_one(tmp_path, wikitext, gpt2_cache):
     """torchrun --nproc_per_node 2 on the CPU (gloo) with experts: an expert no token of a rank's micro-batch chose
     still takes part in the all-reduce; the weights end identical on both ranks and equal to one process's."""
-    args = TINY + ["--data", wikitext, "--n_experts", "8", "--moe_k", "1", "--gradient_accumulation_steps", "2", "--max_iters", "3", "--eval_interval", "3",
-                   "--max_new_tokens", "1", "--no-compare", "--dropout", "0"]  # fmt: skip
+    args = TINY + ["--data", wikitext, "--n_experts", "8", "--moe_k", "1", "--gradient_accumulation_steps", "2",
+                   "--max_iters", "3", "--eval_interval", "3", "--max_new_tokens", "1", "--no-compare",
+                   "--dropout", "0"]  # fmt: skip
     ddp, one, p, q = torchrun_and_single(tmp_path, WORKER.format(root=ROOT), args)
-    assert p.stdout.count("test perplexity before") == 1 and "2 processes x 1 micro-batches" in p.stdout  # only rank 0 prints
+    assert (
+        p.stdout.count("test perplexity before") == 1 and "2 processes x 1 micro-batches" in p.stdout
+    )  # only rank 0 prints
     ppl = lambda out: float(out.split("test perplexity after fine-tuning (best val checkpoint): ")[1].split()[0])  # noqa: E731
     assert ppl(p.stdout) == pytest.approx(ppl(q.stdout), rel=1e-4)  # each process scored half of the windows
-    r0, r1, single = (torch.load(os.path.join(d, f), weights_only=True) for d, f in ((ddp, "rank0.pt"), (ddp, "rank1.pt"), (one, "rank0.pt")))
+    r0, r1, single = (
+        torch.load(os.path.join(d, f), weights_only=True)
+        for d, f in ((ddp, "rank0.pt"), (ddp, "rank1.pt"), (one, "rank0.pt"))
+    )
     for name, w in r0.items():
         assert torch.equal(w, r1[name]), name
         assert torch.allclose(w, single[name], atol=1e-5), name
@@ -586,7 +672,7 @@ def test_torchrun_stops_every_rank_at_the_same_iteration(tmp_path, wikitext, gpt
     assert p.returncode != 0 and p.stderr.count("stopped: ") == 1, p.stderr[-3000:]
     assert f"stopped: {out}{os.sep}ckpt.pt holds iteration 3; continue with --resume" in p.stderr
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 3
-    assert "flash_moe_finetune.py\", line" not in p.stderr  # no traceback from a worker (torchrun adds its own report)
+    assert 'flash_moe_finetune.py", line' not in p.stderr  # no traceback from a worker (torchrun adds its own report)
 
 
 def test_torchrun_user_errors_are_one_line(tmp_path, wikitext, gpt2_cache):
@@ -597,10 +683,10 @@ def test_torchrun_user_errors_are_one_line(tmp_path, wikitext, gpt2_cache):
     p = torchrun(script, args)  # --gradient_accumulation_steps 1 for 2 processes
     errors = [line for line in p.stderr.splitlines() if "error: " in line]
     assert p.returncode != 0 and errors == [f"error: {GRAD_ACCUM}"]
-    assert "flash_moe_finetune.py\", line" not in p.stderr  # no traceback from a worker (torchrun adds its own report)
+    assert 'flash_moe_finetune.py", line' not in p.stderr  # no traceback from a worker (torchrun adds its own report)
     with open(os.path.join(wikitext, "test.txt"), "ab") as f:
         f.write(b"\0")
     p = torchrun(script, args + ["--gradient_accumulation_steps", "2"])
     errors = [line for line in p.stderr.splitlines() if "error: " in line]
     assert p.returncode != 0 and len(errors) == 1 and "binary" in errors[0]
-    assert "flash_moe_finetune.py\", line" not in p.stderr
+    assert 'flash_moe_finetune.py", line' not in p.stderr

@@ -18,13 +18,25 @@ import switchhead_moe as sh
 from conftest import assert_causal, read_log, user_error
 
 TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--seq_len", "12",
-        "--batch_size", "4", "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "1", "--learning_rate", "1e-2",
-        "--d_embd", "8", "--d_hidden", "16", "--gan_batch_size", "4", "--eval_samples", "6", "--max_new_tokens", "20"]  # fmt: skip
+        "--batch_size", "4", "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "1",
+        "--learning_rate", "1e-2", "--d_embd", "8", "--d_hidden", "16", "--gan_batch_size", "4", "--eval_samples", "6",
+        "--max_new_tokens", "20"]  # fmt: skip
 
 
 def tiny(seed=0, **overrides):
     """A tiny generator and discriminator over a vocabulary of 11."""
-    cfg = gan.Config(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "head_size": 8, "block_size": 16, "d_embd": 8, "d_hidden": 16, **overrides})
+    cfg = gan.Config(
+        **{
+            "n_layer": 2,
+            "n_head": 2,
+            "n_embd": 32,
+            "head_size": 8,
+            "block_size": 16,
+            "d_embd": 8,
+            "d_hidden": 16,
+            **overrides,
+        }
+    )
     torch.manual_seed(seed)
     return cfg, gan.GPT(cfg, 11), gan.Discriminator(cfg, 11)
 
@@ -124,7 +136,9 @@ def test_per_token_rewards_weight_their_own_tokens():
     loss = gan.reinforce_loss(logp, rewards, 0.3)
     assert loss.item() == pytest.approx(-((rewards - 0.3) * logp).sum(1).mean().item(), rel=1e-6)
     # one reward per sequence is the same as that reward at every token
-    assert gan.reinforce_loss(logp, rewards[:, 0], 0.3).item() == pytest.approx(gan.reinforce_loss(logp, rewards[:, :1].expand(2, 7), 0.3).item(), rel=1e-6)
+    assert gan.reinforce_loss(logp, rewards[:, 0], 0.3).item() == pytest.approx(
+        gan.reinforce_loss(logp, rewards[:, :1].expand(2, 7), 0.3).item(), rel=1e-6
+    )
 
 
 def test_rewards_are_detached():
@@ -208,8 +222,13 @@ def test_discriminator_separates_a_toy_set():
 
 
 def test_bleu_of_a_corpus_against_itself_and_self_bleu_of_copies_is_one():
-    corpus = [gan.words(t) for t in ["First Citizen: Before we proceed any further, hear me speak.", "All: Speak, speak.",
-                                     "You are all resolved rather to die than to famish?", "Resolved. resolved."]]  # fmt: skip
+    lines = [
+        "First Citizen: Before we proceed any further, hear me speak.",
+        "All: Speak, speak.",
+        "You are all resolved rather to die than to famish?",
+        "Resolved. resolved.",
+    ]
+    corpus = [gan.words(t) for t in lines]
     for n in (2, 3, 4):
         assert gan.bleu(corpus, corpus, n) == pytest.approx(1.0)
         assert gan.self_bleu([corpus[0]] * 5, n) == pytest.approx(1.0)
@@ -235,23 +254,36 @@ def test_bleu_by_hand():
 
 
 def test_every_phase_checkpoint_resume_and_sample(tmp_path, text_file, capsys):
-    common = TINY + ["--data", text_file, "--max_iters", "4", "--eval_interval", "2", "--d_pretrain_iters", "2", "--adv_eval_interval", "2",
-                     "--rollouts", "1", "--mle_weight", "0.5", "--g_steps", "2", "--d_steps", "2"]  # fmt: skip
+    common = TINY + ["--data", text_file, "--max_iters", "4", "--eval_interval", "2", "--d_pretrain_iters", "2",
+                     "--adv_eval_interval", "2", "--rollouts", "1", "--mle_weight", "0.5", "--g_steps", "2",
+                     "--d_steps", "2"]  # fmt: skip
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     gan.main(common + ["--out_dir", full, "--adv_rounds", "4"])
     out = capsys.readouterr().out
-    assert "samples of the MLE generator, before the adversarial rounds:" in out and "samples after the adversarial rounds:" in out
+    assert (
+        "samples of the MLE generator, before the adversarial rounds:" in out
+        and "samples after the adversarial rounds:" in out
+    )
     assert out.count("--- sample 1 ---") == 2 and "rewards per token, 1 rollouts per prefix" in out
     assert "d-pretrain 2 | NLL" in out and "round 4 | NLL" in out and "self-BLEU-4" in out and "reward" in out
     rows = read_log(full)
     assert {r["phase"] for r in rows} == {"mle", "d_pretrain", "adversarial"}
     evals = [r for r in rows if r["phase"] != "mle" and r["bleu2"]]
-    assert [(r["phase"], r["iter"]) for r in evals] == [("d_pretrain", "0"), ("d_pretrain", "2"), ("adversarial", "2"), ("adversarial", "4")]
-    assert all(0 <= float(r[k]) <= 1 for r in evals for k in ("d_acc_real", "d_acc_fake", "bleu2", "bleu4", "self_bleu4"))
+    assert [(r["phase"], r["iter"]) for r in evals] == [
+        ("d_pretrain", "0"),
+        ("d_pretrain", "2"),
+        ("adversarial", "2"),
+        ("adversarial", "4"),
+    ]
+    assert all(
+        0 <= float(r[k]) <= 1 for r in evals for k in ("d_acc_real", "d_acc_fake", "bleu2", "bleu4", "self_bleu4")
+    )
     ckpt = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     assert ckpt["phase"] == "adversarial" and ckpt["iter_num"] == 4
     assert ckpt["config"]["init_from"] == "scratch" and ckpt["tokenizer"] == "char"  # the default: MLE pre-training
-    assert {"model", "optimizer", "discriminator", "d_optimizer", "baseline"} <= ckpt.keys() and ckpt["optimizer"] is not None
+    assert {"model", "optimizer", "discriminator", "d_optimizer", "baseline"} <= ckpt.keys() and ckpt[
+        "optimizer"
+    ] is not None
     # best.pt: the latest generator (a GAN has no best model), no optimizers; both carry the MLE phase's best val
     best = torch.load(os.path.join(full, "best.pt"), weights_only=True)
     assert (best["phase"], best["iter_num"]) == ("adversarial", 4) and not {"optimizer", "d_optimizer"} & best.keys()
@@ -356,7 +388,9 @@ def test_init_from_a_switchhead_checkpoint(tmp_path, text_file, capsys):
 
 
 def test_user_errors(tmp_path, text_file, capsys):
-    assert "--seq_len 20" in user_error(capsys, gan.main, TINY + ["--data", text_file, "--seq_len", "20"])  # block_size is 16
+    assert "--seq_len 20" in user_error(
+        capsys, gan.main, TINY + ["--data", text_file, "--seq_len", "20"]
+    )  # block_size is 16
     assert "--seq_len 1" in user_error(capsys, gan.main, TINY + ["--seq_len", "1"])
     assert "--baseline_decay" in user_error(capsys, gan.main, TINY + ["--baseline_decay", "1"])
     assert "--rollouts" in user_error(capsys, gan.main, TINY + ["--rollouts", "-1"])

@@ -15,8 +15,9 @@ import torch
 import ex1_gpt as ex1
 from conftest import ROOT, losses
 
-TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2", "--device", "cpu",
-        "--eval_iters", "1", "--log_interval", "1", "--dropout", "0.1", "--max_new_tokens", "4"]  # fmt: skip
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2",
+        "--device", "cpu", "--eval_iters", "1", "--log_interval", "1", "--dropout", "0.1",
+        "--max_new_tokens", "4"]  # fmt: skip
 
 
 def start(args):
@@ -63,7 +64,14 @@ def test_sigkill_at_random_moments(tmp_path, text_file):
 def test_signal_saves_latest_state(sig, tmp_path, text_file, capsys):
     """Stopped between evaluations, the run saves the iteration it reached; resumed, it ends with exactly the losses
     of a run that was never stopped (dropout included)."""
-    args = TINY + ["--data", text_file, "--max_iters", "100", "--eval_interval", "1000"]  # evaluations at 0 and 100 only
+    args = TINY + [
+        "--data",
+        text_file,
+        "--max_iters",
+        "100",
+        "--eval_interval",
+        "1000",
+    ]  # evaluations at 0 and 100 only
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     ex1.main(args + ["--out_dir", straight])
     proc = start(args + ["--out_dir", stopped])

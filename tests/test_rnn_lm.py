@@ -10,15 +10,23 @@ import torch
 import rnn_lm
 from conftest import TEXT, read_log, user_error
 
-TINY = ["--device", "cpu", "--n_layer", "1", "--n_embd", "16", "--n_hidden", "32", "--block_size", "16", "--batch_size", "4",
-        "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "1",
-        "--max_new_tokens", "20"]  # fmt: skip
+TINY = ["--device", "cpu", "--n_layer", "1", "--n_embd", "16", "--n_hidden", "32", "--block_size", "16",
+        "--batch_size", "4", "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "2", "--log_interval", "1",
+        "--warmup_iters", "1", "--max_new_tokens", "20"]  # fmt: skip
 CELLS = [("elman", "slide"), ("elman", "tanh"), ("lstm", "slide"), ("gru", "slide")]
 
 
 def make_model(cell, activation="slide", bidirectional=False, n_layer=2):
     torch.manual_seed(0)
-    cfg = rnn_lm.Config(cell=cell, activation=activation, bidirectional=bidirectional, n_layer=n_layer, n_embd=8, n_hidden=12, block_size=16)
+    cfg = rnn_lm.Config(
+        cell=cell,
+        activation=activation,
+        bidirectional=bidirectional,
+        n_layer=n_layer,
+        n_embd=8,
+        n_hidden=12,
+        block_size=16,
+    )
     return rnn_lm.RNNLM(cfg, 11).eval()
 
 
@@ -35,7 +43,11 @@ def test_elman_layer_equals_step_by_step_loop(activation):
             p.normal_()
     x, h0 = torch.randn(3, 6, 5), torch.rand(3, 7)
     out = layer(x, h0)
-    act = (lambda a: torch.minimum(torch.ones_like(a), torch.maximum(torch.zeros_like(a), a))) if activation == "slide" else torch.tanh
+    act = (
+        (lambda a: torch.minimum(torch.ones_like(a), torch.maximum(torch.zeros_like(a), a)))
+        if activation == "slide"
+        else torch.tanh
+    )
     for b in range(3):
         h = h0[b]
         for t in range(6):
@@ -122,7 +134,9 @@ def test_stepping_with_state_equals_running_the_whole_prefix(cell, activation):
 def test_generate_reads_the_prompt_once_then_one_token_per_step(cell, activation, monkeypatch):
     model = make_model(cell, activation)
     lengths, forward = [], rnn_lm.RNNLM.forward
-    monkeypatch.setattr(rnn_lm.RNNLM, "forward", lambda self, idx, *a, **k: lengths.append(idx.size(1)) or forward(self, idx, *a, **k))
+    monkeypatch.setattr(
+        rnn_lm.RNNLM, "forward", lambda self, idx, *a, **k: lengths.append(idx.size(1)) or forward(self, idx, *a, **k)
+    )
     prompt = torch.randint(11, (2, 5))
     out = model.generate(prompt, 20, temperature=0)
     assert lengths[0] == 5 and set(lengths[1:]) == {1}
@@ -150,7 +164,24 @@ def test_stateful_carries_the_state_and_detaches_it(cell, text_file, tmp_path, m
         return logits, loss, last
 
     monkeypatch.setattr(rnn_lm.RNNLM, "forward", spy)
-    rnn_lm.main([*TINY, "--cell", cell, "--stateful", "--max_iters", "5", "--eval_interval", "100", "--max_new_tokens", "0", "--data", text_file, "--out_dir", str(tmp_path)])
+    rnn_lm.main(
+        [
+            *TINY,
+            "--cell",
+            cell,
+            "--stateful",
+            "--max_iters",
+            "5",
+            "--eval_interval",
+            "100",
+            "--max_new_tokens",
+            "0",
+            "--data",
+            text_file,
+            "--out_dir",
+            str(tmp_path),
+        ]
+    )
     train = [c for c in calls if c[0]]
     assert len(train) == 5
     assert train[0][2] is None  # the first chunk starts from zeros
@@ -177,14 +208,31 @@ def test_stateful_streams_start_over_at_their_end():
         x, y, restart = loader.next_chunk()
         assert torch.equal(y[:, :-1], x[:, 1:])
         starts.append((x[0, 0].item(), x[1, 0].item(), restart))
-    assert starts == [(0, 45, False), (8, 53, False), (16, 61, False), (24, 69, False), (32, 77, False), (0, 45, True), (8, 53, False)]
+    assert starts == [
+        (0, 45, False),
+        (8, 53, False),
+        (16, 61, False),
+        (24, 69, False),
+        (32, 77, False),
+        (0, 45, True),
+        (8, 53, False),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Through main: every cell, bidirectional, checkpoint, --prompt, --resume, errors
 
 
-@pytest.mark.parametrize("flags", [["--cell", "elman"], ["--cell", "elman", "--activation", "tanh"], ["--cell", "lstm", "--n_layer", "2", "--dropout", "0.1"], ["--cell", "gru", "--stateful"], ["--cell", "lstm", "--bidirectional"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--cell", "elman"],
+        ["--cell", "elman", "--activation", "tanh"],
+        ["--cell", "lstm", "--n_layer", "2", "--dropout", "0.1"],
+        ["--cell", "gru", "--stateful"],
+        ["--cell", "lstm", "--bidirectional"],
+    ],
+)
 def test_smoke(flags, text_file, tmp_path, capsys):
     out_dir = str(tmp_path / "out")
     rnn_lm.main([*TINY, *flags, "--data", text_file, "--out_dir", out_dir])
@@ -195,7 +243,9 @@ def test_smoke(flags, text_file, tmp_path, capsys):
     rows = read_log(out_dir)
     assert [r["iter"] for r in rows if r["val_loss"]] == ["0", "2", "4"]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])  # it learned something
-    rnn_lm.main(["--device", "cpu", "--out_dir", out_dir, "--prompt", "First", "--num_samples", "2", "--max_new_tokens", "30"])
+    rnn_lm.main(
+        ["--device", "cpu", "--out_dir", out_dir, "--prompt", "First", "--num_samples", "2", "--max_new_tokens", "30"]
+    )
     out = capsys.readouterr().out
     samples = out.split("--- sample ")[1:]
     assert len(samples) == 2
@@ -205,15 +255,33 @@ def test_smoke(flags, text_file, tmp_path, capsys):
     assert ("not a language model" in out) == ("--bidirectional" in flags)
 
 
-@pytest.mark.parametrize("flags", [["--cell", "lstm"], ["--cell", "elman", "--stateful"], ["--cell", "lstm", "--stateful"]])
+@pytest.mark.parametrize(
+    "flags", [["--cell", "lstm"], ["--cell", "elman", "--stateful"], ["--cell", "lstm", "--stateful"]]
+)
 def test_resume_continues_exactly(flags, text_file, tmp_path):
-    common = [*TINY, *flags, "--data", text_file, "--eval_interval", "3", "--lr_decay_iters", "6", "--learning_rate", "1e-2", "--max_new_tokens", "0"]
+    common = [
+        *TINY,
+        *flags,
+        "--data",
+        text_file,
+        "--eval_interval",
+        "3",
+        "--lr_decay_iters",
+        "6",
+        "--learning_rate",
+        "1e-2",
+        "--max_new_tokens",
+        "0",
+    ]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     rnn_lm.main([*common, "--max_iters", "6", "--out_dir", straight])
     rnn_lm.main([*common, "--max_iters", "3", "--out_dir", resumed])
     assert torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=True)["iter_num"] == 3
     rnn_lm.main([*common, "--max_iters", "6", "--out_dir", resumed, "--resume"])
-    losses = lambda out_dir: [(r["iter"], r["train_loss"], r["val_loss"], r["lr"]) for r in read_log(out_dir)]  # not the timings
+
+    def losses(out_dir):  # not the timings
+        return [(r["iter"], r["train_loss"], r["val_loss"], r["lr"]) for r in read_log(out_dir)]
+
     assert losses(straight) == losses(resumed) != []
     a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=True)["model"]
@@ -231,7 +299,10 @@ def test_stop_between_evaluations_saves_the_stream_and_resumes_exactly(flags, te
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     rnn_lm.main([*common, "--out_dir", straight])
     get_lr = rnn_lm.get_lr
-    ctrl_c_at_3 = lambda it, cfg: (it == 3 and os.kill(os.getpid(), signal.SIGINT)) or get_lr(it, cfg)
+
+    def ctrl_c_at_3(it, cfg):
+        return (it == 3 and os.kill(os.getpid(), signal.SIGINT)) or get_lr(it, cfg)
+
     monkeypatch.setattr(rnn_lm, "get_lr", ctrl_c_at_3)
     with pytest.raises(SystemExit) as e:
         rnn_lm.main([*common, "--out_dir", stopped])
@@ -243,7 +314,10 @@ def test_stop_between_evaluations_saves_the_stream_and_resumes_exactly(flags, te
     monkeypatch.setattr(rnn_lm, "get_lr", get_lr)
     rnn_lm.main([*common, "--out_dir", stopped, "--resume"])
     assert "resuming from iter 4" in capsys.readouterr().out
-    losses = lambda out_dir: [(r["iter"], r["train_loss"], r["val_loss"], r["lr"]) for r in read_log(out_dir)]
+
+    def losses(out_dir):
+        return [(r["iter"], r["train_loss"], r["val_loss"], r["lr"]) for r in read_log(out_dir)]
+
     assert losses(straight) == losses(stopped)
 
 
@@ -280,8 +354,12 @@ def test_resume_takes_architecture_and_data_from_the_checkpoint(text_file, tmp_p
 def test_resume_of_a_bidirectional_checkpoint_refuses_stateful(text_file, tmp_path, capsys):
     """--resume takes --bidirectional from the checkpoint, so --stateful alone must meet the same check."""
     out = str(tmp_path / "out")
-    rnn_lm.main([*TINY, "--bidirectional", "--max_iters", "2", "--max_new_tokens", "0", "--data", text_file, "--out_dir", out])
-    line = user_error(capsys, rnn_lm.main, ["--device", "cpu", "--out_dir", out, "--resume", "--stateful", "--max_iters", "4"])
+    rnn_lm.main(
+        [*TINY, "--bidirectional", "--max_iters", "2", "--max_new_tokens", "0", "--data", text_file, "--out_dir", out]
+    )
+    line = user_error(
+        capsys, rnn_lm.main, ["--device", "cpu", "--out_dir", out, "--resume", "--stateful", "--max_iters", "4"]
+    )
     assert "--bidirectional cannot be --stateful" in line
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 2  # the checkpoint is untouched
 
@@ -307,6 +385,10 @@ def test_user_errors(flags, words, text_file, tmp_path, capsys):
 
 
 def test_prompt_errors(text_file, tmp_path, capsys):
-    assert "no checkpoint" in user_error(capsys, rnn_lm.main, ["--device", "cpu", "--out_dir", str(tmp_path), "--prompt", "First"])
+    assert "no checkpoint" in user_error(
+        capsys, rnn_lm.main, ["--device", "cpu", "--out_dir", str(tmp_path), "--prompt", "First"]
+    )
     rnn_lm.main([*TINY, "--max_iters", "0", "--data", text_file, "--out_dir", str(tmp_path)])
-    assert "not in the vocabulary" in user_error(capsys, rnn_lm.main, ["--device", "cpu", "--out_dir", str(tmp_path), "--prompt", "First~"])
+    assert "not in the vocabulary" in user_error(
+        capsys, rnn_lm.main, ["--device", "cpu", "--out_dir", str(tmp_path), "--prompt", "First~"]
+    )

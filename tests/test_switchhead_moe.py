@@ -14,11 +14,36 @@ import ex1_gpt as ex1
 import switchhead_moe as sh
 from conftest import assert_causal, assert_repeatable_samples, losses, read_log, user_error
 
-TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "4", "--device", "cpu", "--eval_iters", "2"]
+TINY = [
+    "--n_layer",
+    "2",
+    "--n_head",
+    "2",
+    "--n_embd",
+    "32",
+    "--block_size",
+    "16",
+    "--batch_size",
+    "4",
+    "--device",
+    "cpu",
+    "--eval_iters",
+    "2",
+]
 
 
 def make_attn(n_embd=16, n_head=2, head_size=5, n_experts=4, moe_k=2, gate="sigmoid", flash=True, seed=0):
-    cfg = sh.Config(n_layer=2, n_embd=n_embd, n_head=n_head, head_size=head_size, n_experts=n_experts, moe_k=moe_k, gate=gate, flash=flash, block_size=16)
+    cfg = sh.Config(
+        n_layer=2,
+        n_embd=n_embd,
+        n_head=n_head,
+        head_size=head_size,
+        n_experts=n_experts,
+        moe_k=moe_k,
+        gate=gate,
+        flash=flash,
+        block_size=16,
+    )
     torch.manual_seed(seed)
     attn = sh.SwitchHeadAttention(cfg).eval()
     with torch.no_grad():  # larger router weights than at init, so the choice of experts matters
@@ -28,7 +53,18 @@ def make_attn(n_embd=16, n_head=2, head_size=5, n_experts=4, moe_k=2, gate="sigm
 
 
 def tiny_model(**overrides):
-    cfg = sh.Config(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "head_size": 8, "n_experts": 4, "moe_k": 2, "block_size": 16, **overrides})
+    cfg = sh.Config(
+        **{
+            "n_layer": 2,
+            "n_head": 2,
+            "n_embd": 32,
+            "head_size": 8,
+            "n_experts": 4,
+            "moe_k": 2,
+            "block_size": 16,
+            **overrides,
+        }
+    )
     torch.manual_seed(0)
     return sh.GPT(cfg, vocab_size=11).eval()
 
@@ -165,7 +201,8 @@ def test_unchosen_experts_get_exactly_zero_gradient():
 
 
 def test_accounting_reproduces_the_paper():
-    # SwitchHead paper, Transformer XL with d_model=412 at T=256: dense 10 heads of 41; SwitchHead 2 heads of 76, E=5, k=2
+    # SwitchHead paper, Transformer XL with d_model=412 at T=256: dense 10 heads of 41; SwitchHead 2 heads of 76, E=5,
+    # k=2
     macs, mem = sh.attention_cost(256, 412, 10, 41, xl=True)
     assert (round(macs / 1e6, 1), round(mem / 1e6, 2)) == (453.4, 3.46)
     macs, mem = sh.attention_cost(256, 412, 2, 76, n_experts=5, k=2, xl=True)
@@ -197,7 +234,9 @@ def test_whole_model_parameter_count():
     moe, dense = tiny_model(), tiny_model(n_experts=1, n_head=8, head_size=4)  # 2 layers, d=32: 2 heads of 8, E=4, k=2
     switchhead = 2 * 32 * 2 * 8 + 2 * 2 * 4 * 32 * 8 + 2 * 2 * 4 * 32  # q, k; value and output experts; routers
     assert dense.num_params() - moe.num_params() == 2 * (4 * 32 * 32 - switchhead)
-    assert moe.num_params() - moe.num_params(active=True) == 2 * 2 * 2 * (4 - 2) * 32 * 8  # layers, v and o, heads, idle experts
+    assert (
+        moe.num_params() - moe.num_params(active=True) == 2 * 2 * 2 * (4 - 2) * 32 * 8
+    )  # layers, v and o, heads, idle experts
 
 
 def test_load_balancing_loss():
@@ -218,7 +257,20 @@ def test_load_balancing_loss():
 
 
 def test_train_sample_resume(tmp_path, text_file, capsys):
-    common = TINY + ["--data", text_file, "--learning_rate", "1e-2", "--dropout", "0.1", "--eval_interval", "5", "--log_interval", "1", "--lr_decay_iters", "10"]
+    common = TINY + [
+        "--data",
+        text_file,
+        "--learning_rate",
+        "1e-2",
+        "--dropout",
+        "0.1",
+        "--eval_interval",
+        "5",
+        "--log_interval",
+        "1",
+        "--lr_decay_iters",
+        "10",
+    ]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     sh.main(common + ["--out_dir", full, "--max_iters", "10", "--max_new_tokens", "30"])
     out = capsys.readouterr().out
@@ -244,7 +296,26 @@ def test_train_sample_resume(tmp_path, text_file, capsys):
 @pytest.mark.parametrize("flags", [["--gate", "softmax", "--moe_k", "1"], ["--n_experts", "1", "--n_head", "4"]])
 def test_softmax_and_dense_variants_train(tmp_path, text_file, capsys, flags):
     out = str(tmp_path / "o")
-    sh.main(TINY + flags + ["--data", text_file, "--out_dir", out, "--max_iters", "4", "--eval_interval", "4", "--max_new_tokens", "5", "--learning_rate", "1e-2", "--warmup_iters", "1"])
+    sh.main(
+        TINY
+        + flags
+        + [
+            "--data",
+            text_file,
+            "--out_dir",
+            out,
+            "--max_iters",
+            "4",
+            "--eval_interval",
+            "4",
+            "--max_new_tokens",
+            "5",
+            "--learning_rate",
+            "1e-2",
+            "--warmup_iters",
+            "1",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "--- sample 1 ---" in printed and ("expert use" in printed) == ("softmax" in flags)
     assert float(read_log(out)[-1]["val_loss"]) < float(read_log(out)[0]["val_loss"])
@@ -261,4 +332,6 @@ def test_user_errors(tmp_path, text_file, capsys):
     assert "--head_size" in user_error(capsys, sh.main, TINY + ["--n_embd", "8", "--n_head", "4", "--n_experts", "8"])
     assert "no checkpoint" in user_error(capsys, sh.main, ["--out_dir", str(tmp_path), "--prompt", "hi"])
     data = ["--data", text_file, "--out_dir", str(tmp_path / "o")]
-    assert "--n_embd" in user_error(capsys, sh.main, TINY + data + ["--n_embd", "-1", "--head_size", "8"])  # not a traceback
+    assert "--n_embd" in user_error(
+        capsys, sh.main, TINY + data + ["--n_embd", "-1", "--head_size", "8"]
+    )  # not a traceback

@@ -11,27 +11,105 @@ import torch
 
 from conftest import ROOT, TEXT, user_error
 
-GPT = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2", "--max_new_tokens", "4"]
+GPT = [
+    "--n_layer",
+    "1",
+    "--n_head",
+    "2",
+    "--n_embd",
+    "16",
+    "--block_size",
+    "16",
+    "--batch_size",
+    "2",
+    "--max_new_tokens",
+    "4",
+]
 COMMON = ["--device", "cpu", "--eval_iters", "1"]
 # per script: the flags of a tiny run, the data flag (None: no data file), the checkpoint's folder inside --out_dir,
 # and a --prompt the script cannot take
 FOLDER_DATA = {"flash_moe_finetune"}  # --data is a folder of WikiText-2's three splits
 SCRIPTS = {
     "ex1_gpt": (GPT, "--data", "", "Zounds"),
-    "ex2_addition": (["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "8", "--digits", "1", "--test_problems", "3"],
-                     None, "", "1x+2"),
+    "ex2_addition": (
+        [
+            "--n_layer",
+            "1",
+            "--n_head",
+            "2",
+            "--n_embd",
+            "16",
+            "--batch_size",
+            "8",
+            "--digits",
+            "1",
+            "--test_problems",
+            "3",
+        ],
+        None,
+        "",
+        "1x+2",
+    ),
     "ex3_pretrain_finetune": (GPT + ["--stage", "scratch", "--finetune_iters", "1"], "--data", "scratch", "Zounds"),
     "ex4_mqa_swiglu": (GPT + ["--n_kv_head", "1"], "--data", "", "Zounds"),
-    "rnn_lm": (["--n_layer", "1", "--n_embd", "8", "--n_hidden", "16", "--block_size", "16", "--batch_size", "2", "--max_new_tokens", "4"],
-               "--data", "", "Zounds"),
+    "rnn_lm": (
+        [
+            "--n_layer",
+            "1",
+            "--n_embd",
+            "8",
+            "--n_hidden",
+            "16",
+            "--block_size",
+            "16",
+            "--batch_size",
+            "2",
+            "--max_new_tokens",
+            "4",
+        ],
+        "--data",
+        "",
+        "Zounds",
+    ),
     "switchhead_moe": (GPT, "--data", "", "Zounds"),
-    "gan_text": (GPT + ["--seq_len", "8", "--d_embd", "4", "--d_hidden", "8", "--gan_batch_size", "2", "--eval_samples", "2",
-                        "--d_pretrain_iters", "1", "--adv_rounds", "1", "--adv_eval_interval", "1"], "--data", "", "Zounds"),  # fmt: skip
-    "flash_moe_finetune": (GPT + ["--init_from", "scratch", "--moe_layers", "all", "--test_tokens", "100"], "--data", "", None),
+    "gan_text": (
+        GPT
+        + [
+            "--seq_len",
+            "8",
+            "--d_embd",
+            "4",
+            "--d_hidden",
+            "8",
+            "--gan_batch_size",
+            "2",
+            "--eval_samples",
+            "2",
+            "--d_pretrain_iters",
+            "1",
+            "--adv_rounds",
+            "1",
+            "--adv_eval_interval",
+            "1",
+        ],
+        "--data",
+        "",
+        "Zounds",
+    ),  # fmt: skip
+    "flash_moe_finetune": (
+        GPT + ["--init_from", "scratch", "--moe_layers", "all", "--test_tokens", "100"],
+        "--data",
+        "",
+        None,
+    ),
 }
 SHORT = TEXT[:120]  # the train split holds a batch of block_size + 1 tokens, the val split (12 characters) does not
-BAD_DATA = {"empty": b"", "binary": b"\0\1\2 binary \0" * 40, "not_utf8": "caf\u00e9 cr\u00e8me ".encode("latin-1") * 40,
-            "short": SHORT.encode()}  # fmt: skip
+BAD_DATA = {
+    "empty": b"",
+    "binary": b"\0\1\2 binary \0" * 40,
+    "not_utf8": "caf\u00e9 cr\u00e8me ".encode("latin-1") * 40,
+    "short": SHORT.encode(),
+}
 
 
 def numeric_flags(script):
@@ -69,7 +147,9 @@ def trained(tmp_path_factory):
             root = tmp_path_factory.mktemp(script)
             data = [data_flag, write_data(str(root / "data"), script, (TEXT * 2).encode())] if data_flag else []
             out = str(root / "out")
-            importlib.import_module(script).main(args + COMMON + data + ["--max_iters", "1", "--eval_interval", "1", "--out_dir", out])
+            importlib.import_module(script).main(
+                args + COMMON + data + ["--max_iters", "1", "--eval_interval", "1", "--out_dir", out]
+            )
             made[script] = (out, data)
         return made[script]
 
@@ -93,7 +173,13 @@ def setup(trained, tmp_path):
             after = {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder) if n.endswith(".pt")}
             assert after == before, "a checkpoint in --out_dir was changed"
 
-        return importlib.import_module(script), args + COMMON + ["--max_iters", "1", "--out_dir", copy], data, folder, unchanged
+        return (
+            importlib.import_module(script),
+            args + COMMON + ["--max_iters", "1", "--out_dir", copy],
+            data,
+            folder,
+            unchanged,
+        )
 
     return make
 
@@ -108,7 +194,9 @@ def test_bad_data(script, case, setup, tmp_path, capsys):
     if case == "missing":
         value, expect = str(tmp_path / "missing"), "no such"
     elif case == "folder":  # the wrong kind of path: a folder for a file, a file for a folder
-        value = write_data(str(tmp_path / "wrong"), "ex1_gpt", TEXT.encode()) if script in FOLDER_DATA else str(tmp_path)
+        value = (
+            write_data(str(tmp_path / "wrong"), "ex1_gpt", TEXT.encode()) if script in FOLDER_DATA else str(tmp_path)
+        )
         expect = "folder"
     else:
         value, expect = write_data(str(tmp_path / case), script, BAD_DATA[case]), ""
@@ -131,7 +219,9 @@ def test_numeric_flag_out_of_range(script, flag, setup, capsys):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_mistakes_about_flags_and_devices(script, setup, capsys):
     mod, argv, data, _, unchanged = setup(script)
-    assert "--max_iter" in user_error(capsys, mod.main, argv + data + ["--overwrite", "--max_iter", "5"])  # no prefix matching
+    assert "--max_iter" in user_error(
+        capsys, mod.main, argv + data + ["--overwrite", "--max_iter", "5"]
+    )  # no prefix matching
     assert "--lr" in user_error(capsys, mod.main, argv + data + ["--overwrite", "--lr", "100"])
     assert "float16" in user_error(capsys, mod.main, argv + data + ["--overwrite", "--dtype", "float16"])
     if not torch.cuda.is_available():
@@ -173,7 +263,9 @@ def test_truncated_checkpoint(script, setup, capsys):
             f.truncate(os.path.getsize(path) // 2)
     before = {n: open(os.path.join(folder, n), "rb").read() for n in ("ckpt.pt", "best.pt")}
     assert "not a readable checkpoint" in user_error(capsys, mod.main, argv + ["--resume"])
-    assert "not a readable checkpoint" in user_error(capsys, mod.main, argv + ["--prompt", "1+1" if script == "ex2_addition" else "A"])
+    assert "not a readable checkpoint" in user_error(
+        capsys, mod.main, argv + ["--prompt", "1+1" if script == "ex2_addition" else "A"]
+    )
     assert "unreadable" in user_error(capsys, mod.main, argv + data)  # without --overwrite it is left alone too
     assert before == {n: open(os.path.join(folder, n), "rb").read() for n in ("ckpt.pt", "best.pt")}
 
