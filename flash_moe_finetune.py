@@ -523,13 +523,16 @@ class MoE(nn.Module):
         weights = top_p / (top_p.sum(-1, keepdim=True) if self.moe_k > 1 else top_p.detach())
         # the k choices take the place of SwitchHead's heads: the mean over them counts every choice in f
         self.balance_loss, self.z_loss = load_balancing_loss(probs[:, None], chosen), router_z_loss(logits)
+        # tokens per expert; index_add_ rather than bincount keeps torch.compile in one graph
+        flat = chosen.flatten()
+        per_expert = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat)
+        )
         if not self.training:
-            self.usage += torch.bincount(chosen.flatten(), minlength=self.n_experts)
+            self.usage += per_expert
         # dispatch: the N * k choices sorted by expert, so that each expert runs once, on all of its tokens
-        order = chosen.flatten().argsort()
-        counts = torch.bincount(
-            chosen.flatten(), minlength=self.n_experts
-        ).tolist()  # the group sizes (one wait for the GPU)
+        order = flat.argsort()
+        counts = per_expert.tolist()  # the group sizes (one wait for the GPU)
         tokens, gates = (order // self.moe_k).split(counts), weights.flatten()[order].split(counts)
         out = torch.zeros_like(x)
         for expert, t, g in zip(
@@ -1120,6 +1123,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         print(f"resuming from iter {iter_num} (best val {best_val:.4f})")
     if cfg.compile:
         print("compiling the model (takes a minute)...")
+        torch._dynamo.config.capture_scalar_outputs = True  # the experts' group sizes stay inside the graph
         model = torch.compile(model)
     eval_model = model  # evaluation runs outside DDP: every rank scores the same batches, with no communication
     if world_size > 1:

@@ -382,7 +382,11 @@ class RNNLM(nn.Module):
     def forward(self, idx, targets=None, state=None):
         """-> logits, loss, and the state after the last token (None as input: start from zeros)."""
         x = self.drop(self.wte(idx))
-        h, state = self.rnn(x, state)  # h: the last layer's h_t at every position
+        if x.device.type == "cpu" and isinstance(self.rnn, nn.RNNBase):  # oneDNN has no bfloat16 LSTM/GRU on many CPUs
+            with torch.autocast("cpu", enabled=False):
+                h, state = self.rnn(x.float(), state)  # h: the last layer's h_t at every position
+        else:
+            h, state = self.rnn(x, state)
         logits = self.lm_head(self.drop(h))
         loss = (
             None

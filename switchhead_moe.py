@@ -347,7 +347,10 @@ def expert_matmul(x, w, idx, gates, src, dst, n_dst):
     with one sort, and each expert multiplies its rows in one matmul: the loop runs over experts, never tokens.
     An expert that no choice names takes part with zero rows, and gets exactly zero gradient."""
     order = idx.argsort()
-    counts = torch.bincount(idx, minlength=w.size(0)).tolist()  # the group sizes (one wait for the GPU)
+    # the group sizes (one wait for the GPU); index_add_ rather than bincount keeps torch.compile in one graph
+    counts = (
+        torch.zeros(w.size(0), dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx)).tolist()
+    )
     rows, g = x[src[order]], gates[order, None]
     if x.size(1) <= w.size(2):  # scale the narrower side by the gates: the same result, fewer multiplications
         rows = rows * g
@@ -407,9 +410,8 @@ class SwitchHeadAttention(nn.Module):
             if self.training:
                 self.aux_loss = self.aux_loss + load_balancing_loss(probs, idx[..., 0]) / 2  # mean of the two routers
         if not self.training:
-            self.usage[which] += torch.bincount(
-                (idx + self.first_expert).flatten(), minlength=self.usage[which].numel()
-            ).view_as(self.usage[which])
+            chosen = (idx + self.first_expert).flatten()
+            self.usage[which].view(-1).index_add_(0, chosen, torch.ones_like(chosen))
         return gates, idx + self.first_expert  # indices into all H * E experts of the layer
 
     def forward(self, x):
@@ -811,6 +813,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         print(f"resuming from iter {iter_num} (best val {best_val:.4f})")
     if cfg.compile:
         print("compiling the model (takes a minute)...")
+        torch._dynamo.config.capture_scalar_outputs = True  # the experts' group sizes stay inside the graph
         model = torch.compile(model)
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     log = CSVLog(os.path.join(cfg.out_dir, "log.csv"), iter_num)
