@@ -1,3 +1,6 @@
+"""ex1_gpt.py: causal attention (explicit equals fused), the initial loss, weight tying, the learning-rate schedule,
+a run that trains, samples and resumes with the uninterrupted losses, and its user errors."""
+
 import math
 import os
 
