@@ -40,8 +40,7 @@ FLAT = ["--device", "cpu", "--learning_rate", "1e-2", "--min_lr", "1e-2", "--war
         str(N), "--eval_iters", "2", "--log_interval", "1"]  # fmt: skip
 GPT = ["--data", "{text}", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size",
        "4", "--dropout", "0.1", "--max_new_tokens", "10"]  # fmt: skip
-RNN = ["--data", "{text}", "--n_embd", "16", "--n_hidden", "32", "--block_size", "16", "--batch_size", "4",
-       "--max_new_tokens", "10"]  # fmt: skip
+RNN = "--data {text} --n_embd 16 --n_hidden 32 --block_size 16 --batch_size 4 --max_new_tokens 10".split()  # fmt: skip
 SAMPLE = "--- sample 1 ---\nAll:"  # what sampling prints for the prompt "All:"
 
 

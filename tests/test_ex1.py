@@ -10,22 +10,7 @@ import torch
 import ex1_gpt as ex1
 from conftest import assert_causal, assert_repeatable_samples, losses, read_log, run_script, user_error
 
-TINY = [
-    "--n_layer",
-    "2",
-    "--n_head",
-    "2",
-    "--n_embd",
-    "32",
-    "--block_size",
-    "16",
-    "--batch_size",
-    "4",
-    "--device",
-    "cpu",
-    "--eval_iters",
-    "2",
-]
+TINY = "--n_layer 2 --n_head 2 --n_embd 32 --block_size 16 --batch_size 4 --device cpu --eval_iters 2".split()
 
 
 def tiny_model(**overrides):

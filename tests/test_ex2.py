@@ -99,8 +99,7 @@ def test_answer_that_is_not_a_number_counts_as_wrong():
     assert acc == 0 and mistakes == ["00+00=0 (model: +++)", "00+97=97 (model: +++)"]
 
 
-ARGS = ["--digits", "2", "--eval_iters", "2", "--log_interval", "10", "--batch_size", "32", "--device", "cpu",
-        "--dropout", "0.1"]  # fmt: skip
+ARGS = "--digits 2 --eval_iters 2 --log_interval 10 --batch_size 32 --device cpu --dropout 0.1".split()  # fmt: skip
 
 
 def test_train_answer_resume(tmp_path, capsys):

@@ -173,19 +173,7 @@ def test_finetune_starts_from_the_pretrained_weights(tmp_path, text_file, corpus
         out,
     ]
     ex3.main(
-        common
-        + [
-            "--stage",
-            "pretrain",
-            "--max_iters",
-            "40",
-            "--eval_interval",
-            "40",
-            "--learning_rate",
-            "1e-2",
-            "--warmup_iters",
-            "5",
-        ]
+        common + "--stage pretrain --max_iters 40 --eval_interval 40 --learning_rate 1e-2 --warmup_iters 5".split()
     )
     ex3.main(common + ["--stage", "finetune", "--finetune_iters", "2", "--eval_interval", "1"])
     ex3.main(common + ["--stage", "scratch", "--finetune_iters", "2", "--eval_interval", "1"])
@@ -309,22 +297,7 @@ def test_gpt2_tokenizer(tmp_path, text_file, corpus, capsys, gpt2_cache):
     import tiktoken
 
     out = str(tmp_path / "out")
-    tiny = [
-        "--n_layer",
-        "1",
-        "--n_head",
-        "2",
-        "--n_embd",
-        "16",
-        "--block_size",
-        "16",
-        "--batch_size",
-        "2",
-        "--device",
-        "cpu",
-        "--eval_iters",
-        "1",
-    ]
+    tiny = "--n_layer 1 --n_head 2 --n_embd 16 --block_size 16 --batch_size 2 --device cpu --eval_iters 1".split()
     tiny += ["--data", text_file, "--pretrain_data", corpus, "--data_dir", str(tmp_path / "data"), "--out_dir", out]
     ex3.main(tiny + ["--tokenizer", "gpt2", "--max_iters", "2", "--finetune_iters", "1", "--max_new_tokens", "5"])
     assert "--- sample 1 ---" in capsys.readouterr().out

@@ -262,8 +262,7 @@ SMALL = [
 
 def test_smoke_every_switch_on(text_file, tmp_path, capsys):
     out, straight = str(tmp_path / "out"), str(tmp_path / "straight")
-    on = ["--n_kv_head", "2", "--mlp", "swiglu", "--rope", "--window", "8", "--window_impl", "auto", "--kv_cache",
-          "--dropout", "0.1"]  # fmt: skip
+    on = "--n_kv_head 2 --mlp swiglu --rope --window 8 --window_impl auto --kv_cache --dropout 0.1".split()  # fmt: skip
     ex4.main([*SMALL, *on, "--data", text_file, "--out_dir", out, "--max_iters", "10", "--max_new_tokens", "40"])
     printed = capsys.readouterr().out
     assert os.path.isfile(os.path.join(out, "best.pt")) and os.path.isfile(os.path.join(out, "log.csv"))

@@ -14,22 +14,7 @@ import ex1_gpt as ex1
 import switchhead_moe as sh
 from conftest import assert_causal, assert_repeatable_samples, losses, read_log, user_error
 
-TINY = [
-    "--n_layer",
-    "2",
-    "--n_head",
-    "2",
-    "--n_embd",
-    "32",
-    "--block_size",
-    "16",
-    "--batch_size",
-    "4",
-    "--device",
-    "cpu",
-    "--eval_iters",
-    "2",
-]
+TINY = "--n_layer 2 --n_head 2 --n_embd 32 --block_size 16 --batch_size 4 --device cpu --eval_iters 2".split()
 
 
 def make_attn(n_embd=16, n_head=2, head_size=5, n_experts=4, moe_k=2, gate="sigmoid", flash=True, seed=0):

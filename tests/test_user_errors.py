@@ -11,20 +11,7 @@ import torch
 
 from conftest import ROOT, TEXT, user_error
 
-GPT = [
-    "--n_layer",
-    "1",
-    "--n_head",
-    "2",
-    "--n_embd",
-    "16",
-    "--block_size",
-    "16",
-    "--batch_size",
-    "2",
-    "--max_new_tokens",
-    "4",
-]
+GPT = "--n_layer 1 --n_head 2 --n_embd 16 --block_size 16 --batch_size 2 --max_new_tokens 4".split()
 COMMON = ["--device", "cpu", "--eval_iters", "1"]
 # per script: the flags of a tiny run, the data flag (None: no data file), the checkpoint's folder inside --out_dir,
 # and a --prompt the script cannot take
@@ -32,20 +19,7 @@ FOLDER_DATA = {"flash_moe_finetune"}  # --data is a folder of WikiText-2's three
 SCRIPTS = {
     "ex1_gpt": (GPT, "--data", "", "Zounds"),
     "ex2_addition": (
-        [
-            "--n_layer",
-            "1",
-            "--n_head",
-            "2",
-            "--n_embd",
-            "16",
-            "--batch_size",
-            "8",
-            "--digits",
-            "1",
-            "--test_problems",
-            "3",
-        ],
+        "--n_layer 1 --n_head 2 --n_embd 16 --batch_size 8 --digits 1 --test_problems 3".split(),
         None,
         "",
         "1x+2",
@@ -53,20 +27,7 @@ SCRIPTS = {
     "ex3_pretrain_finetune": (GPT + ["--stage", "scratch", "--finetune_iters", "1"], "--data", "scratch", "Zounds"),
     "ex4_mqa_swiglu": (GPT + ["--n_kv_head", "1"], "--data", "", "Zounds"),
     "rnn_lm": (
-        [
-            "--n_layer",
-            "1",
-            "--n_embd",
-            "8",
-            "--n_hidden",
-            "16",
-            "--block_size",
-            "16",
-            "--batch_size",
-            "2",
-            "--max_new_tokens",
-            "4",
-        ],
+        "--n_layer 1 --n_embd 8 --n_hidden 16 --block_size 16 --batch_size 2 --max_new_tokens 4".split(),
         "--data",
         "",
         "Zounds",
