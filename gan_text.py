@@ -1431,17 +1431,7 @@ def main(argv=None):
         check_out_dir(cfg.out_dir, cfg.overwrite)
         if cfg.init_from != "scratch":  # the generator from switchhead_moe.py: its architecture and vocabulary
             init = load_checkpoint(cfg.init_from, device, scripts=("switchhead_moe",))
-            for name in (
-                "n_layer",
-                "n_head",
-                "n_embd",
-                "head_size",
-                "n_experts",
-                "moe_k",
-                "gate",
-                "block_size",
-                "bias",
-            ):
+            for name in RESUMED[: RESUMED.index("data")]:  # the generator's architecture
                 setattr(cfg, name, init["config"][name])
     if cfg.seq_len > cfg.block_size:
         die(
