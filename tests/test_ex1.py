@@ -57,20 +57,8 @@ def test_lr_schedule():
 
 
 def test_train_sample_resume(tmp_path, text_file, capsys):
-    common = TINY + [
-        "--data",
-        text_file,
-        "--learning_rate",
-        "1e-2",
-        "--dropout",
-        "0.1",
-        "--eval_interval",
-        "10",
-        "--log_interval",
-        "1",
-        "--lr_decay_iters",
-        "20",
-    ]
+    flags = "--learning_rate 1e-2 --dropout 0.1 --eval_interval 10 --log_interval 1 --lr_decay_iters 20".split()
+    common = TINY + ["--data", text_file] + flags
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     ex1.main(common + ["--out_dir", full, "--max_iters", "20", "--max_new_tokens", "30"])
     out = capsys.readouterr().out

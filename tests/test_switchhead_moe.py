@@ -242,20 +242,8 @@ def test_load_balancing_loss():
 
 
 def test_train_sample_resume(tmp_path, text_file, capsys):
-    common = TINY + [
-        "--data",
-        text_file,
-        "--learning_rate",
-        "1e-2",
-        "--dropout",
-        "0.1",
-        "--eval_interval",
-        "5",
-        "--log_interval",
-        "1",
-        "--lr_decay_iters",
-        "10",
-    ]
+    flags = "--learning_rate 1e-2 --dropout 0.1 --eval_interval 5 --log_interval 1 --lr_decay_iters 10".split()
+    common = TINY + ["--data", text_file] + flags
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     sh.main(common + ["--out_dir", full, "--max_iters", "10", "--max_new_tokens", "30"])
     out = capsys.readouterr().out
