@@ -1,25 +1,32 @@
 """
-ex4_mqa_swiglu.py: the same character GPT with multi-query / grouped-query attention, SwiGLU, rotary position
-embeddings, sliding-window attention and a key/value cache for generation.
+ex4_mqa_swiglu.py: the same character GPT with multi-query / grouped-query attention, other attention scores, SwiGLU
+and QuickGELU, rotary, sinusoidal or no positions, sliding-window attention, a key/value cache and padded batches.
 
 Changes from ex1_gpt.py:
 - Multi-query / grouped-query attention (--n_kv_head K; 1 is MQA, n_head is ex1's MHA): attention() lets each key/value
   head serve n_head/K query heads; CausalSelfAttention projects n_head queries but only K keys and values.
-- Rotary position embeddings (--rope): rotate() in CausalSelfAttention; GPT drops its learned position table (wpe).
+- Score functions (--score): scaled_dot, ex1's q.k/sqrt(hs); multiplicative, x_t A x_j with a full matrix A per head;
+  additive, w.tanh(q_t + k_j), made a block of queries at a time: scores(), attention(), CausalSelfAttention.qkv.
+- Positions (--pos): rope, rotary embeddings on queries and keys (rotate()); learned, ex1's table (wpe); sinusoidal,
+  the fixed table of "Attention Is All You Need" (sinusoidal()); none, only the causal mask orders the tokens.
 - Sliding-window attention (--window W, --window_impl): window_mask() (a band mask) or blocked_window_attention()
-  (time and memory T*W, not T*T), picked in CausalSelfAttention.forward; with --rope as well, GPT.max_len lets
-  generation run past block_size.
-- SwiGLU (--mlp swiglu): MLP, c_proj(silu(c_gate(x)) * c_fc(x)), hidden width swiglu_hidden() (ex1's parameters).
+  (time and memory T*W, not T*T), picked in CausalSelfAttention.forward; with rotary or no positions as well,
+  GPT.max_len lets generation run past block_size.
+- SwiGLU and QuickGELU (--mlp swiglu|quickgelu): MLP, c_proj(silu(c_gate(x)) * c_fc(x)), hidden width swiglu_hidden()
+  (ex1's parameters); quick_gelu(), x * sigmoid(1.702 x).
 - A key/value cache for generation (--kv_cache): KVCache holds n_kv_head heads per layer (W slots with a window),
   passed through CausalSelfAttention, Block and GPT.forward; GPT.generate then feeds one token at a time.
+- Prompts of different lengths in one batch (--prompt given again, --prompt_file): left-padded (pad), the padding kept
+  out of attention by window_mask() and positions counted from each prompt's first token: GPT.forward, read_prompts,
+  sample.
 
 Run:     python ex4_mqa_swiglu.py                   (MQA + SwiGLU + RoPE, 700 iterations at lr 3e-3 on the CPU)
-One at a time: ex1's architecture, then add one switch (--n_kv_head 1, --rope, --window 32 or --mlp swiglu):
-         python ex4_mqa_swiglu.py --n_kv_head 4 --no-rope --mlp gelu
-Sample:  python ex4_mqa_swiglu.py --prompt "ROMEO:" --num_samples 3 [--no-kv_cache to recompute every step]
+One at a time: ex1's architecture, then add one switch (--n_kv_head 1, --pos rope, --window 32 or --mlp swiglu):
+         python ex4_mqa_swiglu.py --n_kv_head 4 --pos learned --mlp gelu
+Sample:  python ex4_mqa_swiglu.py --prompt "ROMEO:" --prompt "JULIET:" --num_samples 2 [--no-kv_cache]
 Bench:   python benchmarks/bench_ex4.py --help     (attention time/memory, KV cache, training curves against ex1)
 Parent:  ex1_gpt.py (diff -u ex1_gpt.py ex4_mqa_swiglu.py)
-Result:  val 1.863 after 700 iterations against ex1's 1.896 after 2000, in at most 33% of its time (README, Results).
+Result:  README.md, Results, "ex4_mqa_swiglu.py" (benchmarks/bench_ex4.py).
 """
 
 import argparse
@@ -38,6 +45,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -65,10 +73,11 @@ class Config:
     bias: bool = False  # biases in Linear and LayerNorm layers
     flash: bool = True  # fused scaled_dot_product_attention instead of the explicit softmax(QK^T)V
     n_kv_head: int = 1  # key/value heads, each shared by n_head/n_kv_head query heads: 1 is MQA, n_head is MHA
-    rope: bool = True  # rotary position embeddings on queries and keys instead of the learned position table
+    score: str = "scaled_dot"  # attention scores: scaled_dot (q.k/sqrt(hs)), multiplicative (x A x) or additive
+    pos: str = "rope"  # positions: rope (rotary, on queries and keys), learned (ex1's table), sinusoidal or none
     window: int = 0  # sliding-window attention: a token sees itself and the window-1 tokens before it; 0: full causal
     window_impl: str = "auto"  # how a window is computed: mask, blocked, or auto (blocked when T >= 4 * window)
-    mlp: str = "swiglu"  # feed-forward: gelu (ex1's) or swiglu (gated SiLU, hidden width 8/3 n_embd)
+    mlp: str = "swiglu"  # feed-forward: gelu (ex1's), quickgelu (x sigmoid(1.702 x)) or swiglu (gated SiLU, 8/3 wide)
     # training
     seed: int = 1337  # seeds the weights, the batches, dropout and sampling
     batch_size: int = 12  # sequences per micro-batch
@@ -87,7 +96,8 @@ class Config:
     dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     # sampling
-    prompt: str = ""  # if set, skip training: load out_dir/best.pt and continue this text
+    prompt: str = ""  # if set, skip training: load out_dir/best.pt and continue this text (again: one batch of them)
+    prompt_file: str = ""  # like --prompt, one prompt a line: the prompts are left-padded into one batch
     num_samples: int = 1  # samples to draw
     max_new_tokens: int = 500  # tokens per sample
     temperature: float = 0.8  # <1 sharper, >1 more random
@@ -103,7 +113,7 @@ RESUMED = (
     "bias",
     "data",
 )  # --resume takes the architecture and data from ckpt.pt
-RESUMED += ("n_kv_head", "rope", "window", "mlp")  # and this script's architecture switches
+RESUMED += ("n_kv_head", "score", "pos", "window", "mlp")  # and this script's architecture switches
 
 
 def die(msg):
@@ -140,6 +150,10 @@ def parse_args(argv=None):
     args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
     cfg = Config(**{k: v for k, v in args.items() if v is not unset})
     cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
+    repeated = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    repeated.add_argument("--prompt", action="append", default=[])
+    cfg.prompts = repeated.parse_known_args(argv)[0].prompt  # every --prompt, in order
+    rotated = cfg.n_embd if cfg.score == "multiplicative" else cfg.n_embd // max(cfg.n_head, 1)  # RoPE's pairs
     checks = [
         (
             cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1,
@@ -151,16 +165,29 @@ def parse_args(argv=None):
             f"--n_head {cfg.n_head} must be divisible by --n_kv_head {cfg.n_kv_head} (1 for MQA, {cfg.n_head} for MHA)",
         ),
         (
-            not cfg.rope or cfg.n_head < 1 or cfg.n_embd // cfg.n_head % 2 == 0,
-            f"--rope needs an even head size, not n_embd/n_head = {cfg.n_embd // cfg.n_head}; use --no-rope or "
-            "change --n_embd",
+            cfg.score in ("scaled_dot", "multiplicative", "additive"),
+            f"--score {cfg.score} is not one of scaled_dot, multiplicative, additive",
+        ),
+        (
+            cfg.pos in ("rope", "learned", "sinusoidal", "none"),
+            f"--pos {cfg.pos} is not one of rope, learned, sinusoidal, none",
+        ),
+        (
+            cfg.pos != "rope" or rotated % 2 == 0,
+            f"--pos rope rotates pairs of channels, so it needs an even width, not {rotated}; change --n_embd or --pos",
+        ),
+        (cfg.pos != "sinusoidal" or cfg.n_embd % 2 == 0, f"--pos sinusoidal needs an even --n_embd, not {cfg.n_embd}"),
+        (
+            cfg.score != "additive" or cfg.pos != "rope",
+            "--score additive cannot use rotary positions (tanh(q + k) does not see their relative angle); "
+            "add --pos learned, sinusoidal or none",
         ),
         (cfg.window >= 0, f"--window {cfg.window} must be >= 0 (0 for full causal attention)"),
         (
             cfg.window_impl in ("auto", "mask", "blocked"),
             f"--window_impl {cfg.window_impl} is not one of auto, mask, blocked",
         ),
-        (cfg.mlp in ("gelu", "swiglu"), f"--mlp {cfg.mlp} is not one of gelu, swiglu"),
+        (cfg.mlp in ("gelu", "quickgelu", "swiglu"), f"--mlp {cfg.mlp} is not one of gelu, quickgelu, swiglu"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
         (
             cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1,
@@ -288,21 +315,18 @@ class DataLoader:
 # Model
 
 
-def attention(q, k, v, mask=None, flash=True, dropout_p=0.0):
-    """softmax(q k^T / sqrt(hs)) v for q (..., n_head, Tq, hs) and k, v (..., n_kv_head, Tk, hs): each key/value head
-    serves a group of n_head/n_kv_head consecutive query heads. mask: True where allowed, (Tq, Tk) or (..., 1, Tq, Tk);
-    None is causal (Tq == Tk)."""
-    if flash:
+def attention(q, k, v, mask=None, flash=True, dropout_p=0.0, scale=None, score_vector=None):
+    """softmax(q k^T * scale) v, scale 1/sqrt(hs) unless given, for q (..., n_head, Tq, hs) and k, v (..., n_kv_head,
+    Tk, hs): each key/value head serves a group of n_head/n_kv_head consecutive query heads. mask: True where allowed,
+    (Tq, Tk) or (..., 1, Tq, Tk); None is causal (Tq == Tk). score_vector (n_head, hs): Bahdanau's additive scores
+    w.tanh(q_t + k_j) in place of the dot product, written out (no fused kernel has them)."""
+    if flash and score_vector is None:
         gqa = k.size(-3) != q.size(-3)
-        if (
-            gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32)
-        ):  # CUDA's fused kernels share heads only
-            k, v = (
-                t.repeat_interleave(q.size(-3) // t.size(-3), dim=-3) for t in (k, v)
-            )  # unmasked in 16 bits: repeat
+        if gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32):  # CUDA's GQA kernels: 16 bits, no mask
+            k, v = (t.repeat_interleave(q.size(-3) // t.size(-3), dim=-3) for t in (k, v))  # else: repeat
             gqa = False
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, enable_gqa=gqa
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=scale, enable_gqa=gqa
         )
     *batch, H, Tq, hs = q.shape
     n_kv_head, Tk = k.size(-3), k.size(-2)
@@ -312,18 +336,48 @@ def attention(q, k, v, mask=None, flash=True, dropout_p=0.0):
     k, v = k.unsqueeze(-3), v.unsqueeze(-3)
     if mask.dim() >= 3:  # (..., 1, Tq, Tk): also broadcast over the query heads of a group
         mask = mask.unsqueeze(-3)
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
-    att = att.masked_fill(~mask, float("-inf"))
+    w = None if score_vector is None else score_vector.view(n_kv_head, H // n_kv_head, 1, hs)
+    att = scores(q, k, scale, w).masked_fill(~mask, float("-inf"))
     att = F.dropout(F.softmax(att, dim=-1), dropout_p)
-    return (att @ v).view(*batch, H, Tq, hs)
+    return (att @ v).view(*batch, H, Tq, v.size(-1))
+
+
+ADDITIVE_BLOCK = 1 << 22  # additive scores: numbers in one block of tanh(q_t + k_j)
+
+
+def scores(q, k, scale=None, w=None):
+    """Attention scores before the mask, (..., Tq, Tk) for q (..., Tq, hs) and k (..., Tk, hs): q.k * scale (1/sqrt(hs)
+    unless given), or with w (..., 1, hs) Bahdanau's additive w.tanh(q_t + k_j). Its (Tq, Tk, hs) sum is made a block
+    of queries at a time and remade in the backward pass (checkpoint) instead of kept, so memory holds one block."""
+    if w is None:
+        return (q @ k.transpose(-2, -1)) * (scale or 1 / math.sqrt(q.size(-1)))
+    rows = max(1, ADDITIVE_BLOCK // (q[..., 0, 0].numel() * k.size(-2) * q.size(-1)))  # queries per block
+
+    def block(qb):
+        return (torch.tanh(qb.unsqueeze(-2) + k.unsqueeze(-3)) @ w.unsqueeze(-1)).squeeze(-1)
+
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    return torch.cat(
+        [checkpoint(block, qb, use_reentrant=False) if grad else block(qb) for qb in q.split(rows, dim=-2)], dim=-2
+    )
+
+
+def angles(pos, dim):
+    """pos * 10000^(-2i/dim) for i < dim/2, (..., T, dim/2): the frequencies of both sinusoidal and rotary positions."""
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
+    return pos.float().unsqueeze(-1) * inv_freq
+
+
+def sinusoidal(pos, dim):
+    """The fixed encoding of "Attention Is All You Need": PE(p, 2i) = sin(p / 10000^(2i/dim)), PE(p, 2i+1) = cos."""
+    angle = angles(pos, dim)
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(-2)  # sin at 2i, cos at 2i+1
 
 
 def rotate(x, pos):
     """Rotary position embedding: rotate each pair (x_i, x_(i+hs/2)) of x (..., T, hs) by the angle p * 10000^(-2i/hs)
-    for positions p = pos, pos+1, ...; then q.k depends on the two positions only through their difference."""
-    T, hs = x.shape[-2:]
-    inv_freq = 10000.0 ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)
-    angle = torch.arange(pos, pos + T, device=x.device, dtype=torch.float32).outer(inv_freq)  # (T, hs/2)
+    for the positions p in pos (..., T); then q.k depends on the two positions only through their difference."""
+    angle = angles(pos, x.size(-1))
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -331,69 +385,95 @@ def rotate(x, pos):
 
 def window_mask(q_pos, k_pos, window):
     """(..., Tq, Tk) boolean mask, True where the query at q_pos may look at the key at k_pos: itself and earlier
-    keys, only the window-1 before it when window > 0, never a negative position (padding, an empty cache slot)."""
+    keys, only the window-1 before it when window > 0, never a negative position (padding, an empty cache slot).
+    A padding query (negative position) sees only itself, so that no row of scores is all -inf."""
     q_pos, k_pos = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
     ok = (k_pos <= q_pos) & (k_pos >= 0)
-    return ok & (k_pos > q_pos - window) if window else ok
+    if window:
+        ok = ok & (k_pos > q_pos - window)
+    return ok | ((q_pos < 0) & (k_pos == q_pos))
 
 
-def blocked_window_attention(q, k, v, window, flash=True, dropout_p=0.0):
+def blocked_window_attention(q, k, v, window, flash=True, dropout_p=0.0, scale=None, score_vector=None, pos=None):
     """Sliding-window causal attention in time and memory proportional to T*W instead of T*T. The T queries are cut
     into blocks of W; a query sees at most W-1 keys back, so block i needs only its own keys and block i-1's: all
-    blocks at once, each a (W, 2W) attention with a band mask. q (B, n_head, T, hs), k, v (B, n_kv_head, T, hs)."""
+    blocks at once, each a (W, 2W) attention with a band mask. q (B, n_head, T, hs), k, v (B, n_kv_head, T, hs);
+    pos (B, T): the tokens' positions when rows are left-padded (a row's first real token is 0); None: 0 to T-1."""
     B, H, T, hs = q.shape
     W, n = window, -(-T // window)  # n blocks
     pad = n * W - T  # padding at the end of the last block
-    q = (
-        F.pad(q, (0, 0, 0, pad)).view(B, H, n, W, hs).transpose(1, 2).reshape(B * n, H, W, hs)
-    )  # every block a batch entry
-    k, v = (F.pad(t, (0, 0, W, pad)).view(B, -1, n + 1, W, hs).transpose(1, 2) for t in (k, v))  # and a block in front
-    k, v = (
-        torch.cat([t[:, :-1], t[:, 1:]], dim=3).view(B * n, -1, 2 * W, hs) for t in (k, v)
-    )  # block i-1's keys, then block i's
-    pos = torch.arange(n * W, device=q.device).view(n, W)  # the position of every query; block i's keys start at (i-1)W
-    mask = window_mask(pos, torch.cat([pos - W, pos], dim=1), window).repeat(B, 1, 1).unsqueeze(1)  # (B*n, 1, W, 2W)
-    y = attention(q, k, v, mask, flash, dropout_p)
-    return y.view(B, n, H, W, hs).transpose(1, 2).reshape(B, H, n * W, hs)[:, :, :T]
+    q = F.pad(q, (0, 0, 0, pad)).view(B, H, n, W, hs).transpose(1, 2).reshape(B * n, H, W, hs)  # a block: a batch entry
+    k, v = (F.pad(t, (0, 0, W, pad)).view(B, -1, n + 1, W, t.size(-1)).transpose(1, 2) for t in (k, v))  # one in front
+    k, v = (torch.cat([t[:, :-1], t[:, 1:]], dim=3).view(B * n, -1, 2 * W, t.size(-1)) for t in (k, v))  # i-1's, i's
+    col = torch.arange(n * W, device=q.device).view(n, W)  # each query's column; block i's keys start at column (i-1)W
+    shift = 0 if pos is None else pos[:, :1].view(-1, 1, 1)  # a row's position minus its column: minus its padding
+    mask = window_mask(col + shift, torch.cat([col - W, col], dim=1) + shift, window)  # (B or 1 or -, n, W, 2W)
+    mask = mask.expand(B, n, W, 2 * W).reshape(B * n, 1, W, 2 * W)
+    y = attention(q, k, v, mask, flash, dropout_p, scale, score_vector)
+    return y.view(B, n, H, W, -1).transpose(1, 2).reshape(B, H, n * W, -1)[:, :, :T]
 
 
 class CausalSelfAttention(nn.Module):
     """One projection makes the n_head queries and the n_kv_head keys and values; each key/value head is shared by
-    a group of n_head/n_kv_head query heads (grouped-query attention; multi-query when n_kv_head is 1)."""
+    a group of n_head/n_kv_head query heads (grouped-query attention; multi-query when n_kv_head is 1).
+    --score multiplicative: s(t, j) = x_t A x_j with a full n_embd x n_embd matrix A per head (Luong's "general"):
+    the queries are x A, the one key head is x itself, and the projection makes only the values.
+    --score additive: s(t, j) = w.tanh(q_t + k_j) with the usual queries and keys and a vector w per head (Bahdanau)."""
 
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv_head, self.dropout, self.flash = cfg.n_head, cfg.n_kv_head, cfg.dropout, cfg.flash
-        self.rope, self.window, self.window_impl = cfg.rope, cfg.window, cfg.window_impl
-        self.kv_size = cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
-        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * self.kv_size, bias=cfg.bias)
+        self.score, self.rope, self.window, self.window_impl = cfg.score, cfg.pos == "rope", cfg.window, cfg.window_impl
+        hs = cfg.n_embd // cfg.n_head
+        self.kv_size = cfg.n_kv_head * hs
+        self.qk_size = 0 if cfg.score == "multiplicative" else cfg.n_embd + self.kv_size  # the values' come after
+        self.c_attn = nn.Linear(cfg.n_embd, self.qk_size + self.kv_size, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        if cfg.score == "multiplicative":  # std 0.02^2: the scores of x A x start as small as those of x Wq^T Wk x
+            self.A = nn.Parameter(torch.randn(cfg.n_head, cfg.n_embd, cfg.n_embd) * 0.02**2)
+        if cfg.score == "additive":
+            self.score_vector = nn.Parameter(torch.randn(cfg.n_head, hs) * 0.02)
 
-    def forward(self, x, cache=None):
+    def qkv(self, x, pos):
+        """The queries (B, n_head, T, hs), keys and values (B, n_kv_head, T, hs) of x (B, T, C) at positions pos
+        (B or 1, T); multiplicative: the queries x A are n_embd wide and the one key head is x."""
         B, T, C = x.size()
-        pos = cache.pos if cache is not None else 0  # the position of x's first token
-        qk, v = self.c_attn(x).split([C + self.kv_size, self.kv_size], dim=2)
-        # (B, T, heads * head_size) -> (B, heads, T, head_size): the n_head query heads, then the n_kv_head key heads
-        qk = qk.view(B, T, self.n_head + self.n_kv_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, C // self.n_head).transpose(1, 2)
+        hs = C // self.n_head
+        qk, v = self.c_attn(x).split([self.qk_size, self.kv_size], dim=2)
+        v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)
+        if self.score == "multiplicative":
+            q, k = torch.einsum("btc,hcd->bhtd", x, self.A), x.unsqueeze(1)  # (B, n_head, T, C), (B, 1, T, C)
+        else:
+            # (B, T, heads * head_size) -> (B, heads, T, head_size): n_head query heads, then n_kv_head key heads
+            qk = qk.view(B, T, self.n_head + self.n_kv_head, hs).transpose(1, 2)
+            q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         if self.rope:
-            qk = rotate(qk, pos)  # queries and keys in one go
-        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
-        q_pos = k_pos = torch.arange(pos, pos + T, device=x.device)
+            q, k = rotate(q, pos.unsqueeze(1)), rotate(k, pos.unsqueeze(1))
+        return q, k, v
+
+    def forward(self, x, pos, cache=None):
+        """pos (B or 1, T): the positions of x's tokens."""
+        B, T, C = x.size()
+        q, k, v = self.qkv(x, pos)
+        q_pos = k_pos = pos
+        own = cache is None or cache.pos == 0  # the keys are x's own tokens (no cache, or the prompt), not cached ones
         if cache is not None:
-            k, v, k_pos = cache.update(k, v)
-        own = pos == 0  # the keys are x's own tokens (no cache, or the prompt), not cached ones
+            k, v, k_pos = cache.update(k, v, pos)
+        k = k.expand(-1, v.size(1), -1, -1)  # multiplicative: the one key head serves every value head
         dropout_p = self.dropout if self.training else 0.0
+        scale = 1.0 if self.score == "multiplicative" else None  # A learns its own scale
+        score_vector = self.score_vector if self.score == "additive" else None
         if (
             self.window
             and own
             and (self.window_impl == "blocked" or (self.window_impl == "auto" and T >= 4 * self.window))
         ):
-            y = blocked_window_attention(q, k, v, self.window, self.flash, dropout_p)
+            y = blocked_window_attention(q, k, v, self.window, self.flash, dropout_p, scale, score_vector, pos)
         else:
-            mask = None if own and not self.window else window_mask(q_pos, k_pos, self.window)  # None: causal
-            y = attention(q, k, v, mask, self.flash, dropout_p)
+            causal = own and not self.window and pos.size(0) == 1  # no cache, window or padding: the causal kernel
+            mask = None if causal else window_mask(q_pos, k_pos, self.window).unsqueeze(1)
+            y = attention(q, k, v, mask, self.flash, dropout_p, scale, score_vector)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -403,49 +483,57 @@ def swiglu_hidden(n_embd):
     return max(16, 16 * round(8 * n_embd / 3 / 16))
 
 
+def quick_gelu(x):
+    """GELU's sigmoid approximation (GPT-1, CLIP): x * sigmoid(1.702 x), within 0.02 of x * Phi(x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
-        hidden = swiglu_hidden(cfg.n_embd) if self.swiglu else 4 * cfg.n_embd
+        self.kind = cfg.mlp
+        hidden = swiglu_hidden(cfg.n_embd) if self.kind == "swiglu" else 4 * cfg.n_embd
         self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)  # "up"
-        self.c_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if self.swiglu else None  # "gate"
+        self.c_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if self.kind == "swiglu" else None  # "gate"
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)  # "down"
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        h = F.silu(self.c_gate(x)) * self.c_fc(x) if self.swiglu else F.gelu(self.c_fc(x))
+        if self.kind == "swiglu":
+            h = F.silu(self.c_gate(x)) * self.c_fc(x)
+        else:
+            h = quick_gelu(self.c_fc(x)) if self.kind == "quickgelu" else F.gelu(self.c_fc(x))
         return self.dropout(self.c_proj(h))
 
 
 class KVCache:
     """One layer's keys and values during generation, for n_kv_head heads only (so MQA's cache is 1/n_head of MHA's).
-    size slots: block_size, or with a window a rolling buffer of W slots where position p lives in slot p % W."""
+    size slots: block_size, or with a window a rolling buffer of W slots where column c lives in slot c % W."""
 
     def __init__(self, size):
-        self.size, self.pos = size, 0  # pos: tokens seen so far, the position of the next one
+        self.size, self.pos = size, 0  # pos: tokens (columns) seen so far, the column of the next one
         self.k = self.v = self.k_pos = None  # allocated on first use, with the shape, dtype and device of the keys
 
-    def update(self, k, v):
-        """Store the keys and values of the new tokens; return the keys, values and positions they may attend to."""
-        B, n_kv_head, T, hs = k.shape
+    def update(self, k, v, pos):
+        """Store the keys and values of the new tokens at positions pos (B or 1, T); return the keys, values and
+        positions they may attend to."""
+        B, T = k.size(0), k.size(2)
         assert self.pos == 0 or T == 1, "after the prompt, the cache takes one token at a time"
         if self.k is None:
-            self.k, self.v = (torch.zeros(B, n_kv_head, self.size, hs, dtype=k.dtype, device=k.device) for _ in "kv")
-            self.k_pos = torch.full((self.size,), -1, device=k.device)  # the position held by each slot; -1 empty
-        positions = torch.arange(self.pos, self.pos + T, device=k.device)
+            self.k, self.v = (t.new_zeros(B, t.size(1), self.size, t.size(3)) for t in (k, v))
+            self.k_pos = torch.full((B, self.size), -1, device=k.device)  # the position in each slot; -1 empty
         keep = min(T, self.size)  # a prompt longer than the cache leaves only its last tokens
-        slots = positions[-keep:] % self.size
+        slots = torch.arange(self.pos + T - keep, self.pos + T, device=k.device) % self.size
         self.k.index_copy_(2, slots, k[:, :, -keep:])
         self.v.index_copy_(2, slots, v[:, :, -keep:])
-        self.k_pos.index_copy_(0, slots, positions[-keep:])
+        self.k_pos.index_copy_(1, slots, pos[:, -keep:].expand(B, keep))
         prompt, self.pos = self.pos == 0, self.pos + T
         if prompt:  # its tokens see each other, computed as without a cache
-            return k, v, positions
+            return k, v, pos
         return self.k, self.v, self.k_pos  # one new token: it sees every filled slot (its window, with a window)
 
     def nbytes(self):
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+        return 0 if self.k is None else (self.k.numel() + self.v.numel()) * self.k.element_size()
 
 
 class Block(nn.Module):
@@ -458,8 +546,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, pos, cache=None):
+        x = x + self.attn(self.ln_1(x), pos, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -468,12 +556,10 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)  # token embeddings
-        self.wpe = (
-            None if cfg.rope else nn.Embedding(cfg.block_size, cfg.n_embd)
-        )  # learned position embeddings, unless RoPE
-        # the longest context the model reads; None (any length) when nothing depends on absolute positions: RoPE and a
-        # window
-        self.max_len = None if cfg.rope and cfg.window else cfg.block_size
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None  # ex1's position table
+        # the longest context the model reads; None (any length) when nothing depends on absolute positions: rotary or
+        # no positions, and a window
+        self.max_len = None if cfg.pos in ("rope", "none") and cfg.window else cfg.block_size
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
@@ -493,18 +579,24 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters()) - (self.wpe.weight.numel() if self.wpe is not None else 0)
 
-    def forward(self, idx, targets=None, caches=None):
+    def forward(self, idx, targets=None, caches=None, pad=None):
+        """pad (B,): padding tokens on the left of each row of idx; positions count from a row's first real token."""
         B, T = idx.size()
-        pos = caches[0].pos if caches else 0  # the position of idx's first token: the tokens already in the cache
-        assert self.max_len is None or pos + T <= self.max_len, (
-            f"sequence of {pos + T} tokens is longer than block_size {self.cfg.block_size}"
+        start = caches[0].pos if caches else 0  # the column of idx's first token: the tokens already in the cache
+        assert self.max_len is None or start + T <= self.max_len, (
+            f"sequence of {start + T} tokens is longer than block_size {self.cfg.block_size}"
         )
+        pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T); (B, T) with padding
+        if pad is not None:
+            pos = pos - pad.unsqueeze(1)
         x = self.wte(idx)
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
+        if self.cfg.pos == "learned":
+            x = x + self.wpe(pos.clamp(min=0))
+        if self.cfg.pos == "sinusoidal":  # as in the paper, the embeddings times sqrt(n_embd), to be seen beside the table
+            x = x * math.sqrt(self.cfg.n_embd) + sinusoidal(pos, self.cfg.n_embd)
         x = self.drop(x)
         for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
-            x = block(x, cache)
+            x = block(x, pos, cache)
         logits = self.lm_head(self.ln_f(x))
         loss = (
             None
@@ -536,16 +628,19 @@ class GPT(nn.Module):
         return flops_per_token * tokens_per_sec / peak
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, use_cache=True, pad=None):
         """Append max_new_tokens tokens to idx (B, T), each sampled from the model's next-token distribution.
-        use_cache: feed only the newest token and keep the keys and values of the others in a KVCache per layer."""
+        use_cache: feed only the newest token and keep the keys and values of the others in a KVCache per layer.
+        pad (B,): prompts of different lengths, left-padded with that many tokens each."""
         caches, n = None, self.max_len  # the model sees at most block_size tokens (all of them with RoPE and a window)
         for _ in range(max_new_tokens):
+            cropped = 0 if n is None else max(0, idx.size(1) - n)  # the context's first column; padding goes first
+            row_pad = None if pad is None else (pad - cropped).clamp(min=0)
             if use_cache and caches is not None and (n is None or caches[0].pos < n):
-                logits, _ = self(idx[:, -1:], caches=caches)
+                logits, _ = self(idx[:, -1:], caches=caches, pad=row_pad)
             else:  # no cache, the prompt, or a full context that must be re-read from a later first token
                 caches = [KVCache(self.cfg.window or self.cfg.block_size) for _ in self.blocks] if use_cache else None
-                logits, _ = self(idx[:, -n:] if n else idx, caches=caches)
+                logits, _ = self(idx[:, cropped:], caches=caches, pad=row_pad)
             logits = logits[:, -1, :]
             if temperature == 0:  # greedy
                 idx_next = logits.argmax(dim=-1, keepdim=True)
@@ -828,16 +923,39 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
 # Sampling and main
 
 
-def sample(model, tok, cfg, device, autocast, prompt):
-    idx = torch.tensor([tok.encode(prompt)] * cfg.num_samples, dtype=torch.long, device=device)
+def read_prompts(cfg):
+    """Every --prompt, then every line of --prompt_file that is not blank."""
+    prompts = [p for p in cfg.prompts if p]
+    if cfg.prompt_file:
+        if not os.path.isfile(cfg.prompt_file):
+            die(f"--prompt_file {cfg.prompt_file}: no such file")
+        try:
+            with open(cfg.prompt_file, encoding="utf-8") as f:
+                lines = [line for line in f.read().splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            die(f"--prompt_file {cfg.prompt_file} is not UTF-8 text")
+        if not lines:
+            die(f"--prompt_file {cfg.prompt_file} holds no prompt (one a line, blank lines skipped)")
+        prompts += lines
+    return prompts
+
+
+def sample(model, tok, cfg, device, autocast, prompts):
+    """num_samples continuations of each prompt in one batch: shorter prompts are padded on the left, the padding is
+    masked out of attention and positions count from each prompt's first token, so a row is what its prompt alone
+    gives."""
+    rows = [tok.encode(p) for p in prompts for _ in range(cfg.num_samples)]
+    T = max(len(r) for r in rows)
+    pad = torch.tensor([T - len(r) for r in rows], device=device)
+    idx = torch.tensor([[0] * (T - len(r)) + r for r in rows], dtype=torch.long, device=device)
     torch.manual_seed(cfg.seed)  # the same --seed draws the same samples
     model.eval()
     with autocast:
         out = model.generate(
-            idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, use_cache=cfg.kv_cache
+            idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.kv_cache, pad=pad if pad.any() else None
         )
-    for i, row in enumerate(out.tolist()):
-        print(f"--- sample {i + 1} ---\n{tok.decode(row)}")
+    for i, (row, n) in enumerate(zip(out.tolist(), pad.tolist())):
+        print(f"--- sample {i + 1} ---\n{tok.decode(row[n:])}")
 
 
 def main(argv=None):
@@ -845,12 +963,13 @@ def main(argv=None):
     device, autocast = setup_device(cfg)
     torch.manual_seed(cfg.seed)
 
-    if cfg.prompt:  # sampling only: everything needed is in the checkpoint
+    if cfg.prompt or cfg.prompt_file:  # sampling only: everything needed is in the checkpoint
+        prompts = read_prompts(cfg)
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), device)
         tok = CharTokenizer(ckpt["vocab"])
         model = GPT(Config(**ckpt["config"]), len(tok.chars)).to(device)
         model.load_state_dict(ckpt["model"])
-        sample(model, tok, cfg, device, autocast, cfg.prompt)
+        sample(model, tok, cfg, device, autocast, prompts)
         return
 
     ckpt = None
@@ -876,7 +995,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"\ninterrupted; {cfg.out_dir}/ckpt.pt holds the last saved state", file=sys.stderr)
         sys.exit(130)
-    sample(model, tok, cfg, device, autocast, tok.chars[0])  # start from the first character: a newline in Shakespeare
+    sample(model, tok, cfg, device, autocast, tok.chars[:1])  # start from the first character: a newline in Shakespeare
 
 
 if __name__ == "__main__":

@@ -383,32 +383,32 @@ def attention(q, k, v, mask=None, flash=True, dropout_p=0.0):
 
 class KVCache:
     """One layer's keys and values during generation, for n_kv_head heads only (so MQA's cache is 1/n_head of MHA's).
-    size slots: block_size, or with a window a rolling buffer of W slots where position p lives in slot p % W."""
+    size slots: block_size, or with a window a rolling buffer of W slots where column c lives in slot c % W."""
 
     def __init__(self, size):
-        self.size, self.pos = size, 0  # pos: tokens seen so far, the position of the next one
+        self.size, self.pos = size, 0  # pos: tokens (columns) seen so far, the column of the next one
         self.k = self.v = self.k_pos = None  # allocated on first use, with the shape, dtype and device of the keys
 
-    def update(self, k, v):
-        """Store the keys and values of the new tokens; return the keys, values and positions they may attend to."""
-        B, n_kv_head, T, hs = k.shape
+    def update(self, k, v, pos):
+        """Store the keys and values of the new tokens at positions pos (B or 1, T); return the keys, values and
+        positions they may attend to."""
+        B, T = k.size(0), k.size(2)
         assert self.pos == 0 or T == 1, "after the prompt, the cache takes one token at a time"
         if self.k is None:
-            self.k, self.v = (torch.zeros(B, n_kv_head, self.size, hs, dtype=k.dtype, device=k.device) for _ in "kv")
-            self.k_pos = torch.full((self.size,), -1, device=k.device)  # the position held by each slot; -1 empty
-        positions = torch.arange(self.pos, self.pos + T, device=k.device)
+            self.k, self.v = (t.new_zeros(B, t.size(1), self.size, t.size(3)) for t in (k, v))
+            self.k_pos = torch.full((B, self.size), -1, device=k.device)  # the position in each slot; -1 empty
         keep = min(T, self.size)  # a prompt longer than the cache leaves only its last tokens
-        slots = positions[-keep:] % self.size
+        slots = torch.arange(self.pos + T - keep, self.pos + T, device=k.device) % self.size
         self.k.index_copy_(2, slots, k[:, :, -keep:])
         self.v.index_copy_(2, slots, v[:, :, -keep:])
-        self.k_pos.index_copy_(0, slots, positions[-keep:])
+        self.k_pos.index_copy_(1, slots, pos[:, -keep:].expand(B, keep))
         prompt, self.pos = self.pos == 0, self.pos + T
         if prompt:  # its tokens see each other, computed as without a cache
-            return k, v, positions
+            return k, v, pos
         return self.k, self.v, self.k_pos  # one new token: it sees every filled slot (its window, with a window)
 
     def nbytes(self):
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+        return 0 if self.k is None else (self.k.numel() + self.v.numel()) * self.k.element_size()
 
 
 def cached(cache, k, v):
@@ -416,9 +416,9 @@ def cached(cache, k, v):
     keys, causal (None), without a cache and for the prompt; for one new token, every filled slot of the cache."""
     if cache is None:
         return k, v, None
-    prompt = cache.pos == 0
-    k, v, k_pos = cache.update(k, v)
-    return k, v, None if prompt else (k_pos >= 0)[None]
+    prompt, T = cache.pos == 0, k.size(2)
+    k, v, k_pos = cache.update(k, v, torch.arange(cache.pos, cache.pos + T, device=k.device).unsqueeze(0))
+    return k, v, None if prompt else (k_pos >= 0)[:, None, None]
 
 
 class CausalSelfAttention(nn.Module):

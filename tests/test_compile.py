@@ -187,7 +187,7 @@ def test_ex3(vocab_size, flash):
 EX4 = {
     "mqa-swiglu-rope": dict(),  # the defaults
     "gqa": dict(n_kv_head=2),
-    "mha-gelu-learned-positions": dict(n_kv_head=4, mlp="gelu", rope=False),
+    "mha-gelu-learned-positions": dict(n_kv_head=4, mlp="gelu", pos="learned"),
     "window-mask": dict(window=4, window_impl="mask"),
     "window-blocked": dict(window=4, window_impl="blocked"),
     "window-blocked-padded": dict(window=6, window_impl="blocked"),  # T is not a multiple of the window

@@ -1,17 +1,19 @@
 """ex4_mqa_swiglu.py: grouped-query attention, SwiGLU, RoPE, sliding windows and the KV cache do what they claim."""
 
+import math
 import os
 from dataclasses import fields
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 import ex1_gpt as ex1
 import ex4_mqa_swiglu as ex4
 from conftest import assert_causal, losses, user_error
 
 V = 65  # vocabulary size of the test models
-OFF = dict(n_kv_head=4, mlp="gelu", rope=False, window=0)  # every switch off: ex1's architecture
+OFF = dict(n_kv_head=4, mlp="gelu", pos="learned", window=0)  # every switch off: ex1's architecture
 
 
 def tiny(**kw):
@@ -42,7 +44,7 @@ def test_gqa_equals_mha_with_repeated_key_value_weights(flash, n_kv_head):
     """ex4's attention with n_kv_head heads equals ex1's multi-head attention whose key and value weights are those
     of the group's shared head, repeated for each query head of the group (for n_kv_head == n_head: the same
     weights)."""
-    cfg = tiny(n_kv_head=n_kv_head, rope=False, flash=flash)
+    cfg = tiny(n_kv_head=n_kv_head, pos="learned", flash=flash)
     torch.manual_seed(0)
     gqa = ex4.CausalSelfAttention(cfg)
     mha = ex1.CausalSelfAttention(ex1.Config(n_head=4, n_embd=32, block_size=32, flash=flash))
@@ -52,12 +54,12 @@ def test_gqa_equals_mha_with_repeated_key_value_weights(flash, n_kv_head):
     with torch.no_grad():
         mha.c_attn.weight.copy_(torch.cat([wq, repeat(wk), repeat(wv)]))
         mha.c_proj.weight.copy_(gqa.c_proj.weight)
-    x = torch.randn(3, 20, C)
-    torch.testing.assert_close(gqa(x), mha(x), atol=1e-6, rtol=1e-5)
+    x, pos = torch.randn(3, 20, C), torch.arange(20).unsqueeze(0)
+    torch.testing.assert_close(gqa(x, pos), mha(x), atol=1e-6, rtol=1e-5)
     if n_kv_head == 2:  # groups are consecutive query heads: alternating them (0, 1, 0, 1) is another model
         with torch.no_grad():
             mha.c_attn.weight.copy_(torch.cat([wq, wk.repeat(group, 1), wv.repeat(group, 1)]))
-        assert not torch.allclose(gqa(x), mha(x), atol=1e-4)
+        assert not torch.allclose(gqa(x, pos), mha(x), atol=1e-4)
 
 
 def test_all_switches_off_is_ex1():
@@ -110,7 +112,7 @@ def test_swiglu_is_gated_and_matches_gelu_parameters():
 def test_rope_scores_depend_only_on_distance_and_norms_are_kept():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)
-    rot = lambda x, p: ex4.rotate(x.view(1, 1, 1, 16), p).view(16)  # noqa: E731
+    rot = lambda x, p: ex4.rotate(x.view(1, 1, 1, 16), torch.tensor([p])).view(16)  # noqa: E731
     for m, n, shift in [(0, 0, 7), (5, 2, 100), (3, 9, 1000), (40, 1, 4000)]:
         score = rot(q, m) @ rot(k, n)
         torch.testing.assert_close(
@@ -118,13 +120,13 @@ def test_rope_scores_depend_only_on_distance_and_norms_are_kept():
         )  # angles are float32
         assert not torch.allclose(rot(q, m) @ rot(k, n + 1), score, atol=1e-3)  # but the distance itself matters
     x = torch.randn(2, 3, 50, 16, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(ex4.rotate(x, 17).norm(dim=-1), x.norm(dim=-1))
-    assert not torch.allclose(ex4.rotate(x, 17), x)
+    torch.testing.assert_close(ex4.rotate(x, torch.arange(17, 67)).norm(dim=-1), x.norm(dim=-1))
+    assert not torch.allclose(ex4.rotate(x, torch.arange(17, 67)), x)
 
 
 def test_rope_replaces_the_position_table():
-    assert model(rope=True).wpe is None and model(rope=False).wpe is not None
-    assert not any("wpe" in name for name in model(rope=True).state_dict())
+    assert model(pos="rope").wpe is None and model(pos="learned").wpe is not None
+    assert not any("wpe" in name for name in model(pos="rope").state_dict())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,14 +160,17 @@ def test_window_gradient_is_exactly_zero_beyond_the_window(flash, impl):
     W, T, t = 5, 37, 23
     attn = ex4.CausalSelfAttention(tiny(window=W, window_impl=impl, flash=flash, n_kv_head=2))
     x = torch.randn(2, T, 32, requires_grad=True)
-    attn(x)[:, t].sum().backward()
+    attn(x, torch.arange(x.size(1)).unsqueeze(0))[:, t].sum().backward()
     seen = x.grad.abs().sum(dim=(0, 2)) != 0
     assert seen.tolist() == [t - W < s <= t for s in range(T)]
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(), dict(window=4), dict(window=4, window_impl="blocked", flash=False), dict(**OFF)]
-)
+    "kw",
+    [dict(), dict(window=4), dict(window=4, window_impl="blocked", flash=False), dict(**OFF),
+     dict(score="multiplicative"), dict(score="additive", pos="none", window=4, window_impl="blocked"),
+     dict(pos="sinusoidal", mlp="quickgelu")],
+)  # fmt: skip
 def test_causality(kw):
     """Changing tokens after position t changes no logit at positions <= t."""
     assert_causal(model(**kw), V, T=32, t=20)
@@ -182,8 +187,13 @@ CACHE_CASES = [
     dict(n_kv_head=4, window=6),
     dict(n_kv_head=2, window=6),
     dict(n_kv_head=1, window=6),
-    dict(n_kv_head=2, rope=False),  # learned positions
-    dict(n_kv_head=1, rope=False, window=6),
+    dict(n_kv_head=2, pos="learned"),  # learned positions
+    dict(n_kv_head=1, pos="learned", window=6),
+    dict(n_kv_head=2, score="multiplicative"),
+    dict(n_kv_head=1, score="multiplicative", window=6),
+    dict(n_kv_head=2, score="additive", pos="learned"),
+    dict(n_kv_head=2, score="additive", pos="none", window=6),
+    dict(n_kv_head=1, pos="sinusoidal"),
 ]
 
 
@@ -228,10 +238,186 @@ def test_one_token_prompt(kw):
 
 def test_unbounded_only_with_rope_and_window():
     assert model(window=6).max_len is None
-    assert model(window=0).max_len == 32 and model(rope=False, window=6).max_len == 32
+    assert model(window=0).max_len == 32 and model(pos="learned", window=6).max_len == 32
     with pytest.raises(AssertionError):
         model(window=0)(torch.zeros(1, 33, dtype=torch.long))
     assert model(window=6)(torch.zeros(1, 100, dtype=torch.long))[0].shape == (1, 100, V)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Score functions: scaled dot product, multiplicative (x A x), additive (w.tanh(q + k))
+
+
+@pytest.mark.parametrize("flash", [True, False])
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_multiplicative_with_factored_matrix_is_scaled_dot(flash, n_kv_head):
+    """With A = W_q^T W_k / sqrt(hs) for each head (W_k: its group's key head), multiplicative attention is the
+    scaled dot product exactly: dot-product attention is multiplicative attention whose matrix has rank hs."""
+    kw = dict(n_kv_head=n_kv_head, pos="learned", flash=flash)
+    dot, mult = model(**kw).double(), model(**kw, score="multiplicative").double()
+    C, hs, H = 32, 8, 4
+    state = {k: v for k, v in dot.state_dict().items() if "c_attn" not in k}
+    with torch.no_grad():
+        for block, ref in zip(mult.blocks, dot.blocks):
+            wq, wk, wv = ref.attn.c_attn.weight.split([C, n_kv_head * hs, n_kv_head * hs])
+            wq, wk = wq.view(H, hs, C), wk.view(n_kv_head, hs, C).repeat_interleave(H // n_kv_head, dim=0)
+            block.attn.A.copy_(wq.transpose(1, 2) @ wk / hs**0.5)
+            block.attn.c_attn.weight.copy_(wv)
+    mult.load_state_dict(state, strict=False)
+    idx = torch.randint(V, (2, 32))
+    torch.testing.assert_close(mult(idx)[0], dot(idx)[0], atol=1e-10, rtol=0)
+    assert mult.blocks[0].attn.A.numel() == H * C * C  # against W_q and W_k's (C + n_kv_head hs) C
+    with torch.no_grad():
+        mult.blocks[0].attn.A.add_(torch.randn(H, C, C, dtype=torch.float64) * 1e-2)  # a full-rank A: another model
+    assert not torch.allclose(mult(idx)[0], dot(idx)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("block", [1 << 22, 7 * 4 * 3])  # one block, and 7 queries a block
+def test_additive_scores_equal_a_plain_loop(block, monkeypatch):
+    """s(t, j) = w_h . tanh(q_t + k_j) for every head h, query t and key j, and the attention through it, against
+    loops over them; the blocks of queries (and the checkpoint in the backward pass) change nothing."""
+    monkeypatch.setattr(ex4, "ADDITIVE_BLOCK", block)
+    H, n_kv_head, T, hs = 4, 2, 19, 3
+    q, k, v = (t.double().requires_grad_() for t in qkv(2, H, n_kv_head, T, hs, seed=0))
+    w = torch.randn(H, hs, dtype=torch.float64, requires_grad=True)
+    y = ex4.attention(q, k, v, flash=True, score_vector=w)  # additive is always written out
+    ref = torch.zeros_like(y)
+    for b in range(2):
+        for h in range(H):
+            g = h // (H // n_kv_head)
+            s = torch.stack([torch.stack([w[h] @ torch.tanh(q[b, h, t] + k[b, g, j]) for j in range(T)])
+                             for t in range(T)])  # fmt: skip
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            ref[b, h] = F.softmax(s, dim=-1) @ v[b, g]
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
+    grads = torch.autograd.grad(y.square().sum(), (q, k, v, w))
+    for a, b in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v, w))):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("score", ["scaled_dot", "multiplicative", "additive"])
+def test_every_score_works_with_the_window_both_ways(score):
+    """The blocked window (time T*W) and the band mask give the same logits for every score function."""
+    kw = dict(score=score, pos="none" if score == "additive" else "rope", n_kv_head=2, window=5)
+    idx = torch.randint(V, (2, 32))
+    masked, blocked = (model(**kw, window_impl=impl)(idx)[0] for impl in ("mask", "blocked"))
+    torch.testing.assert_close(blocked, masked, atol=1e-5, rtol=0)
+
+
+def raw_scores(attn, x):
+    """A module's scores before the mask, (B, n_head, T, T), for MHA modules."""
+    pos = torch.arange(x.size(1)).unsqueeze(0)
+    q, k, _ = attn.qkv(x, pos)
+    k = k.expand(-1, q.size(1), -1, -1)
+    if attn.score == "additive":
+        return ex4.scores(q, k, w=attn.score_vector.unsqueeze(1))
+    return ex4.scores(q, k, 1.0 if attn.score == "multiplicative" else None)
+
+
+@pytest.mark.parametrize(
+    "score,pos",
+    [("scaled_dot", "none"), ("scaled_dot", "rope"), ("multiplicative", "learned"), ("additive", "learned")],
+)
+def test_scores_are_symmetric_when_query_and_key_maps_agree(score, pos):
+    """s(t, j) = s(j, t) for every input when W_q^T W_k is symmetric: W_q = W_k (dot, additive) or A = A^T
+    (multiplicative), with rotary positions too (R(j - t) transposed is R(t - j)). The attention weights are still not
+    symmetric: the causal mask zeroes one triangle, and softmax normalises rows, not columns."""
+    attn = ex4.CausalSelfAttention(tiny(score=score, pos=pos, n_kv_head=4)).double()
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    assert not torch.allclose(raw_scores(attn, x), raw_scores(attn, x).transpose(-2, -1), atol=1e-6)
+    with torch.no_grad():
+        if score == "multiplicative":
+            attn.A.copy_(attn.A + attn.A.transpose(1, 2))
+        else:
+            attn.c_attn.weight[32:64].copy_(attn.c_attn.weight[:32])  # W_k = W_q
+    s = raw_scores(attn, x)
+    torch.testing.assert_close(s, s.transpose(-2, -1), atol=1e-12, rtol=0)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    for weights in (F.softmax(s.masked_fill(~causal, float("-inf")), dim=-1), F.softmax(s, dim=-1)):
+        assert not torch.allclose(weights, weights.transpose(-2, -1), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Positions: sinusoidal and none; QuickGELU
+
+
+def test_sinusoidal_is_the_papers_formula():
+    pe = ex4.sinusoidal(torch.arange(60), 32)
+    for p in (0, 1, 7, 59):
+        for i in (0, 1, 5, 15):
+            assert pe[p, 2 * i].item() == pytest.approx(math.sin(p / 10000 ** (2 * i / 32)), abs=1e-5)
+            assert pe[p, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / 32)), abs=1e-5)
+    assert model(pos="sinusoidal").wpe is None  # a fixed table: nothing to learn
+
+
+@pytest.mark.parametrize("pos", ["none", "learned", "sinusoidal", "rope"])
+def test_without_positions_only_causality_orders_the_tokens(pos):
+    """With --pos none, one layer's output at t is a function of the set of tokens up to t: shuffling the tokens before
+    t leaves it unchanged. With two layers it changes, only through causality: the earlier positions' states, which
+    t attends to, each saw another prefix. Every position scheme changes it with one layer already."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(V, (1, 20), generator=g)
+    shuffled = idx.clone()
+    shuffled[0, :15] = idx[0, torch.randperm(15, generator=g)]
+    for n_layer in (1, 2):
+        m = model(pos=pos, n_layer=n_layer)
+        same = torch.allclose(m(idx)[0][0, 15], m(shuffled)[0][0, 15], atol=1e-5)
+        assert same == (pos == "none" and n_layer == 1), (pos, n_layer)
+
+
+def test_quickgelu_is_its_formula_and_close_to_gelu():
+    x = torch.linspace(-8, 8, 100001, dtype=torch.float64)
+    torch.testing.assert_close(ex4.quick_gelu(x), x * torch.sigmoid(1.702 * x))
+    gap = (ex4.quick_gelu(x) - F.gelu(x)).abs().max().item()
+    assert 0.015 < gap < 0.025, gap  # within 0.02 of GELU, but not GELU
+    mlp = ex4.MLP(tiny(mlp="quickgelu"))
+    h = torch.randn(3, 32)
+    torch.testing.assert_close(mlp(h), mlp.c_proj(ex4.quick_gelu(mlp.c_fc(h))))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Padding: prompts of different lengths in one batch
+
+
+PAD_CASES = [
+    dict(pos="learned"),
+    dict(pos="sinusoidal", n_kv_head=2),
+    dict(pos="rope"),
+    dict(pos="rope", window=5, window_impl="mask"),
+    dict(pos="rope", window=5, window_impl="blocked"),
+    dict(pos="learned", window=5, window_impl="blocked"),
+    dict(pos="none", window=5),
+    dict(score="multiplicative", pos="rope"),
+    dict(score="additive", pos="sinusoidal", window=5, window_impl="blocked"),
+]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("kw", PAD_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_a_padded_batch_gives_what_each_prompt_alone_gives(kw, use_cache):
+    """Left-padded prompts of 3, 9 and 14 tokens: every row's greedy tokens equal those of its prompt alone (past
+    block_size, 32), and its logits agree within 1e-5, for the prompt and for each cached step."""
+    m = model(**kw)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(V, (n,), generator=g) for n in (3, 14, 9)]
+    pad = torch.tensor([14 - len(p) for p in prompts])
+    idx = torch.stack([F.pad(p, (14 - len(p), 0)) for p in prompts])
+    out = m.generate(idx, 30, temperature=0, use_cache=use_cache, pad=pad)
+    for row, p, n in zip(out, prompts, pad):
+        alone = m.generate(p.unsqueeze(0), 30, temperature=0, use_cache=use_cache)[0]
+        assert torch.equal(row[n:], alone)
+    if not use_cache:
+        return
+    new_caches = lambda: [ex4.KVCache(kw.get("window") or 32) for _ in m.blocks]  # noqa: E731
+    caches, first = new_caches(), new_caches()  # the batch's, and the shortest prompt's alone
+    with torch.no_grad():
+        batch = m(out[:, :14], caches=caches, pad=pad)[0]
+        for i, (p, n) in enumerate(zip(prompts, pad)):
+            alone = m(out[i : i + 1, n:14], caches=first if i == 0 else None)[0]
+            torch.testing.assert_close(batch[i, n:], alone[0], atol=1e-5, rtol=0)
+        for t in range(14, 14 + 10):  # cached steps: the shortest prompt's row against it alone
+            step = m(out[:, t : t + 1], caches=caches, pad=pad)[0]
+            torch.testing.assert_close(step[0], m(out[:1, t : t + 1], caches=first)[0][0], atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -262,7 +448,7 @@ SMALL = [
 
 def test_smoke_every_switch_on(text_file, tmp_path, capsys):
     out, straight = str(tmp_path / "out"), str(tmp_path / "straight")
-    on = "--n_kv_head 2 --mlp swiglu --rope --window 8 --window_impl auto --kv_cache --dropout 0.1".split()  # fmt: skip
+    on = "--n_kv_head 2 --mlp swiglu --pos rope --window 8 --window_impl auto --kv_cache --dropout 0.1".split()
     ex4.main([*SMALL, *on, "--data", text_file, "--out_dir", out, "--max_iters", "10", "--max_new_tokens", "40"])
     printed = capsys.readouterr().out
     assert os.path.isfile(os.path.join(out, "best.pt")) and os.path.isfile(os.path.join(out, "log.csv"))
@@ -291,25 +477,24 @@ def test_smoke_every_switch_on(text_file, tmp_path, capsys):
     # sampling from the checkpoint runs past block_size (RoPE and a window), and the cache does not change the text
     texts = []
     for cache in ("--kv_cache", "--no-kv_cache"):
-        ex4.main(
-            [
-                "--device",
-                "cpu",
-                "--out_dir",
-                out,
-                "--prompt",
-                "All:",
-                "--max_new_tokens",
-                "80",
-                "--temperature",
-                "0",
-                cache,
-            ]
-        )
+        ex4.main(["--device", "cpu", "--out_dir", out, "--prompt", "All:", "--max_new_tokens", "80",
+                  "--temperature", "0", cache])  # fmt: skip
         texts.append(capsys.readouterr().out)
     assert (
         texts[0] == texts[1] and texts[0].startswith("--- sample 1 ---\nAll:") and len(texts[0].split("\n", 1)[1]) > 80
     )
+
+    # several prompts, from --prompt and --prompt_file, in one left-padded batch: each is what it gives alone
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("First Citizen:\n\nYou\n", encoding="utf-8")
+    greedy = ["--device", "cpu", "--out_dir", out, "--max_new_tokens", "40", "--temperature", "0"]
+    ex4.main([*greedy, "--prompt", "All:", "--prompt_file", str(prompts)])
+    batch = capsys.readouterr().out.split("--- sample ")[1:]
+    assert len(batch) == 3
+    for i, prompt in enumerate(["All:", "First Citizen:", "You"]):
+        ex4.main([*greedy, "--prompt", prompt])
+        assert batch[i].split("\n", 1)[1] == capsys.readouterr().out.split("\n", 1)[1]
+    assert "no such file" in user_error(capsys, ex4.main, [*greedy, "--prompt_file", str(tmp_path / "none.txt")])
 
 
 @pytest.mark.parametrize(
@@ -320,7 +505,11 @@ def test_smoke_every_switch_on(text_file, tmp_path, capsys):
         (["--window", "-1"], "--window"),
         (["--mlp", "relu"], "--mlp"),
         (["--window_impl", "fast"], "--window_impl"),
-        (["--n_embd", "36", "--n_head", "4", "--n_kv_head", "1"], "--rope"),  # head size 9 cannot be rotated in pairs
+        (["--n_embd", "36", "--n_head", "4", "--n_kv_head", "1"], "--pos rope"),  # head size 9: no pairs to rotate
+        (["--score", "additive"], "--score additive"),  # with the default rotary positions
+        (["--score", "cosine"], "--score"),
+        (["--pos", "alibi"], "--pos"),
+        (["--pos", "sinusoidal", "--n_embd", "33", "--n_head", "3", "--n_kv_head", "3"], "--pos sinusoidal"),
     ],
 )
 def test_user_errors(flags, words, text_file, tmp_path, capsys):
