@@ -592,7 +592,7 @@ class GPT(nn.Module):
         x = self.wte(idx)
         if self.cfg.pos == "learned":
             x = x + self.wpe(pos.clamp(min=0))
-        if self.cfg.pos == "sinusoidal":  # as in the paper, the embeddings times sqrt(n_embd), to be seen beside the table
+        if self.cfg.pos == "sinusoidal":  # as in the paper, embeddings times sqrt(n_embd), or the table drowns them
             x = x * math.sqrt(self.cfg.n_embd) + sinusoidal(pos, self.cfg.n_embd)
         x = self.drop(x)
         for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
