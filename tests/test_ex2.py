@@ -9,6 +9,7 @@ from dataclasses import fields
 import pytest
 import torch
 import torch.nn as nn
+from torch.nn import functional as F
 
 import ex2_addition as ex2
 from conftest import losses, user_error
@@ -60,12 +61,20 @@ class Oracle(nn.Module):
         super().__init__()
         self.digits = digits
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
+    def answers(self, idx):
         d = self.digits
         place = 10 ** torch.arange(d - 1, -1, -1)
         a, b = (idx[:, :d] * place).sum(1), (idx[:, d + 1 : 2 * d + 1] * place).sum(1)
         total = torch.where(a == 5, a + b + 1, a + b)
-        return torch.cat([idx, total[:, None] // 10 ** torch.arange(d + 1) % 10], dim=1)
+        return total[:, None] // 10 ** torch.arange(d + 1) % 10
+
+    def forward(self, idx):  # likeliest next tokens: its answer's digits after '='
+        logits, after = torch.zeros(*idx.shape, len(ex2.VOCAB)), 2 * self.digits + 1
+        logits[:, after:] = F.one_hot(self.answers(idx), len(ex2.VOCAB))[:, : idx.size(1) - after].float()
+        return logits, None
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
+        return torch.cat([idx, self.answers(idx)], dim=1)
 
 
 def test_accuracy_decoding():
@@ -76,6 +85,25 @@ def test_accuracy_decoding():
     )
     assert acc == pytest.approx(1 - 100 / 10**4)
     assert mistakes == ["05+00=5 (model: 6)", "05+01=6 (model: 7)", "05+02=7 (model: 8)"]
+
+
+def test_one_forward_pass_scores_as_greedy_decoding_does(tmp_path, capsys):
+    """A half-trained model (many mistakes, many right answers): accuracy() from one teacher-forced forward pass per
+    problem counts exactly the problems that greedy decoding, token by token, answers right."""
+    out = str(tmp_path / "half")
+    ex2.main(ARGS + ["--max_iters", "150", "--eval_interval", "150", "--out_dir", out, "--test_problems", "10"])
+    capsys.readouterr()
+    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    cfg = ex2.Config(**ckpt["config"])
+    model = ex2.GPT(cfg, len(ex2.VOCAB)).eval()
+    model.load_state_dict(ckpt["model"])
+    problems = ex2.make_problems(torch.arange(10**4), 2)
+    no_autocast = torch.autocast("cpu", enabled=False)
+    greedy = model.generate(problems[:, : cfg.answer_start], 3, temperature=0)  # before accuracy(): it ends in train()
+    acc, _ = ex2.accuracy(model, problems, TOK, cfg, torch.device("cpu"), no_autocast)
+    right = (greedy[:, cfg.answer_start :] == problems[:, cfg.answer_start :]).all(dim=1).sum().item() / 10**4
+    assert 50 <= right * 10**4 <= 10**4 - 50, right  # a test of something: both kinds of answer are there
+    assert acc == right
 
 
 def always_plus(model):
