@@ -394,23 +394,29 @@ def window_mask(q_pos, k_pos, window):
     return ok | ((q_pos < 0) & (k_pos == q_pos))
 
 
-def blocked_window_attention(q, k, v, window, flash=True, dropout_p=0.0, scale=None, score_vector=None, pos=None):
+def blocked_window_attention(q, k, v, window, flash=True, dropout_p=0.0, scale=None, score_vector=None, pos=None,
+                             block=0):
     """Sliding-window causal attention in time and memory proportional to T*W instead of T*T. The T queries are cut
-    into blocks of W; a query sees at most W-1 keys back, so block i needs only its own keys and block i-1's: all
-    blocks at once, each a (W, 2W) attention with a band mask. q (B, n_head, T, hs), k, v (B, n_kv_head, T, hs);
-    pos (B, T): the tokens' positions when rows are left-padded (a row's first real token is 0); None: 0 to T-1."""
+    into blocks of b queries (block; by default W/4, at least 16); a query sees at most W-1 keys back, so a block needs
+    only the W keys before it and its own b: all blocks at once, each a (b, W + b) attention with a band mask. The
+    smaller b, the fewer masked keys are computed (W + b per query, W of them used), but the more blocks.
+    q (B, n_head, T, hs), k, v (B, n_kv_head, T, hs); pos (B, T): the tokens' positions when rows are left-padded (a
+    row's first real token is 0); None: 0 to T-1."""
     B, H, T, hs = q.shape
-    W, n = window, -(-T // window)  # n blocks
-    pad = n * W - T  # padding at the end of the last block
-    q = F.pad(q, (0, 0, 0, pad)).view(B, H, n, W, hs).transpose(1, 2).reshape(B * n, H, W, hs)  # a block: a batch entry
-    k, v = (F.pad(t, (0, 0, W, pad)).view(B, -1, n + 1, W, t.size(-1)).transpose(1, 2) for t in (k, v))  # one in front
-    k, v = (torch.cat([t[:, :-1], t[:, 1:]], dim=3).view(B * n, -1, 2 * W, t.size(-1)) for t in (k, v))  # i-1's, i's
-    col = torch.arange(n * W, device=q.device).view(n, W)  # each query's column; block i's keys start at column (i-1)W
+    W, b = window, block or min(window, max(16, window // 4))
+    n = -(-T // b)  # n blocks
+    pad = n * b - T  # padding at the end of the last block
+    q = F.pad(q, (0, 0, 0, pad)).view(B, H, n, b, hs).transpose(1, 2).reshape(B * n, H, b, hs)  # a block: a batch entry
+    # keys and values with W zeros in front; block i's are columns i*b - W to i*b + b - 1 (overlapping windows, copied)
+    k, v = (F.pad(t, (0, 0, W, pad)).unfold(2, W + b, b).permute(0, 2, 1, 4, 3).reshape(B * n, -1, W + b, t.size(-1))
+            for t in (k, v))  # fmt: skip
+    col = torch.arange(n * b, device=q.device).view(n, b)  # each query's column
+    key_col = col[:, :1] - W + torch.arange(W + b, device=q.device)  # each block's key columns
     shift = 0 if pos is None else pos[:, :1].view(-1, 1, 1)  # a row's position minus its column: minus its padding
-    mask = window_mask(col + shift, torch.cat([col - W, col], dim=1) + shift, window)  # (B or 1 or -, n, W, 2W)
-    mask = mask.expand(B, n, W, 2 * W).reshape(B * n, 1, W, 2 * W)
+    mask = window_mask(col + shift, key_col + shift, window)  # (B or 1 or -, n, b, W + b)
+    mask = mask.expand(B, n, b, W + b).reshape(B * n, 1, b, W + b)
     y = attention(q, k, v, mask, flash, dropout_p, scale, score_vector)
-    return y.view(B, n, H, W, -1).transpose(1, 2).reshape(B, H, n * W, -1)[:, :, :T]
+    return y.view(B, n, H, b, -1).transpose(1, 2).reshape(B, H, n * b, -1)[:, :, :T]
 
 
 class CausalSelfAttention(nn.Module):
@@ -530,7 +536,8 @@ class KVCache:
         prompt, self.pos = self.pos == 0, self.pos + T
         if prompt:  # its tokens see each other, computed as without a cache
             return k, v, pos
-        return self.k, self.v, self.k_pos  # one new token: it sees every filled slot (its window, with a window)
+        n = min(self.pos, self.size)  # slots fill from the first: a new token sees the filled ones (its window)
+        return self.k[:, :, :n], self.v[:, :, :n], self.k_pos[:, :n]
 
     def nbytes(self):
         return 0 if self.k is None else (self.k.numel() + self.v.numel()) * self.k.element_size()

@@ -405,7 +405,8 @@ class KVCache:
         prompt, self.pos = self.pos == 0, self.pos + T
         if prompt:  # its tokens see each other, computed as without a cache
             return k, v, pos
-        return self.k, self.v, self.k_pos  # one new token: it sees every filled slot (its window, with a window)
+        n = min(self.pos, self.size)  # slots fill from the first: a new token sees the filled ones (its window)
+        return self.k[:, :, :n], self.v[:, :, :n], self.k_pos[:, :n]
 
     def nbytes(self):
         return 0 if self.k is None else (self.k.numel() + self.v.numel()) * self.k.element_size()

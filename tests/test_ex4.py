@@ -146,6 +146,8 @@ def test_window_implementations_agree():
             ex4.attention(q, k, v, ex4.window_mask(pos, pos, W), flash=True),
             ex4.blocked_window_attention(q, k, v, W, flash=True),
             ex4.blocked_window_attention(q, k, v, W, flash=False),
+            ex4.blocked_window_attention(q, k, v, W, block=max(1, W // 4)),  # blocks of fewer queries than W
+            ex4.blocked_window_attention(q, k, v, W, block=7, flash=False),
         ):
             torch.testing.assert_close(y, ref, atol=2e-6, rtol=1e-5, msg=f"B={B} T={T} W={W} n_kv_head={n_kv_head}")
     # and the window is not full causal attention
