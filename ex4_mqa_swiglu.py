@@ -604,6 +604,8 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
             x = block(x, pos, cache)
+        if caches is not None and targets is None:  # generating: only the last token's logits are needed
+            x = x[:, -1:]
         logits = self.lm_head(self.ln_f(x))
         loss = (
             None

@@ -413,10 +413,10 @@ def test_a_padded_batch_gives_what_each_prompt_alone_gives(kw, use_cache):
     new_caches = lambda: [ex4.KVCache(kw.get("window") or 32) for _ in m.blocks]  # noqa: E731
     caches, first = new_caches(), new_caches()  # the batch's, and the shortest prompt's alone
     with torch.no_grad():
-        batch = m(out[:, :14], caches=caches, pad=pad)[0]
+        batch, cached = m(out[:, :14], pad=pad)[0], m(out[:, :14], caches=caches, pad=pad)[0]  # all positions; the last
         for i, (p, n) in enumerate(zip(prompts, pad)):
-            alone = m(out[i : i + 1, n:14], caches=first if i == 0 else None)[0]
-            torch.testing.assert_close(batch[i, n:], alone[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(batch[i, n:], m(out[i : i + 1, n:14])[0][0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(cached[i], m(out[i : i + 1, n:14], caches=first if i == 0 else None)[0][0, -1:])
         for t in range(14, 14 + 10):  # cached steps: the shortest prompt's row against it alone
             step = m(out[:, t : t + 1], caches=caches, pad=pad)[0]
             torch.testing.assert_close(step[0], m(out[:1, t : t + 1], caches=first)[0][0], atol=1e-5, rtol=0)
