@@ -95,6 +95,7 @@ class Config:
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (worth it on a GPU)
+    threads: int = 0  # CPU threads per process (torch.set_num_threads); 0: PyTorch's default, one per core
     # sampling
     prompt: str = ""  # if set, skip training: load out_dir/best.pt and continue this text (again: one batch of them)
     prompt_file: str = ""  # like --prompt, one prompt a line: the prompts are left-padded into one batch
@@ -194,6 +195,7 @@ def parse_args(argv=None):
             "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1",
         ),
         (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (cfg.threads >= 0, f"--threads {cfg.threads} must be >= 0 (0: one per core)"),
         (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
         (
             cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0,
@@ -622,7 +624,7 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         return torch.optim.AdamW(
-            groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda"
+            groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type in ("cuda", "cpu")
         )
 
     def estimate_mfu(self, tokens_per_sec, device):
@@ -676,6 +678,8 @@ def setup_device(cfg):
         die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    if cfg.threads:  # on a busy machine, fewer threads than cores: they wait less for each other
+        torch.set_num_threads(cfg.threads)
     if cfg.dtype == "auto":
         cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if cfg.dtype == "float16" and device.type == "cpu":
