@@ -15,6 +15,14 @@ Changes from ex1_gpt.py:
 - Stages (--stage, --finetune_iters, --finetune_learning_rate), each with its checkpoint and log in out_dir/<stage>:
   pretrain on that corpus; finetune from its weights on TinyShakespeare; scratch, the same budget from random weights
   (ex1's recipe); all runs the three and compares them: stage_checkpoints, check_vocabulary, run_stage, main.
+- LoRA in the finetune stage (Hu et al. 2021, arXiv 2106.09685; --lora_rank, --lora_alpha, --lora_targets,
+  --lora_dropout): every pretrained weight frozen, and the Linear layers of attention and of the MLPs given a trainable
+  low-rank update (alpha / r) B A beside them, B zero at first, so that finetuning starts from the pretrained model
+  exactly; the optimizer holds A and B alone. ckpt.pt and best.pt keep only what trains, with the path of the
+  pretrained checkpoint and the sha256 of its weights: resumed or sampled from, they are refused on other weights.
+  --lora_merge folds the updates into the weights of best.pt and saves it as merged.pt, an ordinary checkpoint:
+  LoRALinear, LORA_TARGETS, add_lora, load_adapters, saved_weights, lora_note, save_merged, train, lora_model,
+  run_stage, main.
 
 Run:     python ex3_pretrain_finetune.py --pretrain_data ../shared/data/gutenberg/books   (CPU, about 20 min)
 Web:     python ex3_pretrain_finetune.py               (first streams 100M characters of FineWeb-Edu into data/)
@@ -24,6 +32,7 @@ Web:     python ex3_pretrain_finetune.py               (first streams 100M chara
              --compile
 2 nodes: the same flags after  torchrun --nnodes 2 --node_rank 0 (1 on the second) --nproc_per_node 8 \
              --master_addr IP_OF_NODE_0 --master_port 29500 ex3_pretrain_finetune.py
+LoRA:    python ex3_pretrain_finetune.py --stage finetune --lora_rank 8 --finetune_learning_rate 3e-3 --overwrite
 Sample:  python ex3_pretrain_finetune.py --prompt "ROMEO:" --num_samples 3     (--stage picks the checkpoint)
 Parent:  ex1_gpt.py (diff -u ex1_gpt.py ex3_pretrain_finetune.py)
 Result:  README.md, Results, "ex3_pretrain_finetune.py: pretraining helps" (benchmarks/bench_ex3.py).
@@ -111,6 +120,12 @@ class Config:
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
     finetune_iters: int = 2000  # optimizer steps of finetuning, and of the from-scratch run it is compared with
     finetune_learning_rate: float = 5e-4  # peak learning rate of finetuning (from scratch uses learning_rate)
+    # LoRA
+    lora_rank: int = 0  # finetune low-rank adapters of this rank (LoRA) on frozen pretrained weights; 0: every weight
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_targets: str = "attn,mlp"  # Linear layers that get adapters: attn (attention's), mlp (the MLPs'), or attn,mlp
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_merge: bool = False  # skip training: write best.pt with its adapters folded into the weights as merged.pt
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
@@ -124,6 +139,7 @@ class Config:
     top_k: int = 200  # sample only among the k most likely tokens; 0 for all
 
 
+LORA = ("lora_rank", "lora_alpha", "lora_targets")  # the adapters' shape, which --resume takes from ckpt.pt too
 RESUMED = (
     "n_layer",
     "n_head",
@@ -136,7 +152,7 @@ RESUMED = (
     "data_dir",
     "tokenizer",
     "unknown",
-)
+) + LORA
 
 
 def die(msg):
@@ -203,6 +219,18 @@ def parse_args(argv=None):
             "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)",
         ),
         (cfg.finetune_iters >= 0 and cfg.pretrain_tokens >= 0, "--finetune_iters and --pretrain_tokens must be >= 0"),
+        (
+            cfg.lora_rank >= 0 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1,
+            "--lora_rank must be >= 0, --lora_alpha > 0 and --lora_dropout in [0, 1)",
+        ),
+        (
+            set(cfg.lora_targets.split(",")) <= LORA_TARGETS.keys(),
+            f"--lora_targets {cfg.lora_targets} is not attn, mlp or attn,mlp",
+        ),
+        (
+            cfg.lora_rank == 0 or cfg.stage in ("finetune", "all"),
+            f"--lora_rank gives adapters to the finetune stage, not --stage {cfg.stage}; use --stage finetune or all",
+        ),
         (cfg.stage in STAGES + ("all",), f"--stage {cfg.stage} is not one of pretrain, finetune, scratch, all"),
         (cfg.tokenizer in ("char", "gpt2"), f"--tokenizer {cfg.tokenizer} is not char or gpt2"),
         (
@@ -680,6 +708,110 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# LoRA: low-rank adapters on frozen weights
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear and a trainable low-rank update beside it (Hu et al. 2021, arXiv 2106.09685):
+    y = base(x) + (alpha / r) * B(A(dropout(x))). A (r x in) starts random, Kaiming-uniform (nn.Linear's
+    initialisation, as in the paper's code and peft); B (out x r) starts at zero, so the layer first computes exactly
+    what base does, and training moves W by the rank-r matrix (alpha / r) B A alone."""
+
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * self.lora_B(self.lora_A(self.dropout(x)))
+
+    @torch.no_grad()
+    def merged(self):
+        """base with the update folded into its weight, W + (alpha / r) B A: the same layer as a plain nn.Linear."""
+        self.base.weight += self.scale * self.lora_B.weight @ self.lora_A.weight
+        return self.base
+
+
+LORA_TARGETS = {
+    "attn": (CausalSelfAttention, ("c_attn", "c_proj")),
+    "mlp": (MLP, ("c_fc", "c_proj")),
+}  # what each --lora_targets name adapts: these Linear layers of every module of this class
+
+
+def add_lora(model, cfg, base, train=()):
+    """LoRA: freeze every weight of model and wrap the Linear layers --lora_targets names in LoRALinear adapters, which
+    train, with the modules in train (new ones, which no pretrained checkpoint holds). model.lora_base names what the
+    adapters apply to: base (the pretrained checkpoint's path or name) and the sha256 of the frozen weights, which a
+    LoRA checkpoint keeps in their place."""
+    model.requires_grad_(False)
+    for target in cfg.lora_targets.split(","):
+        cls, names = LORA_TARGETS[target]
+        for module in [m for m in model.modules() if isinstance(m, cls)]:
+            for name in names:
+                adapter = LoRALinear(getattr(module, name), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+                setattr(module, name, adapter)
+    for module in train:
+        module.requires_grad_(True)
+    sha = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            sha.update(f"{name} {tuple(p.shape)} {p.dtype}".encode())
+            sha.update(p.detach().flatten().view(torch.uint8).cpu().numpy())
+    model.lora_base = {"path": base, "sha256": sha.hexdigest()}
+
+
+def load_adapters(model, ckpt, path):
+    """Into model, given adapters by add_lora, what a LoRA checkpoint (at path) trained; refused in one line when the
+    frozen weights of model are not the ones it was trained on."""
+    if model.lora_base["sha256"] != ckpt["lora_base"]["sha256"]:
+        die(
+            f"{path} holds adapters for other weights than {model.lora_base['path']} holds now (their sha256 differs); "
+            "put back the pretrained checkpoint they were trained on, or finetune again"
+        )
+    model.load_state_dict({**model.state_dict(), **ckpt["model"]})
+
+
+def saved_weights(model):
+    """What a checkpoint keeps of model: its state dict; with adapters only what trains, and lora_base, which names the
+    frozen weights in their place."""
+    if not hasattr(model, "lora_base"):
+        return {"model": model.state_dict()}
+    trains = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {"model": {k: v for k, v in model.state_dict().items() if k in trains}, "lora_base": model.lora_base}
+
+
+def lora_note(model):
+    """The start-up line's account of a model with adapters: what trains, of how many parameters."""
+    if not hasattr(model, "lora_base"):
+        return ""
+    trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return (
+        f", LoRA rank {model.cfg.lora_rank} on {model.cfg.lora_targets}: {trains:,} of {total:,} parameters train "
+        f"({100 * trains / total:.2f}%)"
+    )
+
+
+def save_merged(model, ckpt, path):
+    """--lora_merge: model, built from the LoRA checkpoint ckpt at path, with every adapter folded into its layer, saved
+    beside it as merged.pt: an ordinary checkpoint of the same model, which samples and starts runs without LoRA."""
+    if "lora_base" not in ckpt:
+        die(f"{path} holds no adapters (its run had no --lora_rank): there is nothing to merge")
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+    del model.lora_base
+    merged = os.path.join(os.path.dirname(path), "merged.pt")
+    state = {k: v for k, v in ckpt.items() if k != "lora_base"}
+    save_checkpoint(merged, {**state, "model": model.state_dict(), "config": {**ckpt["config"], "lora_rank": 0}})
+    print(f"saved {merged}: the model of {path}, its adapters folded into the weights")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -932,7 +1064,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
 
     def state(it):  # everything --resume needs to continue at iteration it
         return {
-            "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "script": SCRIPT, **saved_weights(raw_model), "optimizer": optimizer.state_dict(),
             "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "tokenizer": tok.name, "vocab": tok.chars,
             "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -1068,6 +1200,19 @@ def check_vocabulary(ckpt, path, tok):
         )
 
 
+def lora_model(cfg, ckpt, path, vocab_size, device):
+    """The model of a LoRA checkpoint (at path): the pretrained checkpoint it names, with its adapters; refused when
+    that checkpoint is missing or its weights are not the ones the adapters were trained on."""
+    base = ckpt["lora_base"]["path"]
+    if not os.path.isfile(base):
+        die(f"{path} holds adapters for {base}, which is missing; put it back, or finetune again")
+    model = GPT(cfg, vocab_size).to(device)
+    model.load_state_dict(load_checkpoint(base, device)["model"])
+    add_lora(model, cfg, base)
+    load_adapters(model, ckpt, path)
+    return model
+
+
 def run_stage(stage, cfg, tok, ids, device, autocast, ckpt=None):
     """One stage in out_dir/<stage>, continuing from ckpt (its ckpt.pt) under --resume; returns its best val loss and
     its model. pretrain: the large corpus from random weights. finetune: Shakespeare from out_dir/pretrain/best.pt at
@@ -1087,17 +1232,23 @@ def run_stage(stage, cfg, tok, ids, device, autocast, ckpt=None):
     if init:
         check_vocabulary(init, init_path, tok)
         saved = Config(**init["config"])
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "bias"):  # the architecture comes from the checkpoint
+        arch = ("n_layer", "n_head", "n_embd", "block_size", "bias") + (LORA if ckpt else ())
+        for name in arch:  # the architecture comes from the checkpoint, and a resumed stage's adapters too
             setattr(cfg, name, getattr(saved, name))
     print(
         f"=== stage {stage}: {cfg.max_iters} iterations at learning rate {cfg.learning_rate:g}"
         + (f", from {init_path}" if init else "")
     )
     loader = DataLoader(ids, cfg, device)
-    model = GPT(cfg, tok.vocab_size).to(device)
-    if init:
-        model.load_state_dict(init["model"])
-    print(f"{model.num_params() / 1e6:.2f}M parameters, device {device}, dtype {cfg.dtype}")
+    if init and "lora_base" in init:  # a LoRA finetune resumed: the pretrained weights it names, and its adapters
+        model = lora_model(cfg, init, init_path, tok.vocab_size, device)
+    else:
+        model = GPT(cfg, tok.vocab_size).to(device)
+        if init:
+            model.load_state_dict(init["model"])
+        if stage == "finetune" and cfg.lora_rank:  # LoRA: only the adapters train
+            add_lora(model, cfg, init_path)
+    print(f"{model.num_params() / 1e6:.2f}M parameters{lora_note(model)}, device {device}, dtype {cfg.dtype}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     return train(cfg, model, loader, tok, device, autocast, ckpt), model
 
@@ -1107,20 +1258,25 @@ def main(argv=None):
     device, autocast = setup_device(cfg)
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     # every check that can fail comes before setup_ddp: under torchrun a mistake ends every process alike
-    ckpts = {} if cfg.prompt else stage_checkpoints(cfg, stages, device)
+    ckpts = {} if cfg.prompt or cfg.lora_merge else stage_checkpoints(cfg, stages, device)
     rank = setup_ddp(cfg)
     torch.manual_seed(
         cfg.seed + rank
     )  # other dropout masks on each rank; DDP gives every rank rank 0's initial weights
 
-    if cfg.prompt:  # sampling only: everything needed is in the checkpoint
-        ckpt = load_checkpoint(
-            os.path.join(cfg.out_dir, "finetune" if cfg.stage == "all" else cfg.stage, "best.pt"), device
-        )
+    if cfg.prompt or cfg.lora_merge:  # sampling or merging only: the checkpoint (and the pretrained one LoRA's names)
+        path = os.path.join(cfg.out_dir, "finetune" if cfg.stage == "all" else cfg.stage, "best.pt")
+        ckpt = load_checkpoint(path, device)
         tok = get_tokenizer(ckpt["tokenizer"], ckpt["vocab"])
-        model = GPT(Config(**ckpt["config"]), tok.vocab_size).to(device)
-        model.load_state_dict(ckpt["model"])
-        sample(model, tok, cfg, device, autocast, cfg.prompt)
+        if "lora_base" in ckpt:
+            model = lora_model(Config(**ckpt["config"]), ckpt, path, tok.vocab_size, device)
+        else:
+            model = GPT(Config(**ckpt["config"]), tok.vocab_size).to(device)
+            model.load_state_dict(ckpt["model"])
+        if cfg.lora_merge:
+            save_merged(model, ckpt, path)
+        if cfg.prompt:
+            sample(model, tok, cfg, device, autocast, cfg.prompt)
         return
 
     for stage in stages if cfg.resume and cfg.stage == "all" else ():  # say which stages continue, before any trains

@@ -19,11 +19,15 @@ Changes from ex3_pretrain_finetune.py:
 - GPT-2's weights (--init_from gpt2, gpt2-medium, -large, -xl through transformers, its Conv1D matrices transposed into
   Linear layers; a PATH to a best.pt of ex3 --tokenizer gpt2 or of this script; or scratch; --gelu): from_hf,
   hf_weights, checkpoint_weights, start_model.
+- LoRA (ex3's --lora_* flags and code) on the upcycled model: every expert, an MLP, gets adapters of its own, through
+  which the copies move apart, and the routers, new, train whole; a LoRA checkpoint is no starting model (its
+  merged.pt is): lora_start, checkpoint_weights, main.
 
 Run:       python flash_moe_finetune.py              (GPT-2 small, 4 experts in every other layer, 1000 steps of
                                                      8 x 1024 tokens: a GPU; downloads GPT-2 and WikiText-2 once)
 Zero-shot: python flash_moe_finetune.py --n_experts 1 --max_iters 0   (GPT-2's WikiText-2 test perplexity, no training)
 Dense:     python flash_moe_finetune.py --n_experts 1                 (the same fine-tune without experts)
+LoRA:      python flash_moe_finetune.py --lora_rank 8 --learning_rate 1e-3   (adapters on frozen GPT-2 weights)
 8 GPUs:    torchrun --standalone --nproc_per_node 8 flash_moe_finetune.py --init_from gpt2-medium \
                --gradient_accumulation_steps 8 --compile
 Offline:   python flash_moe_finetune.py --init_from out/ex3_pretrain_finetune/pretrain/best.pt \
@@ -35,6 +39,7 @@ Result:    README.md, Results, "flash_moe_finetune.py: upcycled experts and Wiki
 
 import argparse
 import csv
+import hashlib
 import inspect
 import itertools
 import math
@@ -113,6 +118,12 @@ class Config:
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
     test_stride: int = 0  # test perplexity: block_size windows this far apart score only new tokens; 0: block_size // 2
     test_tokens: int = 0  # measure the test perplexity on the first this many tokens of the test split; 0: all of it
+    # LoRA
+    lora_rank: int = 0  # finetune low-rank adapters of this rank (LoRA) on frozen pretrained weights; 0: every weight
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_targets: str = "attn,mlp"  # Linear layers that get adapters: attn (attention's), mlp (the MLPs'), or attn,mlp
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_merge: bool = False  # skip training: write best.pt with its adapters folded into the weights as merged.pt
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
@@ -131,7 +142,8 @@ class Config:
     compare: bool = True  # also sample from the starting model, with the same prompt and seed
 
 
-RESUMED = DENSE + EXPERTS + ("init_from", "data", "data_dir", "train_split")  # --resume takes these from ckpt.pt
+LORA = ("lora_rank", "lora_alpha", "lora_targets")  # the adapters' shape, which --resume takes from ckpt.pt too
+RESUMED = DENSE + EXPERTS + LORA + ("init_from", "data", "data_dir", "train_split")  # --resume takes these from ckpt.pt
 
 
 def die(msg):
@@ -213,6 +225,14 @@ def parse_args(argv=None):
         ),
         (cfg.balance_coef >= 0 and cfg.z_coef >= 0, "--balance_coef and --z_coef must be >= 0"),
         (cfg.test_stride >= 0 and cfg.test_tokens >= 0, "--test_stride and --test_tokens must be >= 0"),
+        (
+            cfg.lora_rank >= 0 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1,
+            "--lora_rank must be >= 0, --lora_alpha > 0 and --lora_dropout in [0, 1)",
+        ),
+        (
+            set(cfg.lora_targets.split(",")) <= LORA_TARGETS.keys(),
+            f"--lora_targets {cfg.lora_targets} is not attn, mlp or attn,mlp",
+        ),
         (
             cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1,
             "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1",
@@ -778,6 +798,8 @@ def checkpoint_weights(path, device):
             f"{path} was trained with a character vocabulary, not GPT-2's BPE; train one with "
             "ex3_pretrain_finetune.py --tokenizer gpt2"
         )
+    if "lora_base" in ckpt:
+        die(f"{path} holds LoRA adapters, not a whole model; start from the merged.pt that --lora_merge writes")
     saved = {"gelu": "none", "n_experts": 1, "moe_k": 1, "moe_layers": "odd", **ckpt["config"]}  # ex3's lacks these
     return {name: saved[name] for name in DENSE + EXPERTS}, ckpt["model"], ckpt["model"]["lm_head.weight"].size(0)
 
@@ -829,6 +851,119 @@ def upcycle(model, cfg, x):
         f"upcycled the MLPs of layers {layers} into {cfg.n_experts} experts each, top-{cfg.moe_k}: "
         f"{before / 1e6:.2f}M -> {model.num_params() / 1e6:.2f}M parameters; largest logit change {diff:.1e}"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA: low-rank adapters on frozen weights
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear and a trainable low-rank update beside it (Hu et al. 2021, arXiv 2106.09685):
+    y = base(x) + (alpha / r) * B(A(dropout(x))). A (r x in) starts random, Kaiming-uniform (nn.Linear's
+    initialisation, as in the paper's code and peft); B (out x r) starts at zero, so the layer first computes exactly
+    what base does, and training moves W by the rank-r matrix (alpha / r) B A alone."""
+
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * self.lora_B(self.lora_A(self.dropout(x)))
+
+    @torch.no_grad()
+    def merged(self):
+        """base with the update folded into its weight, W + (alpha / r) B A: the same layer as a plain nn.Linear."""
+        self.base.weight += self.scale * self.lora_B.weight @ self.lora_A.weight
+        return self.base
+
+
+LORA_TARGETS = {
+    "attn": (CausalSelfAttention, ("c_attn", "c_proj")),
+    "mlp": (MLP, ("c_fc", "c_proj")),
+}  # what each --lora_targets name adapts: these Linear layers of every module of this class
+
+
+def add_lora(model, cfg, base, train=()):
+    """LoRA: freeze every weight of model and wrap the Linear layers --lora_targets names in LoRALinear adapters, which
+    train, with the modules in train (new ones, which no pretrained checkpoint holds). model.lora_base names what the
+    adapters apply to: base (the pretrained checkpoint's path or name) and the sha256 of the frozen weights, which a
+    LoRA checkpoint keeps in their place."""
+    model.requires_grad_(False)
+    for target in cfg.lora_targets.split(","):
+        cls, names = LORA_TARGETS[target]
+        for module in [m for m in model.modules() if isinstance(m, cls)]:
+            for name in names:
+                adapter = LoRALinear(getattr(module, name), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+                setattr(module, name, adapter)
+    for module in train:
+        module.requires_grad_(True)
+    sha = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            sha.update(f"{name} {tuple(p.shape)} {p.dtype}".encode())
+            sha.update(p.detach().flatten().view(torch.uint8).cpu().numpy())
+    model.lora_base = {"path": base, "sha256": sha.hexdigest()}
+
+
+def load_adapters(model, ckpt, path):
+    """Into model, given adapters by add_lora, what a LoRA checkpoint (at path) trained; refused in one line when the
+    frozen weights of model are not the ones it was trained on."""
+    if model.lora_base["sha256"] != ckpt["lora_base"]["sha256"]:
+        die(
+            f"{path} holds adapters for other weights than {model.lora_base['path']} holds now (their sha256 differs); "
+            "put back the pretrained checkpoint they were trained on, or finetune again"
+        )
+    model.load_state_dict({**model.state_dict(), **ckpt["model"]})
+
+
+def saved_weights(model):
+    """What a checkpoint keeps of model: its state dict; with adapters only what trains, and lora_base, which names the
+    frozen weights in their place."""
+    if not hasattr(model, "lora_base"):
+        return {"model": model.state_dict()}
+    trains = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {"model": {k: v for k, v in model.state_dict().items() if k in trains}, "lora_base": model.lora_base}
+
+
+def lora_note(model):
+    """The start-up line's account of a model with adapters: what trains, of how many parameters."""
+    if not hasattr(model, "lora_base"):
+        return ""
+    trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return (
+        f", LoRA rank {model.cfg.lora_rank} on {model.cfg.lora_targets}: {trains:,} of {total:,} parameters train "
+        f"({100 * trains / total:.2f}%)"
+    )
+
+
+def save_merged(model, ckpt, path):
+    """--lora_merge: model, built from the LoRA checkpoint ckpt at path, with every adapter folded into its layer, saved
+    beside it as merged.pt: an ordinary checkpoint of the same model, which samples and starts runs without LoRA."""
+    if "lora_base" not in ckpt:
+        die(f"{path} holds no adapters (its run had no --lora_rank): there is nothing to merge")
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+    del model.lora_base
+    merged = os.path.join(os.path.dirname(path), "merged.pt")
+    state = {k: v for k, v in ckpt.items() if k != "lora_base"}
+    save_checkpoint(merged, {**state, "model": model.state_dict(), "config": {**ckpt["config"], "lora_rank": 0}})
+    print(f"saved {merged}: the model of {path}, its adapters folded into the weights")
+
+
+def lora_start(model, cfg, ckpt=None, path=""):
+    """--lora_rank: adapters (add_lora) on the upcycled starting model. An upcycled layer's experts are MLPs, each with
+    adapters of its own, through which the copies move apart; its router, new, trains whole. With ckpt, a LoRA
+    checkpoint at path: its adapters and routers, refused if the starting model is not the one they were trained on."""
+    add_lora(model, cfg, cfg.init_from, [moe.router for moe in model.moes()])
+    if ckpt:
+        load_adapters(model, ckpt, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1154,7 +1289,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
 
     def state(it):  # everything --resume needs to continue at iteration it
         return {
-            "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "script": SCRIPT, **saved_weights(raw_model), "optimizer": optimizer.state_dict(),
             "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "tokenizer": tok.name, "vocab": tok.chars,
             "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -1297,34 +1432,48 @@ def main(argv=None):
     device, autocast = setup_device(cfg)
     tok = GPT2Tokenizer()
     # every check that can fail comes before setup_ddp: under torchrun a mistake ends every process alike
-    ckpt = None
-    if cfg.resume and not cfg.prompt:
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+    ckpt, ckpt_path = None, os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume and not (cfg.prompt or cfg.lora_merge):
+        ckpt = load_checkpoint(ckpt_path, device)
         resume_config(cfg, ckpt["config"], RESUMED)
-    elif cfg.max_iters and not cfg.prompt:  # a zero-shot run (--max_iters 0) writes no checkpoint
+    elif cfg.max_iters and not (cfg.prompt or cfg.lora_merge):  # a zero-shot run (--max_iters 0) writes no checkpoint
         check_out_dir(cfg.out_dir, cfg.overwrite)
     rank = setup_ddp(cfg)
 
-    if cfg.prompt:  # sampling only: the fine-tuned model from its checkpoint, the starting model from where it started
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), device)
-        model = GPT(Config(**ckpt["config"]), tok.vocab_size).to(device)
-        model.load_state_dict(ckpt["model"])
-        sample(model, tok, cfg, device, autocast, cfg.prompt)
+    if cfg.prompt or cfg.lora_merge:  # sampling or merging only: the fine-tuned model from its checkpoint (LoRA: on
+        # the starting model it names), the starting model from where it started
+        path = os.path.join(cfg.out_dir, "best.pt")
+        ckpt = load_checkpoint(path, device)
+        saved = Config(**ckpt["config"])
+        if "lora_base" in ckpt:
+            model = start_model(saved, tok, device)
+            upcycle(model, saved, torch.zeros((1, 1), dtype=torch.long, device=device))
+            lora_start(model, saved, ckpt, path)
+        else:
+            model = GPT(saved, tok.vocab_size).to(device)
+            model.load_state_dict(ckpt["model"])
+        if cfg.lora_merge:
+            save_merged(model, ckpt, path)
+        if cfg.prompt:
+            sample(model, tok, cfg, device, autocast, cfg.prompt)
         return
 
     with local_rank_zero_first(device):  # under torchrun one process per machine downloads; the others reuse its files
-        model = None if ckpt else start_model(cfg, tok, device)  # the same weights on every rank (seeded)
+        lora_resumed = ckpt and "lora_base" in ckpt  # a LoRA checkpoint holds the adapters, not the starting model
+        model = start_model(cfg, tok, device) if not ckpt or lora_resumed else None  # the same on every rank (seeded)
         splits, words = load_wikitext(cfg, tok)
     loader = DataLoader(splits, cfg, device)
-    if ckpt:
+    if model is None:  # a full fine-tune resumed: every weight is in ckpt
         model = GPT(cfg, tok.vocab_size).to(device)
         model.load_state_dict(ckpt["model"])
     else:
         upcycle(model, cfg, loader.get_batch("val", torch.Generator().manual_seed(0))[0][:1])
+        if cfg.lora_rank:
+            lora_start(model, cfg, ckpt, ckpt_path)
     torch.manual_seed(cfg.seed + rank)  # other dropout masks on each rank; DDP gives every rank rank 0's weights
     print(
-        f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M used per token), "
-        f"device {device}, dtype {cfg.dtype}, attention {cfg.attention}"
+        f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M used per token)"
+        f"{lora_note(model)}, device {device}, dtype {cfg.dtype}, attention {cfg.attention}"
     )
     os.makedirs(cfg.out_dir, exist_ok=True)
     when = f"at iter {ckpt['iter_num']} (resumed)" if ckpt else "before fine-tuning"
@@ -1342,7 +1491,8 @@ def main(argv=None):
         sys.exit(130)
     if dist.is_initialized():
         dist.barrier()  # rank 0 has written best.pt
-    model.load_state_dict(load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), device)["model"])  # the best val loss
+    best = load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), device)  # the best val loss
+    model.load_state_dict({**model.state_dict(), **best["model"]})  # a LoRA checkpoint's holds only what trains
     when = "after fine-tuning (best val checkpoint)"
     after = report_perplexity(model, splits["test"], words, cfg, device, autocast, when)
     print(f"test perplexity per token: before {before:.2f} | after {after:.2f}")
