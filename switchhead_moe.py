@@ -4,13 +4,19 @@ switchhead_moe.py: the GPT of ex1 with SwitchHead attention, a mixture of expert
 Changes from ex1_gpt.py:
 - --n_experts 1 --head_size: the dense baseline, CausalSelfAttention with any head width; attention() is the
   softmax attention (fused with --flash, or written out) that both attention modules call.
+- --pos rope, --rope_fraction: rotary positions on the first rope_fraction of each head's query and key channels,
+  in both attention modules: ex4's angles() and rotate(), rope_channels, rotate_first; --pos learned is ex1's table.
 - --n_experts, --moe_k: SwitchHeadAttention gives each head value and output experts, computed by expert_matmul;
   matched_head_size sets the default --head_size (no more parameters than dense); GPT.num_params(active=True).
-- --gate, --balance_coef: the routers, SwitchHeadAttention.route; --gate softmax adds load_balancing_loss in
-  GPT.forward.
+- --gate, --balance_coef: the routers, SwitchHeadAttention.route; --gate softmax (always one expert, the arg-max)
+  adds load_balancing_loss in GPT.forward.
+- --router_renorm: renorm_rows starts every router row at the same norm.
+- --expert_dropout: in training, SwitchHeadAttention.route leaves each expert out of each token's choice with this
+  probability, so that experts the router neglects are still picked and trained.
 - the paper's cost accounting, printed at start-up: attention_cost, cost_report.
+- --init switchhead: GPT.fan_in_init draws every matrix in the blocks with std 1/sqrt(n_layer * its inputs).
 - expert use at every evaluation: counted in SwitchHeadAttention.route, reset in estimate_loss, printed by
-  expert_usage in train().
+  expert_usage in train(); dead_experts, those chosen by fewer than 5% of the tokens, printed at the end.
 - --block_size 256 (ex1: 64), where attention's cost shows.
 
 SwitchHead (Csordás, Piękos, Irie, Schmidhuber, NeurIPS 2024, arXiv 2312.07987) keeps a few attention heads
@@ -20,11 +26,16 @@ and keys stay dense. For every token and head a router picks the --moe_k experts
 destination token, whose result it reads out, and the chosen experts' outputs are summed, weighted by their
 gates. Only n_head attention matrices are computed, yet the model has as many projection parameters as a dense
 model with n_head * n_experts heads. --gate softmax is the Switch Transformer router instead (arg-max expert,
-load-balancing loss).
+load-balancing loss). The defaults follow the official implementation (github.com/RobertCsordas/switchhead):
+rotary positions on half of each head's channels, initial std init_scale / sqrt(fan-in) with init_scale =
+1/sqrt(n_layer), router rows renormalised, expert dropout available (its default there is 0 too). The recipe
+before them, ex1's, is --pos learned --init gpt2 --no-router_renorm.
 
 Run:     python switchhead_moe.py                   (2000 iterations at block 256 on the CPU)
 Dense:   python switchhead_moe.py --n_experts 1 --n_head 8     (the baseline with n_head * n_experts heads)
-Compare: python benchmarks/bench_switchhead.py --jobs 2   (SwitchHead, dense 8-head, dense 2-head; 3 seeds each)
+Old:     python switchhead_moe.py --pos learned --init gpt2 --no-router_renorm      (the recipe before the official)
+Compare: python benchmarks/bench_switchhead.py --jobs 2   (sigmoid and softmax gates, dense 8- and 2-head; 3 seeds)
+Ablate:  python benchmarks/bench_switchhead.py --ablation   (the official recipe less each piece; --scaling: cost vs T)
 Sample:  python switchhead_moe.py --prompt "ROMEO:" --num_samples 3
 Parent:  ex1_gpt.py (diff -u ex1_gpt.py switchhead_moe.py)
 Result:  val 1.826 against the dense 8-head model's 1.774 at 48% of its attention MACs; 17 min on 1 core (README).
@@ -70,9 +81,14 @@ class Config:
     n_embd: int = 128  # embedding width
     head_size: int = 0  # q/k/v width per head; 0: n_embd // n_head (dense), else the widest within dense's parameters
     n_experts: int = 4  # value experts and output experts per head; 1: dense multi-head attention (the baseline)
-    moe_k: int = 2  # experts each token uses per head and projection (--top_k is the sampling flag)
-    gate: str = "sigmoid"  # sigmoid (SwitchHead: top moe_k, unnormalised) or softmax (Switch Transformer, --moe_k 1)
+    moe_k: int = 2  # experts each token uses per head and projection, sigmoid gate (softmax: always 1, its arg-max)
+    gate: str = "sigmoid"  # sigmoid (SwitchHead: top moe_k, unnormalised) or softmax (Switch Transformer: arg-max)
     balance_coef: float = 0.01  # weight of the load-balancing loss (--gate softmax only)
+    expert_dropout: float = 0.0  # training: each expert left out of each token's choice with this probability
+    pos: str = "rope"  # positions: rope (rotary, on queries and keys) or learned (ex1's table)
+    rope_fraction: float = 0.5  # --pos rope: the share of each head's channels rotated; the rest carry no position
+    init: str = "switchhead"  # switchhead: block matrices std 1/sqrt(n_layer * fan-in); gpt2: ex1's std 0.02
+    router_renorm: bool = True  # start every router row (one per expert) at the same norm
     block_size: int = 256  # context length in tokens (attention cost grows with it: that is where SwitchHead saves)
     dropout: float = 0.0  # dropout probability (0.2 is a good value for the larger GPU model)
     bias: bool = False  # biases in Linear and LayerNorm layers
@@ -111,6 +127,8 @@ RESUMED = (
     "n_experts",
     "moe_k",
     "gate",
+    "pos",
+    "rope_fraction",
     "block_size",
     "bias",
     "data",
@@ -167,10 +185,14 @@ def parse_args(argv=None):
             f"--moe_k {cfg.moe_k} must be between 1 and --n_experts {cfg.n_experts}",
         ),
         (
-            cfg.n_experts == 1 or cfg.gate == "sigmoid" or cfg.moe_k == 1,
-            f"--gate softmax sends each token to its arg-max expert: use --moe_k 1, not {cfg.moe_k}",
+            cfg.n_experts == 1 or cfg.gate == "sigmoid" or "moe_k" not in cfg.given or cfg.moe_k == 1,
+            f"--gate softmax sends each token to its arg-max expert: leave out --moe_k {cfg.moe_k} (or give 1)",
         ),
         (cfg.balance_coef >= 0, f"--balance_coef {cfg.balance_coef} must be >= 0"),
+        (0 <= cfg.expert_dropout < 1, f"--expert_dropout {cfg.expert_dropout} must be in [0, 1)"),
+        (cfg.pos in ("rope", "learned"), f"--pos {cfg.pos} is not one of rope, learned"),
+        (0 < cfg.rope_fraction <= 1, f"--rope_fraction {cfg.rope_fraction} must be in (0, 1]"),
+        (cfg.init in ("switchhead", "gpt2"), f"--init {cfg.init} is not one of switchhead, gpt2"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
         (
             cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1,
@@ -208,6 +230,10 @@ def parse_args(argv=None):
                 f"--n_head {cfg.n_head} with --n_experts {cfg.n_experts} leaves no head width with the parameters of "
                 f"a dense layer of --n_embd {cfg.n_embd}; give --head_size"
             )
+    if cfg.pos == "rope" and cfg.head_size < 2:
+        die("--pos rope rotates pairs of channels, which a head of 1 does not have; use --pos learned or --head_size 2")
+    if cfg.gate == "softmax":  # k = 1 is what the softmax gate means; the checkpoint records it
+        cfg.moe_k = 1
     return cfg
 
 
@@ -322,22 +348,54 @@ def attention(q, k, v, mask=None, flash=True, dropout_p=0.0):
     return att @ v
 
 
+def angles(pos, dim):
+    """pos * 10000^(-2i/dim) for i < dim/2, (..., T, dim/2): the frequencies of both sinusoidal and rotary positions."""
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
+    return pos.float().unsqueeze(-1) * inv_freq
+
+
+def rotate(x, pos):
+    """Rotary position embedding: rotate each pair (x_i, x_(i+hs/2)) of x (..., T, hs) by the angle p * 10000^(-2i/hs)
+    for the positions p in pos (..., T); then q.k depends on the two positions only through their difference."""
+    angle = angles(pos, x.size(-1))
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def rope_channels(cfg):
+    """--pos rope: how many of each head's query and key channels rotate, rope_fraction of head_size rounded down to
+    whole pairs, at least one pair; 0 with learned positions."""
+    return max(2, 2 * int(cfg.rope_fraction * cfg.head_size / 2)) if cfg.pos == "rope" else 0
+
+
+def rotate_first(x, pos, n):
+    """rotate() on the first n channels of x (B, H, T, hs) at positions pos (B or 1, T; None: 0 .. T-1), the others
+    unchanged: they match queries to keys by content whatever the distance (the official SwitchHead rotates half)."""
+    pos = torch.arange(x.size(2), device=x.device).unsqueeze(0) if pos is None else pos
+    return torch.cat([rotate(x[..., :n], pos.unsqueeze(1)), x[..., n:]], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     """Dense attention, the baseline (--n_experts 1): one projection makes q, k, v for every head at once."""
 
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.head_size, self.dropout, self.flash = cfg.n_head, cfg.head_size, cfg.dropout, cfg.flash
+        self.rotated = rope_channels(cfg)
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_head * cfg.head_size, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
+    def forward(self, x, pos=None):
+        """pos (1, T): the positions of x's tokens; None: 0 .. T-1."""
         B, T, C = x.size()
         H, D = self.n_head, self.head_size
         q, k, v = self.c_attn(x).split(H * D, dim=2)
         # (B, T, H * D) -> (B, H, T, D)
         q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
+        if self.rotated:
+            q, k = rotate_first(q, pos, self.rotated), rotate_first(k, pos, self.rotated)
         y = attention(q, k, v, None, self.flash, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, H * D)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
@@ -373,6 +431,14 @@ def load_balancing_loss(probs, idx):
     return (E * (f * P).sum(-1)).mean()
 
 
+@torch.no_grad()
+def renorm_rows(w):
+    """Rescale every row of a router's weight w (one row per expert) to the same norm, the root mean square of their
+    norms, so that w's overall scale stays: no expert starts with a longer row that wins the choice for most tokens."""
+    norms = w.norm(dim=-1, keepdim=True)
+    w.mul_(norms.pow(2).mean().sqrt() / norms)
+
+
 class SwitchHeadAttention(nn.Module):
     """SwitchHead: n_head heads, each with dense queries and keys and n_experts value and output experts, of which
     every token uses moe_k, weighted by their gates. One attention matrix per head, however many experts."""
@@ -381,7 +447,8 @@ class SwitchHeadAttention(nn.Module):
         super().__init__()
         H, E, D, C = cfg.n_head, cfg.n_experts, cfg.head_size, cfg.n_embd
         self.n_head, self.n_experts, self.moe_k, self.head_size, self.gate = H, E, cfg.moe_k, D, cfg.gate
-        self.dropout, self.flash = cfg.dropout, cfg.flash
+        self.dropout, self.flash, self.expert_dropout = cfg.dropout, cfg.flash, cfg.expert_dropout
+        self.rotated = rope_channels(cfg)
         self.c_attn = nn.Linear(C, 2 * H * D, bias=cfg.bias)  # queries and keys, dense
         self.v_router = nn.Linear(C, H * E, bias=False)  # reads a source token: which experts make its value
         self.o_router = nn.Linear(C, H * E, bias=False)  # reads a destination token: which experts project its result
@@ -402,13 +469,16 @@ class SwitchHeadAttention(nn.Module):
     def route(self, router, x, which):
         """The experts chosen for each token and head, (B, T, H, k) indices into the head's experts, and their gates."""
         B, T, _ = x.size()
-        logits = router(x).view(B, T, self.n_head, self.n_experts)
+        logits = choice = router(x).view(B, T, self.n_head, self.n_experts)
+        if self.training and self.expert_dropout:  # some experts left out of the choice, so idle ones get picked
+            choice = logits.masked_fill(torch.rand_like(logits) < self.expert_dropout, float("-inf"))
         if self.gate == "sigmoid":  # every expert has its own gate in (0, 1): the k largest are used, unnormalised
-            gates, idx = logits.topk(self.moe_k, dim=-1)
-            gates = torch.sigmoid(gates)
+            idx = choice.topk(self.moe_k, dim=-1).indices
+            gates = torch.sigmoid(logits.gather(-1, idx))
         else:  # softmax: the experts compete; the arg-max one is used, scaled by its probability
             probs = F.softmax(logits, dim=-1)
-            gates, idx = probs.max(dim=-1, keepdim=True)
+            idx = choice.argmax(dim=-1, keepdim=True)
+            gates = probs.gather(-1, idx)
             if self.training:
                 self.aux_loss = self.aux_loss + load_balancing_loss(probs, idx[..., 0]) / 2  # mean of the two routers
         if not self.training:
@@ -416,12 +486,15 @@ class SwitchHeadAttention(nn.Module):
             self.usage[which].view(-1).index_add_(0, chosen, torch.ones_like(chosen))
         return gates, idx + self.first_expert  # indices into all H * E experts of the layer
 
-    def forward(self, x):
+    def forward(self, x, pos=None):
+        """pos (1, T): the positions of x's tokens; None: 0 .. T-1."""
         B, T, C = x.size()
         H, D, k = self.n_head, self.head_size, self.moe_k
         self.aux_loss = 0.0
         q, key = self.c_attn(x).split(H * D, dim=2)
         q, key = (t.view(B, T, H, D).transpose(1, 2) for t in (q, key))  # (B, H, T, D)
+        if self.rotated:
+            q, key = rotate_first(q, pos, self.rotated), rotate_first(key, pos, self.rotated)
         per_token = torch.arange(B * T, device=x.device).repeat_interleave(H * k)  # the token of each choice
         per_head = torch.arange(B * T * H, device=x.device).repeat_interleave(k)  # its (token, head) pair
         # values: for each source token and head, the gate-weighted sum of its k chosen value experts
@@ -529,8 +602,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, pos):
+        x = x + self.attn(self.ln_1(x), pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -539,7 +612,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)  # token embeddings
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # learned position embeddings
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None  # ex1's position table
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
@@ -549,6 +622,12 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.init == "switchhead":
+            self.fan_in_init(1 / math.sqrt(cfg.n_layer))
+        for m in self.modules():
+            if isinstance(m, SwitchHeadAttention) and cfg.router_renorm:
+                renorm_rows(m.v_router.weight)
+                renorm_rows(m.o_router.weight)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -556,9 +635,21 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @torch.no_grad()
+    def fan_in_init(self, scale):
+        """The official SwitchHead initialisation: every matrix in the blocks drawn with std scale / sqrt(its inputs),
+        scale = 1/sqrt(n_layer); an output expert's inputs are all heads' results, n_head * head_size, as c_proj's.
+        The embeddings (tied with lm_head) keep std 0.02."""
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, mean=0.0, std=scale / math.sqrt(m.in_features))
+            if isinstance(m, SwitchHeadAttention):
+                nn.init.normal_(m.v_experts, mean=0.0, std=scale / math.sqrt(m.v_experts.size(2)))
+                nn.init.normal_(m.o_experts, mean=0.0, std=scale / math.sqrt(m.n_head * m.head_size))
+
     def num_params(self, active=False):
         """Parameters without the position embeddings; active=True: only those one token uses (moe_k of the experts)."""
-        n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        n = sum(p.numel() for p in self.parameters()) - (self.wpe.weight.numel() if self.wpe is not None else 0)
         if active and self.cfg.n_experts > 1:
             n -= (
                 self.cfg.n_layer
@@ -573,9 +664,13 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         B, T = idx.size()
         assert T <= self.cfg.block_size, f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}"
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        x = self.drop(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, pos)
         logits = self.lm_head(self.ln_f(x))
         loss = (
             None
@@ -676,6 +771,19 @@ def expert_usage(model):
             value, output = (" / ".join(" ".join(f"{p:3d}" for p in head) for head in side) for side in share)
             lines.append(f"  layer {i} expert use (% per head, heads split by /) | value {value} | output {output}")
     return lines
+
+
+def dead_experts(model, share=0.05):
+    """The experts chosen by fewer than share of the tokens in the last evaluation (its val split), each as (layer,
+    "value" or "output", head, expert, its share of the tokens); an even share is moe_k / n_experts."""
+    dead = []
+    for i, block in enumerate(model.blocks):
+        if isinstance(block.attn, SwitchHeadAttention):
+            usage = block.attn.usage
+            shares = usage / (usage.sum(-1, keepdim=True) / block.attn.moe_k).clamp(min=1)  # k choices per token
+            for side, head, expert in (shares < share).nonzero().tolist():
+                dead.append((i, ("value", "output")[side], head, expert, shares[side, head, expert].item()))
+    return dead
 
 
 @torch.no_grad()
@@ -906,6 +1014,12 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         print(
             f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val "
             f"{best_val:.4f}"
+        )
+    if cfg.n_experts > 1:  # from the last evaluation's count
+        dead, n = dead_experts(raw_model), 2 * cfg.n_layer * cfg.n_head * cfg.n_experts
+        print(
+            f"dead experts (chosen by < 5% of the val tokens): {len(dead)} of {n}"
+            + "".join(f" | layer {i} {side} head {h} expert {e} {100 * f:.1f}%" for i, side, h, e, f in dead)
         )
     log.f.close()
     if cfg.wandb:

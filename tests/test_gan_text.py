@@ -65,7 +65,9 @@ def same(module, before):
 
 
 @pytest.mark.parametrize("name,parent", [("attention", sh), ("load_balancing_loss", sh), ("expert_usage", sh),
-                                         ("expert_matmul", sh), ("KVCache", ex4)])  # fmt: skip
+                                         ("expert_matmul", sh), ("KVCache", ex4), ("angles", ex4), ("rotate", ex4),
+                                         ("rope_channels", sh), ("rotate_first", sh), ("renorm_rows", sh),
+                                         ("dead_experts", sh)])  # fmt: skip
 def test_shared_code_is_the_parents(name, parent):
     assert inspect.getsource(getattr(gan, name)) == inspect.getsource(getattr(parent, name))
 
@@ -74,9 +76,13 @@ def test_shared_code_is_the_parents(name, parent):
 # The generator: cached sampling, REINFORCE
 
 
-@pytest.mark.parametrize("n_experts,flash", [(4, True), (4, False), (1, True), (1, False)])
-def test_cached_steps_equal_the_full_forward(n_experts, flash):
-    cfg, model, _ = tiny(n_experts=n_experts, flash=flash, head_size=8 if n_experts > 1 else 16)
+CACHED = [(4, True, "rope"), (4, False, "rope"), (1, True, "rope"), (1, False, "rope"), (4, True, "learned"),
+          (1, True, "learned")]  # fmt: skip
+
+
+@pytest.mark.parametrize("n_experts,flash,pos", CACHED)
+def test_cached_steps_equal_the_full_forward(n_experts, flash, pos):
+    cfg, model, _ = tiny(n_experts=n_experts, flash=flash, head_size=8 if n_experts > 1 else 16, pos=pos)
     model.eval()
     idx = torch.randint(11, (3, 10))
     full, _ = model(idx)
