@@ -1,7 +1,7 @@
 """
 bench_ex4.py: the numbers behind ex4_mqa_swiglu.py, printed as Markdown tables for the README.
 
-Three parts; `all` runs them in turn. Every table starts with the machine (CPU, threads, torch version).
+Six parts; `all` runs them in turn. Every table starts with the machine (CPU, threads, torch version).
 
   attention  One attention layer, B=1, 6 heads of 64, against sequence length (512 to 16k): full causal explicit
              (softmax(QK^T)V written out), full causal flash (scaled_dot_product_attention), the sliding window as a
@@ -20,13 +20,24 @@ Three parts; `all` runs them in turn. Every table starts with the machine (CPU, 
              including evaluations, from each run's printed eval lines. Target: ex4's defaults reach val 1.89
              (ex1's 2000-iteration result) in at most 40% of ex1's time. Saves val loss against time as a PNG
              (needs matplotlib: pip install matplotlib).
+  kv         Against the number of key/value heads (1, 2, 3, 6 of 6 heads of 64): one attention layer's forward and
+             forward+backward time (ex4.attention, the fused kernel with enable_gqa) and KV-cache bytes at T = 1k to
+             8k; then generation tokens/s and KV-cache bytes of a 6-layer, 384-wide model (random weights), 256 new
+             tokens with the cache, batch 1 and 8. The variants are interleaved, each cell the median of --kv_reps.
+  additive   Peak memory and time of one attention layer (ex4's 4 heads of 32) with additive scores, made in query
+             blocks as ex4 does and in one block, against scaled_dot written out, T = 256 to 2048.
+  variants   TinyShakespeare, each run a subprocess (common.run) in out/bench_ex4/variants/<run>: ex4 at ex1's
+             settings (2000 iterations, lr 1e-3) and architecture for MHA, GQA with 2 groups and MQA; then ex4's
+             defaults and each new switch alone (--score, --pos, --mlp). Val loss, parameters, ms/iter, the samples
+             of the position schemes, and a picture of the val losses.
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated over the call. CPU: each (variant, length) runs in a fresh
 process that first warms up on a short sequence, then reads its peak resident set size (getrusage ru_maxrss)
 before and after the call; the difference is the extra memory the call needed at its peak: inputs are already
 there, gradients, saved activations and temporaries count. It is the operating system's view (pages touched),
 rounded to what the allocator asked for, accurate to a few MB: fine for ratios of 20x, not for small differences.
-Forward is measured under no_grad (inference), forward+backward with gradients (training).
+Forward is measured under no_grad (inference), forward+backward with gradients (training). The additive part runs
+its processes with MALLOC_MMAP_THRESHOLD_=65536, so that freed blocks go back to the system (see bench_additive).
 
 Run on a quiet machine: the runs are timed one after another, so other work on the machine skews the comparison
 (the iteration at which each training run reaches the target does not depend on load). On 2 CPU cores:
@@ -34,8 +45,12 @@ Run on a quiet machine: the runs are timed one after another, so other work on t
   python benchmarks/bench_ex4.py attention           (--lengths 512,1024,... --window 256 --max_gb 16)
   python benchmarks/bench_ex4.py cache               (--gen_tokens 1000 --gen_layers 2)
   python benchmarks/bench_ex4.py train               (--png benchmarks/pictures/ex4_train_curves.png)
-  python benchmarks/bench_ex4.py all --quick         a check of the script itself: tiny sizes, about a minute
-Options: --threads N (torch threads; default all cores), --device cpu|cuda (attention and cache parts).
+  python benchmarks/bench_ex4.py kv --threads 1      about 5 minutes quiet (--kv_lengths 1024,... --kv_reps 5)
+  python benchmarks/bench_ex4.py additive --threads 1            about 5 minutes (--additive_lengths 256,...)
+  python benchmarks/bench_ex4.py variants --threads 1            about 40 minutes (--seeds 1337,1,2)
+  python benchmarks/bench_ex4.py all --quick         a check of the script itself: tiny sizes, a few minutes
+Options: --threads N (torch threads; default all cores), --device cpu|cuda (attention, cache and kv parts),
+--data PATH (train and variants: the text, when data/tinyshakespeare.txt is missing and there is no network).
 """
 
 import argparse
@@ -43,6 +58,7 @@ import json
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -53,7 +69,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import ex4_mqa_swiglu as ex4  # noqa: E402
-from common import PICTURES, machine, read_log, table  # noqa: E402
+from common import PICTURES, machine, read_log, run, table  # noqa: E402
 
 VARIANTS = {  # name -> function of q, k, v (B, heads, T, head_size) and the window
     "full explicit": lambda q, k, v, W: ex4.attention(q, k, v, None, flash=False),
@@ -63,7 +79,20 @@ VARIANTS = {  # name -> function of q, k, v (B, heads, T, head_size) and the win
     "window blocked explicit": lambda q, k, v, W: ex4.blocked_window_attention(q, k, v, W, flash=False),
     "window blocked flash": lambda q, k, v, W: ex4.blocked_window_attention(q, k, v, W, flash=True),
 }
-QUADRATIC_EXPLICIT = ("full explicit", "window mask explicit")  # these hold T x T scores per head
+SCORES = {  # the additive part: Bahdanau's scores, in ex4's query blocks and (what the blocks avoid) in one block
+    "full additive": lambda q, k, v, W: additive(q, k, v),
+    "full additive, one block": lambda q, k, v, W: additive(q, k, v, one_block=True),
+}
+QUADRATIC_EXPLICIT = ("full explicit", "window mask explicit", "full additive")  # these hold T x T scores per head
+
+
+def additive(q, k, v, one_block=False):
+    """Causal attention with additive scores w.tanh(q_t + k_j), w a vector per head as in ex4's layer. one_block: the
+    whole (T, T, hs) sum at once instead of ex4.ADDITIVE_BLOCK numbers at a time (set in the worker process only)."""
+    if one_block:
+        ex4.ADDITIVE_BLOCK = q.size(0) * q.size(1) * q.size(2) * k.size(2) * q.size(3)
+    w = torch.full((q.size(1), q.size(3)), 0.02, device=q.device, requires_grad=q.requires_grad)
+    return ex4.attention(q, k, v, None, flash=False, score_vector=w)
 
 
 def window_mask(q, W):
@@ -88,7 +117,7 @@ def attention_worker(a):
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    fn = VARIANTS[a.variant]
+    fn = {**VARIANTS, **SCORES}[a.variant]
     g = torch.Generator(device=device).manual_seed(0)
 
     def inputs(T):
@@ -108,7 +137,7 @@ def attention_worker(a):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    small = inputs(min(a.T, 2 * a.window))  # warm up: libraries, kernels, the allocator; not counted
+    small = inputs(min(a.T // 4, 2 * a.window))  # warm up: libraries, kernels, the allocator; not counted, so short
     fwd(*small), fwd_bwd(*small)
     del small
     q, k, v = inputs(a.T)
@@ -136,6 +165,37 @@ def attention_worker(a):
     print(json.dumps(out))
 
 
+def need_gb(name, T, H, hs):
+    """About the memory a variant's forward+backward needs, GB: an explicit one holds about four T x T float tensors per
+    head; additive in one block about three (T, T, hs) ones."""
+    if name == "full additive, one block":
+        return 3 * H * T * T * hs * 4 / 2**30
+    return 4 * H * T * T * 4 / 2**30 if name in QUADRATIC_EXPLICIT else 0.0
+
+
+def measure(a, name, T, H, hs, n_kv_head, window, env=None):
+    """One variant at one length in a fresh process (attention_worker, environment env): its times and peak memory, or
+    None if skipped (too much memory) or failed. The worker warms up at min(T/4, 2 window)."""
+    gb = need_gb(name, T, H, hs)
+    if gb > a.max_gb:
+        print(f"T={T:6d} {name:24s} skipped: needs about {gb:.0f} GB (--max_gb {a.max_gb})", flush=True)
+        return None
+    cmd = [sys.executable, __file__, "_attention", "--variant", name, "--T", str(T), "--window", str(window),
+           "--heads", str(H), "--head_size", str(hs), "--n_kv_head", str(n_kv_head), "--device", a.device,
+           "--threads", str(a.threads or 0), "--reps", str(a.reps), "--budget_s", str(a.budget_s)]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        print(f"T={T:6d} {name:24s} failed:\n{p.stderr[-2000:]}", flush=True)
+        return None
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    print(
+        f"T={T:6d} {name:24s} fwd {r['fwd_ms']:9.1f} ms {r['fwd_mb']:8.1f} MB | fwd+bwd "
+        f"{r['fwd_bwd_ms']:9.1f} ms {r['fwd_bwd_mb']:8.1f} MB",
+        flush=True,
+    )
+    return r
+
+
 def bench_attention(a):
     W, H, hs = a.window, a.heads, a.head_size
     print(
@@ -145,27 +205,7 @@ def bench_attention(a):
     results = {}
     for T in a.lengths:
         for name in a.variants:
-            need_gb = (
-                4 * H * T * T * 4 / 2**30
-            )  # explicit forward+backward holds about four T x T float tensors per head
-            if name in QUADRATIC_EXPLICIT and need_gb > a.max_gb:
-                results[name, T] = None
-                print(f"T={T:6d} {name:24s} skipped: needs about {need_gb:.0f} GB (--max_gb {a.max_gb})", flush=True)
-                continue
-            cmd = [sys.executable, __file__, "_attention", "--variant", name, "--T", str(T), "--window", str(W),
-                   "--heads", str(H), "--head_size", str(hs), "--n_kv_head", str(a.n_kv_head), "--device", a.device,
-                   "--threads", str(a.threads or 0), "--reps", str(a.reps), "--budget_s", str(a.budget_s)]  # fmt: skip
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode != 0:
-                print(f"T={T:6d} {name:24s} failed:\n{p.stderr[-2000:]}", flush=True)
-                results[name, T] = None
-                continue
-            r = results[name, T] = json.loads(p.stdout.strip().splitlines()[-1])
-            print(
-                f"T={T:6d} {name:24s} fwd {r['fwd_ms']:9.1f} ms {r['fwd_mb']:8.1f} MB | fwd+bwd "
-                f"{r['fwd_bwd_ms']:9.1f} ms {r['fwd_bwd_mb']:8.1f} MB",
-                flush=True,
-            )
+            results[name, T] = measure(a, name, T, H, hs, a.n_kv_head, W)
     print()
     for key, title, fmt in (
         ("ms", "time, ms: forward / forward+backward", "{:.1f}"),
@@ -213,7 +253,7 @@ def bench_cache(a):
     for window in (0, W):
         for kv, label in ((H, "MHA"), (2, "GQA"), (1, "MQA")):
             cfg = ex4.Config(
-                n_layer=L, n_head=H, n_embd=C, block_size=bs, n_kv_head=kv, window=window, rope=True, mlp="swiglu"
+                n_layer=L, n_head=H, n_embd=C, block_size=bs, n_kv_head=kv, window=window, pos="rope", mlp="swiglu"
             )
             torch.manual_seed(0)
             model = ex4.GPT(cfg, 65).to(device).eval()
@@ -265,7 +305,7 @@ def bench_cache(a):
 # Training: ex4's switches one at a time, against ex1
 
 
-OFF = ["--n_kv_head", "4", "--mlp", "gelu", "--no-rope", "--window", "0"]
+OFF = ["--n_kv_head", "4", "--mlp", "gelu", "--pos", "learned", "--window", "0"]
 
 
 def train_runs(a):
@@ -275,7 +315,7 @@ def train_runs(a):
         ("ex4, all off", "ex4_mqa_swiglu.py", OFF),
         ("ex4, MQA only", "ex4_mqa_swiglu.py", [*OFF, "--n_kv_head", "1"]),
         ("ex4, SwiGLU only", "ex4_mqa_swiglu.py", [*OFF, "--mlp", "swiglu"]),
-        ("ex4, RoPE only", "ex4_mqa_swiglu.py", [*OFF, "--rope"]),
+        ("ex4, RoPE only", "ex4_mqa_swiglu.py", [*OFF, "--pos", "rope"]),
         (f"ex4, window {w} only", "ex4_mqa_swiglu.py", [*OFF, "--window", w]),
         ("ex4 defaults (MQA+SwiGLU+RoPE)", "ex4_mqa_swiglu.py", []),
         (f"ex4 defaults + window {w}", "ex4_mqa_swiglu.py", ["--window", w]),
@@ -319,6 +359,7 @@ def bench_train(a):
         str(a.eval_iters),
         "--max_new_tokens",
         "0",
+        *(["--data", a.data] if a.data else []),
     ]
     if a.quick:
         common = [
@@ -332,6 +373,7 @@ def bench_train(a):
             "5",
             "--max_new_tokens",
             "0",
+            *(["--data", a.data] if a.data else []),
         ]
     print(
         "## Training on TinyShakespeare, ex1's CPU model (4 layers, 4 heads, 128 wide, block 64, batch 12), "
@@ -402,13 +444,8 @@ def bench_train(a):
 
 
 def plot(results, path, target):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): no picture")
+    plt = pyplot()
+    if plt is None:
         return
     # against iterations (the same on any machine, however busy) and against training time
     fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
@@ -429,9 +466,275 @@ def plot(results, path, target):
         ax.set(xlabel=xlabel, ylabel="val loss", title="TinyShakespeare, ex1's CPU model size")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Key/value heads: attention time, KV-cache bytes and generation speed against n_kv_head
+
+
+def load():
+    return "load average {:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min) at the start".format(*os.getloadavg())
+
+
+def timed(device, f, *args):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    f(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def interleaved(names, reps, measure_once):
+    """measure_once(name) -> seconds, called reps times per name, the names in turn and their order reversed every
+    other round, so that a change of load on the machine hits every name alike; the median of each name's times."""
+    times = {n: [] for n in names}
+    for rep in range(reps):
+        for n in names if rep % 2 == 0 else names[::-1]:
+            times[n].append(measure_once(n))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def bench_kv(a):
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    H, hs = a.heads, a.head_size
+    kvs = [n for n in range(H, 0, -1) if H % n == 0]  # MHA first: the rows the others are compared with
+    print(f"## Key/value heads: attention time and KV-cache bytes, B=1, {H} query heads of {hs}, causal, {a.device}\n\n"
+          f"machine: {machine(a.threads)}, {load()}\n\nex4.attention(q, k, v): the fused scaled_dot_product_attention "
+          "with enable_gqa (on the CPU its flash kernel, which reads each key/value head for its group of query "
+          f"heads: nothing is repeated). Median of {a.kv_reps} calls per cell, the variants interleaved; the KV "
+          "cache of one layer holding T tokens.\n")  # fmt: skip
+    g = torch.Generator(device=device).manual_seed(0)
+    att, rows = {}, []
+    for T in a.kv_lengths:
+        q = torch.randn(1, H, T, hs, generator=g, device=device, requires_grad=True)
+        kv = {n: [torch.randn(1, n, T, hs, generator=g, device=device, requires_grad=True) for _ in "kv"] for n in kvs}
+
+        def fwd(n):
+            with torch.no_grad():
+                ex4.attention(q, *kv[n])
+
+        def fwd_bwd(n):
+            q.grad = kv[n][0].grad = kv[n][1].grad = None
+            ex4.attention(q, *kv[n]).sum().backward()
+
+        for n in kvs:  # warm up
+            fwd(n), fwd_bwd(n)
+        ms = {f: interleaved(kvs, a.kv_reps, lambda n: 1000 * timed(device, f, n)) for f in (fwd, fwd_bwd)}
+        for n in kvs:
+            cache = ex4.KVCache(T)
+            cache.update(*(t.detach() for t in kv[n]), torch.arange(T, device=device).unsqueeze(0))
+            att[T, n] = ms[fwd][n], ms[fwd_bwd][n], cache.nbytes()
+            f, b, c = att[T, n]
+            rows.append([T, f"{n} ({mqa_name(n, H)})", f"{c / 2**20:.2f} MiB", f"{f:.1f}", f"{f / ms[fwd][H]:.2f}",
+                         f"{b:.1f}", f"{b / ms[fwd_bwd][H]:.2f}"])  # fmt: skip
+            print(f"T={T:5d} kv heads {n}: fwd {f:8.1f} ms | fwd+bwd {b:8.1f} ms | cache {c / 2**20:.2f} MiB")
+    print()
+    table(["T", "kv heads", "KV cache, 1 layer", "forward ms", f"x of {H}", "fwd+bwd ms", f"x of {H}"], rows)
+
+    # generation with the cache, the same model but for n_kv_head
+    L, C, bs, n_new = a.kv_layers, H * hs, a.gen_block_size, a.kv_tokens
+    print(f"## Key/value heads: generation, {L} layers, {H} heads of {hs} ({C} wide), SwiGLU, RoPE, block_size {bs}, "
+          f"random weights, a {a.gen_prompt}-token prompt, {n_new} new tokens with the KV cache, float32, "
+          f"{a.device}\n\n"
+          f"machine: {machine(a.threads)}, {load()}\n\ntok/s counts every row of the batch; median of {a.kv_reps} "
+          f"generations per cell, the variants interleaved. The cache holds block_size slots per layer from the "
+          "start (KVCache allocates them on the prompt).\n")  # fmt: skip
+    models = {}
+    for n in kvs:
+        torch.manual_seed(0)
+        cfg = ex4.Config(n_layer=L, n_head=H, n_embd=C, block_size=bs, n_kv_head=n, pos="rope", mlp="swiglu")
+        models[n] = ex4.GPT(cfg, 65).to(device).eval()
+    gen, rows = {}, []
+    for B in (1, a.kv_batch):
+        prompt = torch.randint(65, (B, a.gen_prompt), generator=torch.Generator().manual_seed(B)).to(device)
+
+        def generate(n):
+            torch.manual_seed(1)
+            return timed(device, models[n].generate, prompt, n_new, 1.0, 0, True)
+
+        for n in kvs:  # warm up
+            models[n].generate(prompt, 5)
+        secs = interleaved(kvs, a.kv_reps, generate)
+        for n in kvs:
+            caches = [ex4.KVCache(bs) for _ in models[n].blocks]  # what generate() allocates
+            with torch.no_grad():
+                models[n](prompt, caches=caches)
+            tok_s = B * n_new / secs[n]
+            gen[B, n] = tok_s, sum(c.nbytes() for c in caches)
+            rows.append([B, f"{n} ({mqa_name(n, H)})", f"{models[n].num_params() / 1e6:.2f}M",
+                         f"{gen[B, n][1] / 2**20:.1f} MiB", f"{tok_s:.0f}", f"{secs[H] / secs[n]:.2f}"])  # fmt: skip
+            print(f"batch {B} kv heads {n}: {tok_s:7.1f} tok/s | cache {gen[B, n][1] / 2**20:.1f} MiB", flush=True)
+    print()
+    table(["batch", "kv heads", "parameters", f"KV cache, {L} layers", "tok/s", f"x of {H}"], rows)
+    plot_kv(att, gen, a, kvs)
+
+
+def mqa_name(n, H):
+    return "MHA" if n == H else "MQA" if n == 1 else "GQA"
+
+
+def plot_kv(att, gen, a, kvs):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for c, T in enumerate(a.kv_lengths):
+        axes[0].plot(kvs, [att[T, n][1] for n in kvs], marker="o", color=f"C{c}", label=f"T={T}")
+        axes[0].plot(kvs, [att[T, n][0] for n in kvs], ":", marker="o", color=f"C{c}")
+    axes[0].set(xlabel=f"key/value heads (of {a.heads} query heads)", ylabel="ms", yscale="log",
+                title=f"One attention layer, B=1, {a.heads} heads of {a.head_size}\nsolid: forward+backward, dotted: "
+                "forward")  # fmt: skip
+    for B in (1, a.kv_batch):
+        axes[1].plot(kvs, [gen[B, n][0] for n in kvs], marker="o", label=f"batch {B}")
+    axes[1].set(xlabel="key/value heads", ylabel="generated tokens/s", ylim=(0, None),
+                title=f"Generation with the KV cache, {a.kv_layers} layers")  # fmt: skip
+    for ax in axes:
+        ax.set_xticks(kvs)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save(fig, a.kv_png)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Additive scores: memory of the query blocks
+
+
+def bench_additive(a):
+    cfg = ex4.Config()  # ex4's layer: n_head heads of n_embd / n_head
+    H, hs = cfg.n_head, cfg.n_embd // cfg.n_head
+    names = ["full explicit", "full additive", "full additive, one block"]
+    print(f"## Additive scores: one causal attention layer, B=1, {H} heads of {hs}, {a.device}\n\nmachine: "
+          f"{machine(a.threads)}, {load()}\n\nfull explicit: scaled_dot written out (softmax(QK^T/sqrt(hs))V); full "
+          f"additive: w.tanh(q_t + k_j) as ex4 makes it, {ex4.ADDITIVE_BLOCK:,} numbers of the (T, T, hs) sum at a "
+          "time, remade in the backward pass; one block: the whole sum at once. Peak memory and time as in the "
+          "attention part (a fresh process per cell, best of the timed calls), but with MALLOC_MMAP_THRESHOLD_=65536: "
+          "glibc then maps every allocation over 64 KiB on its own and returns it when freed, so the peak resident "
+          "size follows the tensors alive (by default glibc raises that threshold after the first free and keeps "
+          "freed blocks in its heap, where the blocks' many same-sized temporaries fragment it and the peak grows "
+          "as if they were all alive).\n")  # fmt: skip
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
+    res = {(n, T): measure(a, n, T, H, hs, H, 32, env) for T in a.additive_lengths for n in names}  # warm-up T: 64
+    rows = []
+    for T in a.additive_lengths:
+        cells = [T, f"{H * T * T * 4 / 2**20:.0f}", f"{H * T * T * hs * 4 / 2**20:,.0f}"]
+        for n in names:
+            r = res[n, T]
+            cells.append("skipped" if r is None else f"{r['fwd_bwd_mb']:.0f} MB, {r['fwd_bwd_ms']:.0f} ms")
+        rows.append(cells)
+    print()
+    table(["T", "T x T scores, MB", "(T, T, hs) sum, MB", *(f"{n}: fwd+bwd peak, time" for n in names)], rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: key/value heads at ex1's settings, and each new switch at ex4's
+
+
+EX1_SETTINGS = ["--max_iters", "2000", "--learning_rate", "1e-3", "--min_lr", "1e-4"]  # ex1's Config, in ex4
+EX1_ARCH = ["--pos", "learned", "--mlp", "gelu", "--window", "0"]
+SWITCHES = [[], ["--score", "multiplicative"], ["--score", "additive", "--pos", "learned"], ["--pos", "learned"],
+            ["--pos", "sinusoidal"], ["--pos", "none"], ["--mlp", "gelu"], ["--mlp", "quickgelu"]]  # fmt: skip
+QUICK = ["--n_layer", "1", "--n_embd", "32", "--block_size", "16", "--max_iters", "10", "--eval_interval", "5",
+         "--eval_iters", "2", "--max_new_tokens", "40"]  # fmt: skip
+
+
+def variant_runs(a):
+    """(group, name, flags) of every run."""
+    runs = [("kv", f"{mqa_name(n, 4)} (--n_kv_head {n})", [*EX1_SETTINGS, *EX1_ARCH, "--n_kv_head", str(n)])
+            for n in (4, 2, 1)]  # fmt: skip
+    runs += [("switch", " ".join(f) or "ex4 defaults", f) for f in SWITCHES]
+    return [r for r in runs if r[1] in ("MHA (--n_kv_head 4)", "ex4 defaults", "--pos learned")] if a.quick else runs
+
+
+def bench_variants(a):
+    seeds = [int(s) for s in a.seeds.split(",")]
+    print(f"## Training: key/value heads, score functions, positions and MLPs on TinyShakespeare, cpu\n\nmachine: "
+          f"{machine(a.threads)}, {load()}\n\nEvery run: `python ex4_mqa_swiglu.py FLAGS --device cpu --seed S "
+          f"--out_dir out/bench_ex4/variants/NAME --overwrite` with OMP_NUM_THREADS={a.threads or 'unset'}, one run "
+          "at a time; the rest of each script's defaults (evaluation every 250 iterations on 200 batches). ms/iter: "
+          "the run's median. Parameters as the script counts them (without a learned position table).\n")  # fmt: skip
+    res = {}
+    for group, name, flags in variant_runs(a):
+        for seed in seeds:
+            out_dir = os.path.join(a.out_dir, "variants", re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"))
+            out_dir += f"_seed{seed}" if len(seeds) > 1 else ""
+            cmd = [sys.executable, "ex4_mqa_swiglu.py", *flags, *(QUICK if a.quick else []), "--device", "cpu",
+                   "--seed", str(seed), "--out_dir", out_dir, "--overwrite"]  # fmt: skip
+            cmd += ["--data", a.data] if a.data else []
+            text, wall, _ = run(cmd, threads=a.threads)
+            vals = [float(r["val_loss"]) for r in read_log(out_dir) if r["val_loss"]]
+            ms = float(re.search(r"median ([\d.]+) ms/iter", text)[1])
+            sample = text.split("--- sample 1 ---\n", 1)[1][: a.sample_chars]
+            res.setdefault((group, name), []).append((vals[-1], ms, wall, sample))
+            print(f"  val {vals[-1]:.4f} | {ms:.1f} ms/iter | {wall:.0f} s", flush=True)
+        ck = torch.load(os.path.join(out_dir, "best.pt"), map_location="cpu", weights_only=True)
+        model = ex4.GPT(ex4.Config(**ck["config"]), len(ck["vocab"]))
+        res[group, name].append((model.num_params(), sum(p.numel() for p in model.blocks[0].attn.parameters())))
+    print()
+    titles = {
+        "kv": "ex1's settings (2000 iterations, lr 1e-3) and architecture (--pos learned --mlp gelu), but for the "
+        "key/value heads",
+        "switch": "ex4's defaults (700 iterations, lr 3e-3; MQA, SwiGLU, RoPE), one switch changed",
+    }
+    for group, title in titles.items():
+        print(f"### {title}\n")
+        rows = []
+        for (g, name), runs in res.items():
+            if g != group:
+                continue
+            *runs, (params, attn) = runs
+            val = statistics.mean(r[0] for r in runs)
+            spread = f" ({', '.join(f'{r[0]:.4f}' for r in runs)})" if len(runs) > 1 else ""
+            ms = statistics.median(r[1] for r in runs)
+            rows.append([name, f"{val:.4f}{spread}", f"{params:,}", f"{attn:,}", f"{ms:.1f}"])
+        table(["run", "val loss" + (f", mean of seeds {a.seeds}" if len(seeds) > 1 else ""), "parameters",
+               "attention parameters per layer", "ms/iter"], rows)  # fmt: skip
+    print("### Samples (the first characters of each run's final sample, first seed)\n")
+    for (group, name), runs in res.items():
+        if group == "switch" and name in ("ex4 defaults", "--pos learned", "--pos sinusoidal", "--pos none"):
+            print(f"{name}{' (rope)' if name == 'ex4 defaults' else ''}:\n\n```\n{runs[0][3]}\n```\n")
+    plot_variants(res, a.variants_png)
+
+
+def plot_variants(res, path):
+    plt = pyplot()
+    if plt is None:
+        return
+    names = [f"{name}" for (_, name) in res]
+    vals = [statistics.mean(r[0] for r in runs[:-1]) for runs in res.values()]
+    colors = ["tab:blue" if g == "kv" else "tab:orange" for g, _ in res]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(names) + 1.2))
+    ax.barh(range(len(names)), vals, color=colors)
+    for i, v in enumerate(vals):
+        ax.text(v, i, f" {v:.3f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(min(vals) - 0.1, max(vals) + 0.08)
+    ax.set(xlabel="val loss", title="TinyShakespeare; blue: ex1's settings, orange: ex4's defaults, one switch changed")
+    ax.grid(alpha=0.3, axis="x")
+    save(fig, path)
+
+
+def pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no picture")
+        return None
+    return plt
+
+
+def save(fig, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    print(f"saved {path}")
+    print(f"saved {path}\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -443,7 +746,7 @@ def main(argv=None):
     )
     p.add_argument(
         "part",
-        choices=["attention", "cache", "train", "all", "_attention"],
+        choices=["attention", "cache", "train", "kv", "additive", "variants", "all", "_attention"],
         help="which benchmark (_attention: internal worker)",
     )
     p.add_argument(
@@ -479,10 +782,23 @@ def main(argv=None):
         "--out_dir", default=os.path.join(ROOT, "out", "bench_ex4"), help="train: the runs' out_dirs go under this"
     )
     p.add_argument("--png", default=os.path.join(PICTURES, "ex4_train_curves.png"), help="train: the picture")
+    p.add_argument("--data", default="", help="train, variants: the text (default: each script's, TinyShakespeare)")
+    p.add_argument("--kv_lengths", default="1024,2048,4096,8192", help="kv: sequence lengths")
+    p.add_argument("--kv_reps", type=int, default=5, help="kv: repeats per cell (the median is shown)")
+    p.add_argument("--kv_layers", type=int, default=6, help="kv: layers of the generating model")
+    p.add_argument("--kv_tokens", type=int, default=256, help="kv: new tokens per generation")
+    p.add_argument("--kv_batch", type=int, default=8, help="kv: the larger batch (the other is 1)")
+    p.add_argument("--kv_png", default=os.path.join(PICTURES, "ex4_kv_heads.png"), help="kv: the picture")
+    p.add_argument("--additive_lengths", default="256,512,1024,2048", help="additive: sequence lengths")
+    p.add_argument("--seeds", default="1337", help="variants: seeds, comma-separated (each run once per seed)")
+    p.add_argument("--sample_chars", type=int, default=300, help="variants: characters shown of each sample")
+    p.add_argument("--variants_png", default=os.path.join(PICTURES, "ex4_variants.png"), help="variants: the picture")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--T", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    a.lengths = [int(x) for x in a.lengths.split(",")]
+    a.lengths, a.kv_lengths, a.additive_lengths = (
+        [int(x) for x in s.split(",")] for s in (a.lengths, a.kv_lengths, a.additive_lengths)
+    )
     a.variants = a.variants.split(",")
     bad = [v for v in a.variants if v not in VARIANTS]
     if bad:
@@ -493,13 +809,22 @@ def main(argv=None):
         a.lengths, a.window, a.reps, a.budget_s = [128, 512], 32, 2, 0.2
         a.gen_tokens, a.gen_layers, a.gen_block_size, a.gen_window, a.heads, a.head_size = 40, 1, 128, 16, 4, 16
         a.n_kv_head = a.heads
+        a.kv_lengths, a.kv_reps, a.kv_layers, a.kv_tokens, a.kv_batch = [64, 128], 2, 2, 20, 4
+        a.additive_lengths, a.sample_chars = [64, 128], 40
         a.out_dir, a.png = os.path.join(a.out_dir, "quick"), os.path.join(a.out_dir, "quick", "curves.png")
+        a.kv_png, a.variants_png = (os.path.join(a.out_dir, f"{n}.png") for n in ("kv_heads", "variants"))
     if a.part in ("attention", "all"):
         bench_attention(a)
     if a.part in ("cache", "all"):
         bench_cache(a)
     if a.part in ("train", "all"):
         bench_train(a)
+    if a.part in ("kv", "all"):
+        bench_kv(a)
+    if a.part in ("additive", "all"):
+        bench_additive(a)
+    if a.part in ("variants", "all"):
+        bench_variants(a)
 
 
 if __name__ == "__main__":
