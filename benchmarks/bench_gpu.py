@@ -442,7 +442,7 @@ def part_ex4(a, ctx, report, deadline):
     ran_s = evals[-1][3] if evals else 0.0
     report.add(
         f"## ex4's defaults at the same model size: time to val {a.target}\n\nex4's defaults (--n_kv_head 1, --mlp "
-        f"swiglu, --rope, --learning_rate 3e-3) with ex1's model-size flags, {how(a)}, at most {a.ex4_iters} "
+        f"swiglu, --pos rope, --learning_rate 3e-3) with ex1's model-size flags, {how(a)}, at most {a.ex4_iters} "
         "iterations (lr decay over as many), stopped at the first evaluation that reaches the target. Times are the "
         "runs' own elapsed seconds at that evaluation (compile and evaluations included).\n\n"
         + md_table(header, rows)
