@@ -128,15 +128,15 @@ def run_model(name, seed, args, extra, threads):
 
 def finished(out_dir, flags):
     """Does out_dir hold a finished run (its output ends with the sample, its checkpoint at max_iters) of these flags?
-    Flags that do not change the result (device, dtype, the evaluation interval) may differ."""
+    Flags that do not change the result (device, dtype, threads, the evaluation interval) may differ."""
     try:
         with open(os.path.join(out_dir, "stdout.txt")) as f:
             done = "--- sample 1 ---" in f.read()
         saved = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True, map_location="cpu")
     except OSError:
         return False
-    cfg = asdict(sh.parse_args(flags))
-    same = all(saved["config"][k] == v for k, v in cfg.items() if k not in ("device", "dtype", "eval_interval"))
+    cfg, free = asdict(sh.parse_args(flags)), ("device", "dtype", "threads", "eval_interval")
+    same = all(saved["config"].get(k) == v for k, v in cfg.items() if k not in free)
     return done and same and saved["iter_num"] == cfg["max_iters"]
 
 
