@@ -655,7 +655,8 @@ def bench_variants(a):
     print(f"## Training: key/value heads, score functions, positions and MLPs on TinyShakespeare, cpu\n\nmachine: "
           f"{machine(a.threads)}, {load()}\n\nEvery run: `python ex4_mqa_swiglu.py FLAGS --device cpu --seed S "
           f"--out_dir out/bench_ex4/variants/NAME --overwrite` with OMP_NUM_THREADS={a.threads or 'unset'}, one run "
-          "at a time; the rest of each script's defaults (evaluation every 250 iterations on 200 batches). ms/iter: "
+          "at a time, its output in NAME.log; the rest of ex4's defaults (evaluation every 250 iterations on 200 "
+          "batches). ms/iter: "
           "the run's median. Parameters as the script counts them (without a learned position table).\n")  # fmt: skip
     res = {}
     for group, name, flags in variant_runs(a):
@@ -665,15 +666,16 @@ def bench_variants(a):
             cmd = [sys.executable, "ex4_mqa_swiglu.py", *flags, *(QUICK if a.quick else []), "--device", "cpu",
                    "--seed", str(seed), "--out_dir", out_dir, "--overwrite"]  # fmt: skip
             cmd += ["--data", a.data] if a.data else []
-            text, wall, _ = run(cmd, threads=a.threads)
+            text, wall, _ = run(cmd, threads=a.threads, log_path=out_dir + ".log")  # the output, sample included
             vals = [float(r["val_loss"]) for r in read_log(out_dir) if r["val_loss"]]
             ms = float(re.search(r"median ([\d.]+) ms/iter", text)[1])
             sample = text.split("--- sample 1 ---\n", 1)[1][: a.sample_chars]
             res.setdefault((group, name), []).append((vals[-1], ms, wall, sample))
             print(f"  val {vals[-1]:.4f} | {ms:.1f} ms/iter | {wall:.0f} s", flush=True)
-        ck = torch.load(os.path.join(out_dir, "best.pt"), map_location="cpu", weights_only=True)
-        model = ex4.GPT(ex4.Config(**ck["config"]), len(ck["vocab"]))
-        res[group, name].append((model.num_params(), sum(p.numel() for p in model.blocks[0].attn.parameters())))
+        weights = torch.load(os.path.join(out_dir, "best.pt"), map_location="cpu", weights_only=True)["model"]
+        params = sum(w.numel() for k, w in weights.items() if k not in ("lm_head.weight", "wpe.weight"))  # tied: wte
+        attn = sum(w.numel() for k, w in weights.items() if k.startswith("blocks.0.attn."))
+        res[group, name].append((params, attn))
     print()
     titles = {
         "kv": "ex1's settings (2000 iterations, lr 1e-3) and architecture (--pos learned --mlp gelu), but for the "

@@ -10,7 +10,7 @@ Two parts; `all` runs both. Every table starts with the machine (CPU, threads, t
          pretrained best.pt in its out_dir and runs alone, 1 thread by default (--threads). Prints, per run: the best
          val loss, the share of the full finetune's gain over the pretrained model it recovers, the parameters that
          train, the optimizer state in ckpt.pt (AdamW's two moments per trained parameter), the sizes of ckpt.pt and
-         best.pt, the median ms per iteration. Target: some rank that trains at most 10% of the parameters recovers at
+         best.pt, the median ms/iter of log.csv. Target: some rank that trains at most 10% of the parameters recovers at
          least 80% of the gain. Draws val loss against trained parameters into benchmarks/pictures/lora_ex3.png (with
          matplotlib; without it, no picture). Then --lora_merge on the best LoRA run: merged.pt's size, and its val
          loss, scored by ex3's estimate_loss, equal to the adapted model's.
@@ -22,16 +22,21 @@ Two parts; `all` runs both. Every table starts with the machine (CPU, threads, t
          parameters that train, ckpt.pt's size and ms/iter.
 
 Run alone on the machine (ms/iter is measured). On 2 CPU cores, 1 thread:
-  python benchmarks/bench_lora.py ex3      about 35 minutes: six finetunes of 2,000 iterations (~4-6 min each)
-  python benchmarks/bench_lora.py flash    about 40 minutes with the base model to make, 25 without
-  python benchmarks/bench_lora.py all --quick   a check of the script itself: tiny sizes, about a minute (it makes its
-                                                own small pretrained models)
+  python benchmarks/bench_lora.py ex3      six finetunes of 2,000 iterations: 8-12 min each on a machine where 4-6
+                                           other jobs ran (about an hour and a quarter in all), half that alone
+  python benchmarks/bench_lora.py ex3 --reuse   only the finetunes not yet finished in out/bench_lora/ex3 (each run's
+                                           numbers are read from its log.csv and checkpoints), then the report
+  python benchmarks/bench_lora.py flash    estimated (not yet run) at 40 minutes with the base model to make, 25
+                                           without (--flash_base PATH)
+  python benchmarks/bench_lora.py all --quick   a check of the script itself: tiny sizes, about 3 minutes (it makes
+                                                its own small pretrained models)
 """
 
 import argparse
 import os
 import re
 import shutil
+import statistics
 import sys
 from contextlib import nullcontext
 
@@ -49,7 +54,6 @@ import ex3_pretrain_finetune as ex3  # noqa: E402
 from common import PICTURES, machine, read_log, run, table  # noqa: E402
 
 DONE = r"done: (\d+) iterations in ([\d.]+) s, median ([\d.]+) ms/iter, best val ([\d.]+)"
-TRAINS = r"LoRA rank (\d+) on [\w,]+: ([\d,]+) of ([\d,]+) parameters train"
 
 
 def checkpoint_numbers(folder):
@@ -77,6 +81,25 @@ def ex3_quick_pretrained(a):
     return os.path.join(out, "pretrain")
 
 
+def finished(folder, iters):
+    """Whether the finetune in folder got to its last evaluation, at iteration iters."""
+    path = os.path.join(folder, "log.csv")
+    return os.path.isfile(path) and any(r["iter"] == str(iters) and r["val_loss"] for r in read_log(folder))
+
+
+def ex3_result(name, flags, out_dir, n_all):
+    """A finished finetune's numbers, all read from its files: log.csv (the best val loss, the pretrained model's at
+    iteration 0, the median of the logged ms/iter) and the checkpoints (what trains: a LoRA checkpoint holds it)."""
+    folder = os.path.join(out_dir, "finetune")
+    log = read_log(folder)
+    evals = [float(r["val_loss"]) for r in log if r["val_loss"]]
+    ckpt = torch.load(os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True)
+    trains = sum(t.numel() for t in ckpt["model"].values()) if "lora_base" in ckpt else n_all
+    ms = statistics.median(float(r["ms_per_iter"]) for r in log if r["ms_per_iter"])
+    return {"name": name, "flags": flags, "out_dir": out_dir, "val": min(evals), "before": evals[0], "ms": ms,
+            "trains": trains, **checkpoint_numbers(folder)}  # fmt: skip
+
+
 def ex3_part(a):
     pretrained = ex3_quick_pretrained(a) if a.quick else a.pretrained
     if not os.path.isfile(os.path.join(pretrained, "best.pt")):
@@ -88,36 +111,37 @@ def ex3_part(a):
     common = ["--stage", "finetune", "--overwrite", "--data", a.shakespeare, "--finetune_iters", str(iters),
               "--log_interval", "100", "--max_new_tokens", "200", "--device", "cpu"]  # fmt: skip
     if a.quick:
-        common += ["--eval_interval", "25", "--eval_iters", "20"]
+        common += ["--eval_interval", "25", "--eval_iters", "20", "--log_interval", "5"]
     runs = [("full finetune", [])] + [
         (f"LoRA rank {r}", ["--lora_rank", str(r), "--finetune_learning_rate", a.lora_lr]) for r in a.ranks
     ]
     results = []
     for name, flags in runs:
         out_dir = os.path.join(OUT, "ex3-quick" if a.quick else "ex3", name.replace(" ", "-"))
-        os.makedirs(os.path.join(out_dir, "pretrain"), exist_ok=True)
-        shutil.copy(os.path.join(pretrained, "best.pt"), os.path.join(out_dir, "pretrain", "best.pt"))
-        text, wall, _ = run([sys.executable, EX3, "--out_dir", out_dir, *common, *flags, *a.extra], a.threads)
-        done, trains = re.search(DONE, text), re.search(TRAINS, text)
-        log = read_log(os.path.join(out_dir, "finetune"))
-        evals = [float(r["val_loss"]) for r in log if r["val_loss"]]
-        results.append({
-            "name": name, "out_dir": out_dir, "flags": flags, "val": float(done.group(4)), "before": evals[0],
-            "ms": float(done.group(3)), "trains": int(trains.group(2).replace(",", "")) if trains else n_all,
-            **checkpoint_numbers(os.path.join(out_dir, "finetune")),
-        })  # fmt: skip
+        if not (a.reuse and finished(os.path.join(out_dir, "finetune"), iters)):
+            os.makedirs(os.path.join(out_dir, "pretrain"), exist_ok=True)
+            shutil.copy(os.path.join(pretrained, "best.pt"), os.path.join(out_dir, "pretrain", "best.pt"))
+            cmd = [sys.executable, EX3, "--out_dir", out_dir, *common, *flags, *a.extra]
+            run(cmd, a.threads, log_path=os.path.join(out_dir, "output.txt"))
+        results.append(ex3_result(name, flags, out_dir, n_all))
         print(f"{name}: best val {results[-1]['val']:.4f}, {results[-1]['ms']:.1f} ms/iter", flush=True)
+    ex3_report(a, results, cfg, n_all, pretrained, iters)
+    merge_check(a, min(results[1:], key=lambda r: r["val"]), cfg)
+    plot(results, n_all, os.path.join(OUT if a.quick else PICTURES, "lora_ex3.png"))
 
+
+def ex3_report(a, results, cfg, n_all, pretrained, iters):
     full, before = results[0], results[0]["before"]
     print(f"\n### LoRA against the full finetune: ex3_pretrain_finetune.py{' (--quick)' if a.quick else ''}\n")
     print(
         f"Machine: {machine(a.threads)}. Command: OMP_NUM_THREADS={a.threads} python benchmarks/bench_lora.py ex3"
-        f"{' --quick' if a.quick else ''} --lora_lr {a.lora_lr} (each run alone). From {pretrained}/best.pt "
+        f"{' --quick' if a.quick else ''} --lora_lr {a.lora_lr} (one run at a time). From {pretrained}/best.pt "
         f"({cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {cfg.block_size}; val loss on "
         f"TinyShakespeare {before:.4f} before finetuning), {iters} iterations of {cfg.batch_size} x {cfg.block_size} "
         f"tokens each; full finetune at lr {ex3.Config.finetune_learning_rate:g}, LoRA at lr {a.lora_lr} with "
         f"alpha {ex3.Config.lora_alpha:g} on attn,mlp; val loss: the best evaluation (every "
-        f"{25 if a.quick else 500} iterations, {20 if a.quick else 200} batches per split).\n"
+        f"{25 if a.quick else 500} iterations, {20 if a.quick else 200} batches per split); ms/iter: the median of "
+        "the logged iterations.\n"
     )
     rows, met = [], []
     for r in results:
@@ -132,10 +156,9 @@ def ex3_part(a):
         f"Pretrained model before finetuning: val {before:.4f}; the full finetune's gain {before - full['val']:.4f}. "
         "Target: a rank that trains at most 10% of the parameters recovers at least 80% of it: "
         + (f"met ({', '.join(met)})." if met else "NOT met.")
-        + "\n"
+        + "\n",
+        flush=True,
     )
-    merge_check(a, min(results[1:], key=lambda r: r["val"]), cfg)
-    plot(results, before, n_all, os.path.join(OUT if a.quick else PICTURES, "lora_ex3.png"))
 
 
 def merge_check(a, r, cfg):
@@ -162,7 +185,7 @@ def merge_check(a, r, cfg):
     )
 
 
-def plot(results, before, n_all, path):
+def plot(results, n_all, path):
     try:
         import matplotlib
 
@@ -176,7 +199,7 @@ def plot(results, before, n_all, path):
     ax.plot([r["trains"] for r in lora], [r["val"] for r in lora], marker="o", label="LoRA (attn, mlp)")
     for r in lora:
         ax.annotate(f"r={r['flags'][1]}", (r["trains"], r["val"]), textcoords="offset points", xytext=(4, 4))
-    full = results[0]
+    full, before = results[0], results[0]["before"]
     ax.plot([full["trains"]], [full["val"]], marker="s", color="black", linestyle="", label="full finetune")
     ax.axhline(before, color="gray", linestyle="--", linewidth=0.8, label="pretrained, before finetuning")
     target = before - 0.8 * (before - full["val"])
@@ -230,12 +253,10 @@ def flash_part(a):
         ppl = re.findall(r"test perplexity (?:before fine-tuning|after fine-tuning \(best val checkpoint\)): "
                          r"([\d.]+) per token \([\d,]+ tokens\), ([\d.]+) per word", text)  # fmt: skip
         done = re.search(DONE, text)
-        trains = re.search(TRAINS, text)
-        n_all = float(re.search(r"([\d.]+)M parameters", text).group(1)) * 1e6
-        n = int(trains.group(2).replace(",", "")) if trains else None
+        weights = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)["model"]
+        n = sum({t.data_ptr(): t.numel() for t in weights.values()}.values())  # the tied embedding once
         sizes = checkpoint_numbers(out_dir)
-        rows.append([name, f"{n:,} ({100 * n / int(trains.group(3).replace(',', '')):.2f}%)" if n else
-                     f"all ({n_all / 1e6:.2f}M)", f"{float(ppl[0][0]):.2f}", f"**{float(ppl[1][0]):.2f}** / "
+        rows.append([name, f"{n:,}", f"{float(ppl[0][0]):.2f}", f"**{float(ppl[1][0]):.2f}** / "
                      f"{float(ppl[1][1]):.2f}", done.group(4), size(sizes["optim"]), size(sizes["ckpt"]),
                      f"{float(done.group(3)):.0f}", f"{wall / 60:.1f} min"])  # fmt: skip
         print(f"{name}: test perplexity {ppl[0][0]} -> {ppl[1][0]}", flush=True)
@@ -255,6 +276,7 @@ def main():
     parser.add_argument("part", choices=["all", "ex3", "flash"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the numbers")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
+    parser.add_argument("--reuse", action="store_true", help="ex3: keep the finetunes already finished in out/")
     parser.add_argument("--pretrained", default=os.path.join(ROOT, "out", "lora", "pretrain"),
                         help="ex3: the pretrain folder (its best.pt) the finetunes start from")  # fmt: skip
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="ex3: LoRA ranks")
