@@ -41,13 +41,13 @@ its processes with MALLOC_MMAP_THRESHOLD_=65536, so that freed blocks go back to
 
 Run on a quiet machine: the runs are timed one after another, so other work on the machine skews the comparison
 (the iteration at which each training run reaches the target does not depend on load). On 2 CPU cores:
-  python benchmarks/bench_ex4.py all                 about 30 minutes: attention ~5, cache ~10, train ~13
+  python benchmarks/bench_ex4.py all                 the six parts: about 30 minutes for the first three, +kv, ...
   python benchmarks/bench_ex4.py attention           (--lengths 512,1024,... --window 256 --max_gb 16)
   python benchmarks/bench_ex4.py cache               (--gen_tokens 1000 --gen_layers 2)
   python benchmarks/bench_ex4.py train               (--png benchmarks/pictures/ex4_train_curves.png)
-  python benchmarks/bench_ex4.py kv --threads 1      about 5 minutes quiet (--kv_lengths 1024,... --kv_reps 5)
-  python benchmarks/bench_ex4.py additive --threads 1            about 5 minutes (--additive_lengths 256,...)
-  python benchmarks/bench_ex4.py variants --threads 1            about 40 minutes (--seeds 1337,1,2)
+  python benchmarks/bench_ex4.py kv --threads 1           14 minutes on a busy machine (--kv_lengths, --kv_reps 5)
+  python benchmarks/bench_ex4.py additive --threads 1     8 minutes on a busy machine (--additive_lengths 256,...)
+  python benchmarks/bench_ex4.py variants --threads 1     about 75 minutes on a busy machine (--seeds 1337,1,2)
   python benchmarks/bench_ex4.py all --quick         a check of the script itself: tiny sizes, a few minutes
 Options: --threads N (torch threads; default all cores), --device cpu|cuda (attention, cache and kv parts),
 --data PATH (train and variants: the text, when data/tinyshakespeare.txt is missing and there is no network).
