@@ -656,8 +656,8 @@ def bench_variants(a):
           f"{machine(a.threads)}, {load()}\n\nEvery run: `python ex4_mqa_swiglu.py FLAGS --device cpu --seed S "
           f"--out_dir out/bench_ex4/variants/NAME --overwrite` with OMP_NUM_THREADS={a.threads or 'unset'}, one run "
           "at a time, its output in NAME.log; the rest of ex4's defaults (evaluation every 250 iterations on 200 "
-          "batches). ms/iter: "
-          "the run's median. Parameters as the script counts them (without a learned position table).\n")  # fmt: skip
+          "batches). ms/iter: the run's median. Parameters as the script counts them (without a learned position "
+          "table).\n")  # fmt: skip
     res = {}
     for group, name, flags in variant_runs(a):
         for seed in seeds:
