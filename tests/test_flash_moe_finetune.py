@@ -607,7 +607,8 @@ def test_torchrun_two_processes_equal_one(tmp_path, wikitext, gpt2_cache):
     assert (
         p.stdout.count("test perplexity before") == 1 and "2 processes x 1 micro-batches" in p.stdout
     )  # only rank 0 prints
-    ppl = lambda out: float(out.split("test perplexity after fine-tuning (best val checkpoint): ")[1].split()[0])  # noqa: E731
+    after = "test perplexity after fine-tuning (best val checkpoint): "
+    ppl = lambda out: float(out.split(after)[1].split()[0])  # noqa: E731
     assert ppl(p.stdout) == pytest.approx(ppl(q.stdout), rel=1e-4)  # each process scored half of the windows
     r0, r1, single = (
         torch.load(os.path.join(d, f), weights_only=True)
