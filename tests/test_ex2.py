@@ -164,13 +164,14 @@ def test_train_answer_resume(tmp_path, capsys):
 
 
 def test_test_problems_and_prompt_that_is_not_a_number(tmp_path, capsys):
-    """--test_problems N scores N held-out and N training problems; --prompt prints an answer that is not a number."""
+    """--test_problems and --train_problems set how many held-out and training problems are scored at the end;
+    --prompt prints an answer that is not a number."""
     out = str(tmp_path / "o")
     ex2.main(["--digits", "1", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--bias", "--batch_size", "8",
               "--max_iters", "2", "--eval_interval", "1", "--eval_iters", "1", "--device", "cpu", "--out_dir", out,
-              "--test_problems", "5"])  # fmt: skip
+              "--test_problems", "5", "--train_problems", "7"])  # fmt: skip
     text = capsys.readouterr().out
-    assert "% of 5 problems | train: " in text and "% of 5 |" in text  # not every one of the 10 held-out problems
+    assert "% of 5 problems | train: " in text and "% of 7 |" in text  # not every one of the 10 held-out problems
     best = os.path.join(out, "best.pt")
     ckpt = torch.load(best, weights_only=True)
     model = ex2.GPT(ex2.Config(**ckpt["config"]), len(ex2.VOCAB))
