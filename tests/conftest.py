@@ -1,4 +1,5 @@
-"""Shared test set-up: offline settings, the repository on sys.path, a small corpus, and user-error checks."""
+"""Shared test set-up: offline settings, one thread, the repository on sys.path, a small corpus, and user-error
+checks."""
 
 import csv
 import os
@@ -12,6 +13,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+# one torch thread here and in every script a test starts: the models are tiny, and where other work holds a core,
+# threads that wait for each other make the suite several times slower (README, "On a busy machine")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"

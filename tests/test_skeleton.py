@@ -1,11 +1,13 @@
 """The shared skeleton holds in every script: --help lists every Config field with its default, and the code that
-every script shares (checkpoints, resume, stopping, the schedule) is word for word ex1's, so diffs show techniques."""
+every script shares (checkpoints, resume, stopping, the schedule) is word for word ex1's, so diffs show techniques;
+--threads sets torch's CPU threads."""
 
 import importlib
 import inspect
 from dataclasses import MISSING, fields
 
 import pytest
+import torch
 
 SCRIPTS = ["ex1_gpt", "ex2_addition", "ex3_pretrain_finetune", "ex4_mqa_swiglu", "rnn_lm", "switchhead_moe", "gan_text",
            "flash_moe_finetune"]  # fmt: skip
@@ -33,3 +35,16 @@ def test_help_lists_every_flag_with_its_default(script, monkeypatch, capsys):
 def test_shared_code_is_ex1s(script, name):
     base, mod = importlib.import_module("ex1_gpt"), importlib.import_module(script)
     assert inspect.getsource(getattr(mod, name)) == inspect.getsource(getattr(base, name))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_threads_flag_sets_torch_threads(script):
+    mod = importlib.import_module(script)
+    before = torch.get_num_threads()
+    try:
+        mod.setup_device(mod.Config(device="cpu", threads=before + 1))
+        assert torch.get_num_threads() == before + 1
+        mod.setup_device(mod.Config(device="cpu"))  # 0, the default, leaves the count alone
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
