@@ -470,6 +470,11 @@ def check_out_dir(out_dir, overwrite):
 def resume_config(cfg, saved, names):
     """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
     for name in names:
+        if name not in saved:  # written before the flag existed: the setting it had is unknown
+            die(
+                f"the checkpoint has no --{name}: an older version of this script wrote it; resume it with that "
+                "version, or start a new run in another --out_dir"
+            )
         if name in cfg.given and getattr(cfg, name) != saved[name]:
             die(
                 f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to "

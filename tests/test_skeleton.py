@@ -48,3 +48,17 @@ def test_threads_flag_sets_torch_threads(script):
         assert torch.get_num_threads() == before + 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_from_a_checkpoint_without_a_setting(script, capsys):
+    """A checkpoint written before a flag existed is refused in one line, not with a KeyError."""
+    mod = importlib.import_module(script)
+    cfg = mod.Config()
+    cfg.given = set()
+    saved = {"n_layer": cfg.n_layer + 1}
+    mod.resume_config(cfg, saved, ["n_layer"])
+    assert cfg.n_layer == saved["n_layer"]
+    with pytest.raises(SystemExit) as e:
+        mod.resume_config(cfg, saved, ["n_layer", "n_embd"])
+    assert e.value.code == 2 and "the checkpoint has no --n_embd" in capsys.readouterr().err
