@@ -401,24 +401,36 @@ def blocked_window_attention(q, k, v, window, flash=True, dropout_p=0.0, scale=N
     """Sliding-window causal attention in time and memory proportional to T*W instead of T*T. The T queries are cut
     into blocks of b queries (block; by default W/4, at least 16); a query sees at most W-1 keys back, so a block needs
     only the W keys before it and its own b: all blocks at once, each a (b, W + b) attention with a band mask. The
-    smaller b, the fewer masked keys are computed (W + b per query, W of them used), but the more blocks.
+    smaller b, the fewer masked keys are computed (W + b per query, W of them used), but the more blocks. Without
+    padding, the first W queries are plain causal attention (their window holds every key before them) and the blocks
+    after them all have the same band: one (b, W + b) mask, not one per block to make and read.
     q (B, n_head, T, hs), k, v (B, n_kv_head, T, hs); pos (B, T): the tokens' positions when rows are left-padded (a
-    row's first real token is 0); None: 0 to T-1."""
+    row's first real token is 0); None, or one row as CausalSelfAttention.forward passes it: 0 to T-1."""
     B, H, T, hs = q.shape
     W, b = window, block or min(window, max(16, window // 4))
-    n = -(-T // b)  # n blocks
-    pad = n * b - T  # padding at the end of the last block
-    q = F.pad(q, (0, 0, 0, pad)).view(B, H, n, b, hs).transpose(1, 2).reshape(B * n, H, b, hs)  # a block: a batch entry
-    # keys and values with W zeros in front; block i's are columns i*b - W to i*b + b - 1 (overlapping windows, copied)
-    k, v = (F.pad(t, (0, 0, W, pad)).unfold(2, W + b, b).permute(0, 2, 1, 4, 3).reshape(B * n, -1, W + b, t.size(-1))
-            for t in (k, v))  # fmt: skip
-    col = torch.arange(n * b, device=q.device).view(n, b)  # each query's column
+    band = pos is None or pos.size(0) == 1  # no padding: every block after the first W queries sees the same band
+    start, head = (W if band else 0), None  # the first query column in blocks, and the queries before it
+    if band:  # causal attention: the first W queries' windows hold every key before them
+        head = attention(q[:, :, :W], k[:, :, :W], v[:, :, :W], None, flash, dropout_p, scale, score_vector)
+    if T <= start:
+        return head
+    n = -(-(T - start) // b)  # n blocks
+    pad = start + n * b - T  # padding at the end of the last block
+    q = F.pad(q[:, :, start:], (0, 0, 0, pad)).view(B, H, n, b, hs).transpose(1, 2).reshape(B * n, H, b, hs)
+    # block i's keys and values: columns start + i*b - W to start + i*b + b - 1 (overlapping windows, copied); without
+    # the causal head, W zeros in front for the first blocks
+    k, v = (F.pad(t, (0, 0, W - start, pad)).unfold(2, W + b, b).permute(0, 2, 1, 4, 3).reshape(B * n, -1, W + b,
+            t.size(-1)) for t in (k, v))  # fmt: skip
+    col = start + torch.arange(n * b, device=q.device).view(n, b)  # each query's column
     key_col = col[:, :1] - W + torch.arange(W + b, device=q.device)  # each block's key columns
-    shift = 0 if pos is None else pos[:, :1].view(-1, 1, 1)  # a row's position minus its column: minus its padding
-    mask = window_mask(col + shift, key_col + shift, window)  # (B or 1 or -, n, b, W + b)
-    mask = mask.expand(B, n, b, W + b).reshape(B * n, 1, b, W + b)
+    if band:
+        mask = window_mask(col[0], key_col[0], window)  # (b, W + b), broadcast over the blocks
+    else:
+        shift = pos[:, :1].view(-1, 1, 1)  # a row's position minus its column: minus its padding
+        mask = window_mask(col + shift, key_col + shift, window).view(B * n, 1, b, W + b)  # a mask per block
     y = attention(q, k, v, mask, flash, dropout_p, scale, score_vector)
-    return y.view(B, n, H, b, -1).transpose(1, 2).reshape(B, H, n * b, -1)[:, :, :T]
+    y = y.view(B, n, H, b, -1).transpose(1, 2).reshape(B, H, n * b, -1)[:, :, : T - start]
+    return y if head is None else torch.cat([head, y], dim=2)
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,7 +1,7 @@
 """
 bench_ex4.py: the numbers behind ex4_mqa_swiglu.py, printed as Markdown tables for the README.
 
-Six parts; `all` runs them in turn. Every table starts with the machine (CPU, threads, torch version).
+Eight parts; `all` runs them in turn. Every table starts with the machine (CPU, threads, torch version).
 
   attention  One attention layer, B=1, 6 heads of 64, against sequence length (512 to 16k): full causal explicit
              (softmax(QK^T)V written out), full causal flash (scaled_dot_product_attention), the sliding window as a
@@ -30,6 +30,14 @@ Six parts; `all` runs them in turn. Every table starts with the machine (CPU, th
              settings (2000 iterations, lr 1e-3) and architecture for MHA, GQA with 2 groups and MQA; then ex4's
              defaults and each new switch alone (--score, --pos, --mlp). Val loss, parameters, ms/iter, the samples
              of the position schemes, and a picture of the val losses.
+  flex       ex4's blocked window against PyTorch's FlexAttention (flex_attention with a sliding-window block mask,
+             torch.compile'd), forward under no_grad, T = 4k to 16k, W = 128 to 1024, B=1, 6 heads of 64, float32; the
+             two outputs compared in every cell. Then forward+backward of the blocked window against full causal flash
+             attention at T=8192, W=256 (FlexAttention has no backward on the CPU). Targets: ex4 at least as fast as
+             FlexAttention in every cell, and forward+backward >= 5x faster than full causal attention.
+  generate   Greedy generation, batch 1, with ex4's KV cache (ex4's GPT set to GPT-2's architecture) against Hugging
+             Face's GPT2LMHeadModel.generate(use_cache=True), random weights, GPT-2's vocabulary, at 4 layers x 128 and
+             12 layers x 768 (GPT-2 small's shape): tokens/s of each, interleaved. Target: ex4 at least as fast at both.
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated over the call. CPU: each (variant, length) runs in a fresh
 process that first warms up on a short sequence, then reads its peak resident set size (getrusage ru_maxrss)
@@ -41,15 +49,17 @@ its processes with MALLOC_MMAP_THRESHOLD_=65536, so that freed blocks go back to
 
 Run on a quiet machine: the runs are timed one after another, so other work on the machine skews the comparison
 (the iteration at which each training run reaches the target does not depend on load). On 2 CPU cores:
-  python benchmarks/bench_ex4.py all                 the six parts: about 30 minutes for the first three, +kv, ...
+  python benchmarks/bench_ex4.py all                 the eight parts: about 30 minutes for the first three, +kv, ...
   python benchmarks/bench_ex4.py attention           (--lengths 512,1024,... --window 256 --max_gb 16)
   python benchmarks/bench_ex4.py cache               (--gen_tokens 1000 --gen_layers 2)
   python benchmarks/bench_ex4.py train               (--png benchmarks/pictures/ex4_train_curves.png)
   python benchmarks/bench_ex4.py kv --threads 1           14 minutes on a busy machine (--kv_lengths, --kv_reps 5)
   python benchmarks/bench_ex4.py additive --threads 1     8 minutes on a busy machine (--additive_lengths 256,...)
   python benchmarks/bench_ex4.py variants --threads 1     about 75 minutes on a busy machine (--seeds 1337,1,2)
+  python benchmarks/bench_ex4.py flex --threads 1         5 minutes on a busy machine (--flex_lengths, --flex_windows)
+  python benchmarks/bench_ex4.py generate --threads 1     5 minutes on a busy machine (--hf_sizes, --hf_tokens 200)
   python benchmarks/bench_ex4.py all --quick         a check of the script itself: tiny sizes, a few minutes
-Options: --threads N (torch threads; default all cores), --device cpu|cuda (attention, cache and kv parts),
+Options: --threads N (torch threads; default all cores), --device cpu|cuda (attention, cache, kv, flex and generate),
 --data PATH (train and variants: the text, when data/tinyshakespeare.txt is missing and there is no network).
 """
 
@@ -631,6 +641,143 @@ def bench_additive(a):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Sliding window: ex4's blocked window against PyTorch's FlexAttention
+
+
+def bench_flex(a):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    H, hs, reps = a.heads, a.head_size, a.flex_reps
+    print(f"## Sliding window: ex4's blocked window against FlexAttention, B=1, {H} heads of {hs}, float32, "
+          f"{a.device}\n\nmachine: {machine(a.threads)}, {load()}\n\nex4: ex4.blocked_window_attention(q, k, v, W) "
+          "(flash, default blocks). FlexAttention: torch.compile(flex_attention) with create_block_mask(sliding "
+          "window causal mask_mod), the block mask made once per cell and not timed. Forward under no_grad; median "
+          f"of {reps} calls per cell, the two interleaved, after two warm-up calls (the first compiles, or loads "
+          "inductor's cache from disk: its seconds are shown). same: torch.allclose of the two outputs (atol 1e-5, "
+          "rtol 1e-4).\n")  # fmt: skip
+    g = torch.Generator(device=device).manual_seed(0)
+    rows, speedups = [], []
+    for T in a.flex_lengths:
+        q, k, v = (torch.randn(1, H, T, hs, generator=g, device=device) for _ in "qkv")
+        for W in a.flex_windows:
+            torch._dynamo.reset()  # a fresh compilation per cell, so dynamo's recompile limit is never reached
+            block_mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < W), None, None, T, T, device=device)
+            flex = torch.compile(flex_attention, dynamic=False)
+            fns = {"ex4": lambda: ex4.blocked_window_attention(q, k, v, W),
+                   "flex": lambda: flex(q, k, v, block_mask=block_mask)}  # fmt: skip
+            with torch.no_grad():
+                compile_s = timed(device, fns["flex"])
+                out = {n: f() for n, f in fns.items()}
+                same = torch.allclose(out["ex4"], out["flex"], atol=1e-5, rtol=1e-4)
+                diff = (out["ex4"] - out["flex"]).abs().max().item()
+                ms = interleaved(list(fns), reps, lambda n: 1000 * timed(device, fns[n]))
+            speedups.append(ms["flex"] / ms["ex4"])
+            rows.append([T, W, f"{ms['ex4']:.1f}", f"{ms['flex']:.1f}", f"{speedups[-1]:.2f}x",
+                         "yes" if same else "NO", f"{diff:.1e}", f"{compile_s:.1f}"])  # fmt: skip
+            print(f"T={T:6d} W={W:5d} ex4 {ms['ex4']:8.1f} ms | flex {ms['flex']:8.1f} ms | {speedups[-1]:.2f}x | "
+                  f"same {same} (max diff {diff:.1e}) | compile {compile_s:.1f} s", flush=True)  # fmt: skip
+    print()
+    table(["T", "W", "ex4 blocked, ms", "FlexAttention compiled, ms", "ex4 / Flex speed (Flex ms / ex4 ms)", "same",
+           "max abs diff", "Flex first call (compile), s"], rows)  # fmt: skip
+    print(
+        f"target: ex4's window at least as fast as compiled FlexAttention in the forward pass in every cell: "
+        f"{'met' if min(speedups) >= 1 else 'NOT met'} (slowest cell {min(speedups):.2f}x)\n"
+    )
+
+    # training: FlexAttention has no backward on the CPU, so ex4's window against full causal attention
+    T, W = (8192 if 8192 in a.flex_lengths else max(a.flex_lengths)), a.window
+    q, k, v = (torch.randn(1, H, T, hs, generator=g, device=device, requires_grad=True) for _ in "qkv")
+    fns = {"ex4 blocked window": lambda: ex4.blocked_window_attention(q, k, v, W),
+           "full causal flash": lambda: ex4.attention(q, k, v)}  # fmt: skip
+
+    def fwd_bwd(name):
+        q.grad = k.grad = v.grad = None
+        return 1000 * timed(device, lambda: fns[name]().sum().backward())
+
+    for n in fns:  # warm up
+        fwd_bwd(n)
+    ms = interleaved(list(fns), reps, fwd_bwd)
+    speedup = ms["full causal flash"] / ms["ex4 blocked window"]
+    try:
+        block_mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < W), None, None, T, T, device=device)
+        flex_attention(q, k, v, block_mask=block_mask)
+        flex_bwd = "runs"
+    except NotImplementedError as e:
+        flex_bwd = f"fails: NotImplementedError: {e}"
+    print(f"### Forward+backward at T={T}, W={W} (median of {reps}, interleaved)\n")
+    table(["variant", "forward+backward, ms"], [[n, f"{t:.1f}"] for n, t in ms.items()])
+    print(f"target: ex4's window forward+backward >= 5x faster than full causal attention (flash "
+          f"scaled_dot_product_attention): {speedup:.1f}x, {'met' if speedup >= 5 else 'NOT met'}. FlexAttention with "
+          f"gradients on the CPU {flex_bwd}\n")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation: ex4's KV cache against Hugging Face's generate
+
+
+def bench_generate(a):
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    n_new, n_prompt, V, bs = a.hf_tokens, a.gen_prompt, a.hf_vocab, a.hf_block_size
+    print(f"## Generation: ex4's KV cache against Hugging Face generate, GPT-2's architecture, vocabulary {V:,}, "
+          f"block_size {bs}, random weights, batch 1, greedy, a {n_prompt}-token prompt and {n_new} new tokens, "
+          f"float32, {a.device}\n\nmachine: {machine(a.threads)}, {load()}\n\nex4: GPT(Config(pos='learned', "
+          "mlp='gelu', n_kv_head=n_head, bias=True, window=0)).generate(prompt, N, temperature=0, use_cache=True): "
+          "GPT-2's architecture (learned positions, GELU MLP 4x wide, multi-head attention, LayerNorm and Linear "
+          "biases, tied embeddings; exact GELU where GPT-2 has the tanh approximation). Hugging Face: transformers "
+          f"{transformers.__version__} GPT2LMHeadModel(GPT2Config(...)).generate(prompt, do_sample=False, "
+          "use_cache=True, max_new_tokens=N), its eos token unset so that both always make N tokens. Median of "
+          f"{a.hf_reps} generations per cell, the two interleaved, after warm-up generations. The weights "
+          "differ (each model's own random initialisation), so the tokens differ; the work per step does not."
+          "\n")  # fmt: skip
+
+    rows, ratios = [], []
+    for size in a.hf_sizes:
+        L, H, C = (int(x) for x in size.split("x"))
+        torch.manual_seed(0)
+        cfg = ex4.Config(n_layer=L, n_head=H, n_embd=C, block_size=bs, n_kv_head=H, pos="learned", mlp="gelu",
+                         bias=True, window=0)  # fmt: skip
+        models = {"ex4": ex4.GPT(cfg, V).to(device).eval()}
+        hf_cfg = GPT2Config(vocab_size=V, n_positions=bs, n_embd=C, n_layer=L, n_head=H, bos_token_id=None,
+                            eos_token_id=None)  # no eos: both always make n_new tokens  # fmt: skip
+        hf = GPT2LMHeadModel(hf_cfg).to(device).eval()
+        models["HF"] = hf
+        prompt = torch.randint(V, (1, n_prompt), generator=torch.Generator().manual_seed(1)).to(device)
+        ones = torch.ones_like(prompt)
+        gen = {
+            "ex4": lambda n: models["ex4"].generate(prompt, n, temperature=0, use_cache=True),
+            "HF": lambda n: hf.generate(prompt, attention_mask=ones, do_sample=False, use_cache=True, max_new_tokens=n),
+        }
+        for name, f in gen.items():  # warm up, and both make exactly n_new tokens
+            assert f(5).shape == (1, n_prompt + 5), name
+            assert f(n_new).shape == (1, n_prompt + n_new), name
+        secs = interleaved(list(gen), a.hf_reps, lambda n: timed(device, gen[n], n_new))
+        tok_s = {n: n_new / s for n, s in secs.items()}
+        ratios.append(tok_s["ex4"] / tok_s["HF"])
+        params = sum(p.numel() for p in hf.parameters())
+        rows.append([f"{L} x {C} ({H} heads)", f"{params / 1e6:.1f}M", hf.config._attn_implementation,
+                     f"{tok_s['ex4']:.1f}", f"{tok_s['HF']:.1f}", f"{ratios[-1]:.2f}x"])  # fmt: skip
+        print(
+            f"{L} layers x {C}: ex4 {tok_s['ex4']:7.1f} tok/s | HF {tok_s['HF']:7.1f} tok/s | {ratios[-1]:.2f}x",
+            flush=True,
+        )
+    print()
+    table(["layers x width", "parameters", "HF attention", "ex4 tok/s", "HF generate tok/s",
+           "ex4 / HF"], rows)  # fmt: skip
+    print(
+        f"target: ex4 at least as fast as generate(use_cache=True) at every size: "
+        f"{'met' if min(ratios) >= 1 else 'NOT met'}\n"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Training: key/value heads at ex1's settings, and each new switch at ex4's
 
 
@@ -748,7 +895,7 @@ def main(argv=None):
     )
     p.add_argument(
         "part",
-        choices=["attention", "cache", "train", "kv", "additive", "variants", "all", "_attention"],
+        choices=["attention", "cache", "train", "kv", "additive", "variants", "flex", "generate", "all", "_attention"],
         help="which benchmark (_attention: internal worker)",
     )
     p.add_argument(
@@ -757,9 +904,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default (all cores)")
     p.add_argument("--device", default="cpu", help="attention and cache parts: cpu or cuda")
     p.add_argument("--lengths", default="512,1024,2048,4096,8192,16384", help="attention: sequence lengths")
-    p.add_argument("--window", type=int, default=256, help="attention: window W")
-    p.add_argument("--heads", type=int, default=6, help="query heads (attention and cache)")
-    p.add_argument("--head_size", type=int, default=64, help="head size (attention and cache)")
+    p.add_argument("--window", type=int, default=256, help="attention, flex's forward+backward: window W")
+    p.add_argument("--heads", type=int, default=6, help="query heads (attention, cache and flex)")
+    p.add_argument("--head_size", type=int, default=64, help="head size (attention, cache and flex)")
     p.add_argument("--n_kv_head", type=int, default=6, help="attention: key/value heads (6: ordinary multi-head)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="attention: which variants, comma-separated")
     p.add_argument(
@@ -770,7 +917,7 @@ def main(argv=None):
         "--budget_s", type=float, default=2.0, help="attention: stop timing a variant after this many seconds"
     )
     p.add_argument("--gen_tokens", type=int, default=1000, help="cache: new tokens")
-    p.add_argument("--gen_prompt", type=int, default=24, help="cache: prompt tokens")
+    p.add_argument("--gen_prompt", type=int, default=24, help="cache and generate: prompt tokens")
     p.add_argument("--gen_layers", type=int, default=2, help="cache: layers")
     p.add_argument(
         "--gen_block_size", type=int, default=1024, help="cache: block_size (must hold the prompt and the new tokens)"
@@ -795,12 +942,22 @@ def main(argv=None):
     p.add_argument("--seeds", default="1337", help="variants: seeds, comma-separated (each run once per seed)")
     p.add_argument("--sample_chars", type=int, default=300, help="variants: characters shown of each sample")
     p.add_argument("--variants_png", default=os.path.join(PICTURES, "ex4_variants.png"), help="variants: the picture")
+    p.add_argument("--flex_lengths", default="4096,8192,16384", help="flex: sequence lengths")
+    p.add_argument("--flex_windows", default="128,256,512,1024", help="flex: windows")
+    p.add_argument("--flex_reps", type=int, default=5, help="flex: calls per cell (the median is shown)")
+    p.add_argument("--hf_sizes", default="4x4x128,12x12x768", help="generate: layers x heads x width, comma-separated")
+    p.add_argument("--hf_vocab", type=int, default=50257, help="generate: vocabulary (GPT-2's)")
+    p.add_argument("--hf_block_size", type=int, default=1024, help="generate: block_size (GPT-2's n_positions)")
+    p.add_argument("--hf_tokens", type=int, default=200, help="generate: new tokens per generation")
+    p.add_argument("--hf_reps", type=int, default=5, help="generate: generations per cell (the median is shown)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--T", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    a.lengths, a.kv_lengths, a.additive_lengths = (
-        [int(x) for x in s.split(",")] for s in (a.lengths, a.kv_lengths, a.additive_lengths)
+    a.lengths, a.kv_lengths, a.additive_lengths, a.flex_lengths, a.flex_windows = (
+        [int(x) for x in s.split(",")]
+        for s in (a.lengths, a.kv_lengths, a.additive_lengths, a.flex_lengths, a.flex_windows)
     )
+    a.hf_sizes = a.hf_sizes.split(",")
     a.variants = a.variants.split(",")
     bad = [v for v in a.variants if v not in VARIANTS]
     if bad:
@@ -813,6 +970,8 @@ def main(argv=None):
         a.n_kv_head = a.heads
         a.kv_lengths, a.kv_reps, a.kv_layers, a.kv_tokens, a.kv_batch = [64, 128], 2, 2, 20, 4
         a.additive_lengths, a.sample_chars = [64, 128], 40
+        a.flex_lengths, a.flex_windows, a.flex_reps = [256, 512], [32, 64], 2
+        a.hf_sizes, a.hf_vocab, a.hf_block_size, a.hf_tokens, a.hf_reps = ["1x2x32"], 500, 128, 20, 2
         a.out_dir, a.png = os.path.join(a.out_dir, "quick"), os.path.join(a.out_dir, "quick", "curves.png")
         a.kv_png, a.variants_png = (os.path.join(a.out_dir, f"{n}.png") for n in ("kv_heads", "variants"))
     if a.part in ("attention", "all"):
@@ -827,6 +986,10 @@ def main(argv=None):
         bench_additive(a)
     if a.part in ("variants", "all"):
         bench_variants(a)
+    if a.part in ("flex", "all"):
+        bench_flex(a)
+    if a.part in ("generate", "all"):
+        bench_generate(a)
 
 
 if __name__ == "__main__":
