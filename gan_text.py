@@ -6,6 +6,10 @@ Changes from switchhead_moe.py:
 - --init_from: where the generator starts; scratch is phase 1, MLE pre-training by switchhead_moe's loop (train()),
   PATH a switchhead_moe.py best.pt (main).
 - --seq_len: the length of the sequences the GAN samples and judges; DataLoader.get_text draws the real ones.
+- SeqGAN's synthetic-data yardstick (--oracle, --oracle_vocab, --oracle_embd, --oracle_seed, --oracle_train): a random
+  LSTM, Oracle, is the true distribution; OracleData samples the training and held-out sequences from it,
+  OracleTokenizer writes tokens as numbers; NLL-oracle (Oracle.nll) replaces BLEU in evaluate_samples and held_out,
+  and train() prints it at every evaluation too.
 - cached sampling, the GAN's inner loop: ex4's KVCache, and cached() in both attention modules; GPT.generate feeds
   one token at a time, and with given completes prefixes of different lengths at once; complete() calls it.
 - the discriminator (--d_embd, --d_hidden, --d_learning_rate, --d_pretrain_iters, --d_steps): Discriminator,
@@ -32,9 +36,17 @@ held-out real and fresh fake text, BLEU-2/3/4 of the samples against held-out te
 continues there. best.pt, what --prompt samples from, is the best-val model in the MLE phase and the latest
 generator in the GAN phases: a GAN has no best model.
 
+--oracle replaces the text by SeqGAN's synthetic data: an LSTM language model with every parameter drawn from N(0, 1)
+(the oracle) is the true distribution, and --oracle_train sequences sampled from it (plus a tenth as many held out) are
+the data. Every sequence is the start token 0, then --seq_len tokens; oracle and generator both start from it.
+NLL-oracle, the oracle's negative log-likelihood per token of fresh generator samples, measures quality exactly; the
+generator's NLL on the held-out sequences (val) measures coverage.
+
 Run:     python gan_text.py                      (MLE 2000 iterations, D 200 steps, 150 rounds, all at 64 characters)
+Oracle:  python gan_text.py --oracle --seq_len 20 --block_size 20   (SeqGAN: vocabulary 5,000, LSTM of 32, 10,000 seqs)
 Init:    python switchhead_moe.py --block_size 64 && python gan_text.py --init_from out/switchhead_moe/best.pt
 Compare: python benchmarks/bench_gan.py          (MLE only vs adversarial, temperature sweep, quality-diversity picture)
+         python benchmarks/bench_gan.py oracle   (NLL-oracle and held-out NLL through MLE and adversarial training)
 Sample:  python gan_text.py --prompt "ROMEO:" --num_samples 3
 Parent:  switchhead_moe.py (diff -u switchhead_moe.py gan_text.py)
 Result:  no better than temperature-tuned MLE (equal BLEU-4 at equal self-BLEU, worse NLL); 18 min on 1 core (README).
@@ -108,7 +120,7 @@ class Config:
     beta2: float = 0.99  # AdamW beta2 (0.99 since there are few tokens per step)
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
     # GAN
-    seq_len: int = 64  # tokens in each sequence the generator samples and the discriminator judges (at most block_size)
+    seq_len: int = 64  # tokens per sequence the GAN samples and judges, at most block_size (--oracle: after token 0)
     d_embd: int = 64  # discriminator: embedding width
     d_hidden: int = 128  # discriminator: LSTM hidden units
     d_learning_rate: float = 1e-2  # discriminator: Adam learning rate
@@ -122,7 +134,13 @@ class Config:
     baseline_decay: float = 0.9  # the baseline b follows the mean reward: b <- decay * b + (1 - decay) * mean(r)
     mle_weight: float = 0.0  # weight of an MLE loss on a real batch added to each generator step; 0: pure REINFORCE
     adv_eval_interval: int = 25  # evaluate and save ckpt.pt and best.pt every this many D pre-training steps or rounds
-    eval_samples: int = 128  # sequences sampled per eval for D accuracy, BLEU and self-BLEU (the same draws each time)
+    eval_samples: int = 128  # sequences sampled per eval for D accuracy, BLEU and self-BLEU or NLL-oracle (same draws)
+    # oracle (SeqGAN's synthetic data)
+    oracle: bool = False  # train on samples of a random LSTM (the oracle) instead of text; NLL-oracle measures quality
+    oracle_vocab: int = 5000  # --oracle: the oracle's vocabulary, also the generator's (SeqGAN: 5,000)
+    oracle_embd: int = 32  # --oracle: the oracle LSTM's embedding width and hidden units (SeqGAN: 32)
+    oracle_seed: int = 0  # --oracle: draws the oracle's N(0, 1) parameters and its samples, whatever --seed
+    oracle_train: int = 10000  # --oracle: training sequences sampled from the oracle; a tenth as many are held out
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
@@ -149,6 +167,11 @@ RESUMED = (
     "block_size",
     "bias",
     "data",
+    "oracle",
+    "oracle_vocab",
+    "oracle_embd",
+    "oracle_seed",
+    "oracle_train",
     "init_from",
     "d_embd",
     "d_hidden",
@@ -254,6 +277,15 @@ def parse_args(argv=None):
         (
             cfg.adv_eval_interval >= 1 and cfg.eval_samples >= 2,
             "--adv_eval_interval must be at least 1 and --eval_samples at least 2 (self-BLEU compares samples)",
+        ),
+        (
+            cfg.oracle_vocab >= 2 and cfg.oracle_embd >= 1 and cfg.oracle_seed >= 0 and cfg.oracle_train >= 10,
+            "--oracle_vocab must be at least 2, --oracle_embd at least 1, --oracle_seed >= 0 and --oracle_train at "
+            "least 10 (a tenth as many are held out)",
+        ),
+        (
+            not (cfg.oracle and (cfg.data or cfg.init_from != "scratch")),
+            "--oracle samples its own data and trains its generator from scratch: leave out --data and --init_from",
         ),
         (
             not (cfg.resume and cfg.init_from != "scratch"),
@@ -378,6 +410,91 @@ class DataLoader:
         data = self.splits[split]
         ix = torch.randint(len(data) - self.cfg.seq_len + 1, (n, 1), generator=generator)
         return data[ix + torch.arange(self.cfg.seq_len)].to(self.device)
+
+
+class Oracle(nn.Module):
+    """SeqGAN's synthetic true distribution (--oracle): an LSTM language model, embedding, LSTM, linear, softmax, with
+    every parameter drawn from N(0, 1) by its own generator seeded with --oracle_seed, so the same oracle whatever
+    --seed. nn.LSTM's second bias (b_hh) is zero: SeqGAN's cell has one bias per gate. A sequence starts from the
+    start token 0, fed as the first input as in SeqGAN's target LSTM; the oracle then samples seq_len tokens."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.oracle_vocab, cfg.oracle_embd)
+        self.lstm = nn.LSTM(cfg.oracle_embd, cfg.oracle_embd, batch_first=True)
+        self.head = nn.Linear(cfg.oracle_embd, cfg.oracle_vocab)
+        gen = torch.Generator().manual_seed(cfg.oracle_seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(torch.zeros_like(p) if name == "lstm.bias_hh_l0" else torch.randn(p.shape, generator=gen))
+
+    def forward(self, idx):
+        """The next-token logits (B, T, V) after each token of idx (B, T), from a zero state; float32 always."""
+        with torch.autocast(idx.device.type, enabled=False):
+            return self.head(self.lstm(self.wte(idx))[0])
+
+    @torch.no_grad()
+    def sample(self, n, seq_len, generator, chunk=1000):
+        """n sequences (n, seq_len + 1), the start token 0 and seq_len tokens drawn one at a time, on the CPU,
+        chunk sequences at a time (the softmax over the vocabulary is the memory). Each token is drawn by inverting
+        the cumulative distribution at a uniform number: over 5,000 tokens torch.multinomial is ten times slower."""
+        out = []
+        for rows in range(0, n, chunk):
+            seqs, state = torch.zeros(min(chunk, n - rows), 1, dtype=torch.long), None
+            for _ in range(seq_len):
+                h, state = self.lstm(self.wte(seqs[:, -1:]), state)
+                cdf = F.softmax(self.head(h[:, -1]), dim=-1).cumsum(-1)
+                u = torch.rand(len(seqs), 1, generator=generator) * cdf[:, -1:]
+                seqs = torch.cat((seqs, torch.searchsorted(cdf, u)), dim=1)
+            out.append(seqs)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def nll(self, seqs, chunk=256):
+        """NLL-oracle, SeqGAN's measure of quality: the oracle's negative log-likelihood of the tokens of seqs (B, T)
+        after their first (the start token), per token in nats (SeqGAN divides by sequence length and batch)."""
+        total = 0.0
+        for rows in seqs.split(chunk):
+            logp = F.log_softmax(self(rows[:, :-1]), dim=-1).gather(-1, rows[:, 1:, None])
+            total -= logp.sum().item()
+        return total / seqs[:, 1:].numel()
+
+
+class OracleData:
+    """--oracle's data, in DataLoader's place: oracle_train sequences sampled from the oracle for training and a tenth
+    as many held out (val), drawn once, from --oracle_seed. A row is the start token and seq_len tokens; a batch's
+    inputs are rows without their last token, its targets rows without their first: the generator learns every
+    token from the start token on, as the oracle draws them."""
+
+    def __init__(self, oracle, cfg, device):
+        n = cfg.oracle_train
+        rows = oracle.sample(n + n // 10, cfg.seq_len, torch.Generator().manual_seed(cfg.oracle_seed + 1))
+        self.oracle, self.splits = oracle, {"train": rows[:n], "val": rows[n:]}
+        self.cfg, self.device = cfg, device
+
+    def get_batch(self, split, generator):
+        rows = self.get_text(split, self.cfg.batch_size, generator)
+        return rows[:, :-1], rows[:, 1:]
+
+    def get_text(self, split, n, generator):
+        """n sequences of split at random (with replacement), each the start token and seq_len tokens."""
+        data = self.splits[split]
+        return data[torch.randint(len(data), (n,), generator=generator)].to(self.device)
+
+
+class OracleTokenizer(CharTokenizer):
+    """--oracle's tokens are the numbers 0 .. V - 1, written as text separated by spaces: --prompt "0 17 4051"."""
+
+    name = "oracle"
+
+    def encode(self, s):
+        bad = sorted(set(s.split()) - self.stoi.keys())
+        if bad:
+            die(f"token(s) {' '.join(bad)} not in the oracle's vocabulary; give numbers 0 to {len(self.chars) - 1}")
+        return [self.stoi[w] for w in s.split()]
+
+    def decode(self, ids):
+        return " ".join(self.chars[i] for i in ids)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1158,7 +1275,8 @@ PHASES = ("mle", "d_pretrain", "adversarial")
 
 class CSVLog:
     """out_dir/log.csv: one row per log line (batch loss) and per evaluation (train and val estimates), in every
-    phase (the phase column); GAN rows add D's loss and accuracy, the reward, BLEU and self-BLEU."""
+    phase (the phase column); GAN rows add D's loss and accuracy, the reward, BLEU and self-BLEU, or with --oracle
+    NLL-oracle (in the MLE phase's evaluations too)."""
 
     columns = [
         "iter",
@@ -1175,6 +1293,7 @@ class CSVLog:
         "bleu3",
         "bleu4",
         "self_bleu4",
+        "nll_oracle",
     ]
 
     def __init__(self, path, start=None):
@@ -1249,8 +1368,9 @@ def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
                 f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log "
                 "locally"
             )
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * (cfg.seq_len if cfg.oracle else cfg.block_size)
     print(f"tokens per iteration: {tokens_per_iter:,}")
+    oracle, real_eval = held_out(loader, tok, cfg) if cfg.oracle else (None, None)
 
     def state(it):  # everything --resume needs to continue at iteration it
         return checkpoint(cfg, tok, device, "mle", it, raw_model, optimizer, disc, None, None, best_val, gen)
@@ -1267,7 +1387,12 @@ def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
         # evaluate and save: ckpt.pt every time, best.pt when val improves
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             losses = estimate_loss(model, loader, cfg, autocast)
-            print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
+            line = f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f}"
+            m = {}
+            if oracle is not None:  # what val loss does not show: the oracle's NLL of fresh samples
+                m, _ = evaluate_samples(raw_model, None, real_eval, oracle, tok, cfg, autocast)
+                line += f" | NLL-oracle {m['nll_oracle']:.4f}"
+            print(f"{line} | {time.time() - t_start:.1f} s")
             for line in expert_usage(raw_model):
                 print(line)
             log.write(
@@ -1276,6 +1401,7 @@ def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
                 val_loss=f"{losses['val']:.4f}",
                 lr=f"{lr:.3e}",
                 ms_per_iter="",
+                **{k: f"{v:.4f}" for k, v in m.items()},
             )
             if cfg.wandb:
                 wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
@@ -1355,13 +1481,17 @@ def generator_step(model, disc, optimizer, real, cfg, baseline, autocast=nullcon
 @torch.no_grad()
 def evaluate_samples(model, disc, real, refs, tok, cfg, autocast, temperature=1.0):
     """One fake per held-out real sequence (B, T), from its first token, and what they measure: BLEU-2/3/4 against
-    refs, self-BLEU-4 and, given disc, D's accuracy on the real and the fake ones. The same random draws at every
-    call, kept apart from training's. Returns the metrics and the fakes."""
+    refs, self-BLEU-4 and, given disc, D's accuracy on the real and the fake ones; with --oracle, refs is the Oracle
+    and NLL-oracle replaces BLEU. The same random draws at every call, kept apart from training's. Returns the metrics
+    and the fakes."""
     with torch.random.fork_rng(devices=[real.device] if real.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 2)
         with autocast:
             fake = complete(model, real, 1, temperature)
-    out = text_metrics([tok.decode(row) for row in fake.tolist()], refs)
+    if isinstance(refs, Oracle):  # synthetic data: the true distribution scores the fakes itself
+        out = {"nll_oracle": refs.nll(fake)}
+    else:
+        out = text_metrics([tok.decode(row) for row in fake.tolist()], refs)
     if disc is not None:
         out["d_acc_real"] = (disc(real) > 0.5).float().mean().item()
         out["d_acc_fake"] = (disc(fake) < 0.5).float().mean().item()
@@ -1369,10 +1499,13 @@ def evaluate_samples(model, disc, real, refs, tok, cfg, autocast, temperature=1.
 
 
 def held_out(loader, tok, cfg):
-    """What evaluations measure against: BLEU's references, the val split cut into seq_len pieces (as words), and
-    eval_samples val sequences at fixed random offsets, whose first tokens start the fakes."""
+    """What evaluations measure against: BLEU's references, the val split cut into seq_len pieces (as words), or with
+    --oracle the Oracle, and eval_samples val sequences at fixed random offsets, whose first tokens start the fakes."""
+    real = loader.get_text("val", cfg.eval_samples, torch.Generator().manual_seed(cfg.seed + 1))
+    if cfg.oracle:
+        return loader.oracle, real
     refs = References([words(tok.decode(piece.tolist())) for piece in loader.splits["val"].split(cfg.seq_len)])
-    return refs, loader.get_text("val", cfg.eval_samples, torch.Generator().manual_seed(cfg.seed + 1))
+    return refs, real
 
 
 def train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ckpt=None):
@@ -1439,12 +1572,16 @@ def train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ck
             if (it == steps or it % cfg.adv_eval_interval == 0) and not (name == "adversarial" and it == 0):
                 losses = estimate_loss(model, loader, cfg, autocast)
                 m, _ = evaluate_samples(model, disc, real_eval, refs, tok, cfg, autocast)
+                quality = (
+                    f"NLL-oracle {m['nll_oracle']:.4f}"
+                    if cfg.oracle
+                    else f"BLEU-2/3/4 {m['bleu2']:.3f} {m['bleu3']:.3f} {m['bleu4']:.3f} | self-BLEU-4 "
+                    f"{m['self_bleu4']:.3f}"
+                )
                 print(
                     f"{label} {it} | NLL train {losses['train']:.4f} val {losses['val']:.4f} | D accuracy real "
-                    f"{100 * m['d_acc_real']:.1f}%"
-                    f" fake {100 * m['d_acc_fake']:.1f}% | BLEU-2/3/4 {m['bleu2']:.3f} {m['bleu3']:.3f} "
-                    f"{m['bleu4']:.3f}"
-                    f" | self-BLEU-4 {m['self_bleu4']:.3f} | {time.time() - t_start:.1f} s"
+                    f"{100 * m['d_acc_real']:.1f}% fake {100 * m['d_acc_fake']:.1f}% | {quality} | "
+                    f"{time.time() - t_start:.1f} s"
                 )
                 log.write(
                     iter=it,
@@ -1530,7 +1667,7 @@ def main(argv=None):
 
     if cfg.prompt:  # sampling only: everything needed is in the checkpoint
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), device)
-        tok = CharTokenizer(ckpt["vocab"])
+        tok = (OracleTokenizer if ckpt["tokenizer"] == OracleTokenizer.name else CharTokenizer)(ckpt["vocab"])
         model = GPT(Config(**ckpt["config"]), len(tok.chars)).to(device)
         model.load_state_dict(ckpt["model"])
         sample(model, tok, cfg, device, autocast, cfg.prompt)
@@ -1551,12 +1688,25 @@ def main(argv=None):
             f"--seq_len {cfg.seq_len} is longer than the generator's --block_size {cfg.block_size}; use at most "
             f"{cfg.block_size}"
         )
-    text = load_text(cfg)
     source = ckpt or init
-    tok = CharTokenizer(source["vocab"] if source else sorted(set(text)))
-    ids = torch.tensor(tok.encode(text), dtype=torch.long)
-    print(f"{len(text):,} characters, vocabulary of {len(tok.chars)}")
-    loader = DataLoader(ids, cfg, device)
+    if cfg.oracle:  # SeqGAN's synthetic data: sampled from the oracle, tokens 0 .. V - 1
+        oracle = Oracle(cfg)
+        loader = OracleData(oracle, cfg, device)
+        oracle.to(device)
+        tok = OracleTokenizer([str(i) for i in range(cfg.oracle_vocab)])
+        print(
+            f"oracle: LSTM of {cfg.oracle_embd}, vocabulary of {cfg.oracle_vocab}, seed {cfg.oracle_seed}; "
+            f"{len(loader.splits['train']):,} training and {len(loader.splits['val']):,} held-out sequences of the "
+            f"start token and {cfg.seq_len} tokens; their NLL-oracle (the oracle's entropy per token) "
+            f"{oracle.nll(loader.splits['val'].to(device)):.4f}, a uniform generator's NLL of them "
+            f"{math.log(cfg.oracle_vocab):.4f}"
+        )
+    else:
+        text = load_text(cfg)
+        tok = CharTokenizer(source["vocab"] if source else sorted(set(text)))
+        ids = torch.tensor(tok.encode(text), dtype=torch.long)
+        print(f"{len(text):,} characters, vocabulary of {len(tok.chars)}")
+        loader = DataLoader(ids, cfg, device)
 
     model = GPT(cfg, len(tok.chars)).to(device)
     disc = Discriminator(cfg, len(tok.chars)).to(device)

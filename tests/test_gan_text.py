@@ -1,7 +1,9 @@
 """gan_text.py: the code it shares is its parents' (attention, KVCache, the load-balancing loss, expert use), cached
 sampling equals the full forward and an uncached loop, the REINFORCE step follows the sign of the advantage, rewards
 are detached, rollouts match generate from each prefix alone, the discriminator separates a toy set, BLEU and
-self-BLEU, and runs through main with every phase, checkpoint, exact resume, --prompt and --init_from scratch|PATH."""
+self-BLEU, and runs through main with every phase, checkpoint, exact resume, --prompt and --init_from scratch|PATH;
+--oracle: the oracle is fixed by its seed, scores its own samples above uniform ones, and the GAN's rewards line up with
+its sequences; a run through main logs NLL-oracle in every phase."""
 
 import inspect
 import math
@@ -256,6 +258,112 @@ def test_bleu_by_hand():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The oracle (SeqGAN's synthetic data)
+
+
+def oracle_cfg(**overrides):
+    return gan.Config(**{"oracle": True, "oracle_vocab": 30, "oracle_embd": 8, "oracle_train": 40, "seq_len": 8,
+                         "block_size": 8, **overrides})  # fmt: skip
+
+
+def test_the_oracle_is_fixed_by_its_seed():
+    cfg, cfg_b = oracle_cfg(), oracle_cfg(seed=7)  # neither --seed nor the global random state changes the oracle
+    torch.manual_seed(1)
+    a = gan.Oracle(cfg)
+    data_a = gan.OracleData(a, cfg, torch.device("cpu"))
+    torch.manual_seed(2)
+    b = gan.Oracle(cfg_b)
+    data_b = gan.OracleData(b, cfg_b, torch.device("cpu"))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert data_a.splits["train"].shape == (40, 9) and data_a.splits["val"].shape == (4, 9)
+    assert all(torch.equal(data_a.splits[k], data_b.splits[k]) for k in ("train", "val"))
+    assert (data_a.splits["train"][:, 0] == 0).all() and data_a.splits["train"][:, 1:].unique().numel() > 5
+    other_cfg = oracle_cfg(oracle_seed=1)
+    other = gan.Oracle(other_cfg)
+    assert not torch.equal(other.head.weight, a.head.weight)
+    assert not torch.equal(
+        gan.OracleData(other, other_cfg, torch.device("cpu")).splits["train"], data_a.splits["train"]
+    )
+    # N(0, 1) parameters, but one bias per gate, as SeqGAN's cell
+    drawn = torch.cat([p.flatten() for name, p in a.named_parameters() if name != "lstm.bias_hh_l0"])
+    assert abs(drawn.mean().item()) < 0.1 and abs(drawn.std().item() - 1) < 0.1 and not a.lstm.bias_hh_l0.any()
+
+
+def test_nll_oracle_ranks_the_oracle_above_uniform_tokens():
+    """The oracle's own samples score its entropy, below log V; uniform tokens score a cross-entropy above log V."""
+    cfg = oracle_cfg()
+    oracle = gan.Oracle(cfg)
+    own = oracle.sample(2000, 8, torch.Generator().manual_seed(0))
+    uniform = torch.cat((torch.zeros(2000, 1, dtype=torch.long), torch.randint(30, (2000, 8))), dim=1)
+    assert oracle.nll(own) < math.log(30) - 0.3 and oracle.nll(uniform) > math.log(30) + 0.3
+    # nll is the distribution sample draws from: the step-by-step probabilities of one sequence, by hand
+    seq, state, logp = own[:1], None, 0.0
+    for t in range(8):
+        h, state = oracle.lstm(oracle.wte(seq[:, t : t + 1]), state)
+        logp += torch.log_softmax(oracle.head(h[0, -1]), -1)[seq[0, t + 1]].item()
+    assert oracle.nll(seq) == pytest.approx(-logp / 8, rel=1e-5)
+    # and sample draws from it: the first tokens' frequencies against the oracle's first distribution
+    first = torch.softmax(oracle(own[:1, :1])[0, 0], -1)
+    counts = torch.bincount(own[:, 1], minlength=30) / 2000
+    assert (counts - first).abs().sum() / 2 < 0.06 and counts[first.argmax()] > 0.5 * first.max()
+    assert oracle.nll(own, chunk=7) == pytest.approx(oracle.nll(own), rel=1e-5)  # chunks change nothing
+
+
+@pytest.mark.parametrize("rollouts", [0, 2])
+def test_rewards_line_up_with_oracle_sequences(rollouts):
+    """A fake keeps the start token and samples seq_len tokens; one reward per sequence, or one per sampled token."""
+    cfg = oracle_cfg(n_layer=1, n_head=2, n_embd=16, head_size=8, d_embd=8, d_hidden=16, rollouts=rollouts)
+    data = gan.OracleData(gan.Oracle(cfg), cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    model, disc = gan.GPT(cfg, cfg.oracle_vocab), gan.Discriminator(cfg, cfg.oracle_vocab)
+    real = data.get_text("train", 5, torch.Generator().manual_seed(0))
+    fake = gan.complete(model, real, 1)
+    assert fake.shape == real.shape == (5, 9) and (fake[:, 0] == 0).all() and not torch.equal(fake, real)
+    logp = gan.token_logprobs(model, fake)
+    rewards = gan.rollout_rewards(model, disc, fake, rollouts) if rollouts else disc(fake)
+    assert logp.shape == (5, 8) and rewards.shape == ((5, 8) if rollouts else (5,))
+    x, y = data.get_batch("train", torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (cfg.batch_size, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = params(model)
+    gan.generator_step(model, disc, optimizer, real, cfg, baseline=0.0)
+    assert not same(model, before)
+
+
+ORACLE = ["--oracle", "--oracle_vocab", "30", "--oracle_embd", "8", "--oracle_train", "40", "--seq_len", "8",
+          "--block_size", "8", "--max_iters", "4", "--eval_interval", "2", "--d_pretrain_iters", "2",
+          "--adv_eval_interval", "2", "--max_new_tokens", "8"]  # fmt: skip
+
+
+def test_oracle_run_through_main(tmp_path, capsys):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    gan.main(TINY + ORACLE + ["--out_dir", full, "--adv_rounds", "4", "--rollouts", "1"])
+    out = capsys.readouterr().out
+    assert "oracle: LSTM of 8, vocabulary of 30, seed 0; 40 training and 4 held-out sequences" in out
+    assert "iter 4 | train" in out and "| NLL-oracle" in out and "round 4 | NLL" in out and "BLEU" not in out
+    rows = read_log(full)
+    evals = [r for r in rows if r["val_loss"]]
+    assert [(r["phase"], r["iter"]) for r in evals] == [("mle", "0"), ("mle", "2"), ("mle", "4"), ("d_pretrain", "0"),
+                                                        ("d_pretrain", "2"), ("adversarial", "2"),
+                                                        ("adversarial", "4")]  # fmt: skip
+    assert all(float(r["nll_oracle"]) > 0 and not r["bleu4"] for r in evals)
+    assert float(evals[0]["nll_oracle"]) != float(evals[2]["nll_oracle"])  # MLE changed the samples it scores
+    assert evals[2]["nll_oracle"] == evals[3]["nll_oracle"]  # the same generator, the same draws
+    ckpt = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
+    assert ckpt["tokenizer"] == "oracle" and len(ckpt["vocab"]) == 30 and ckpt["config"]["oracle"]
+    # stopped after round 2 and resumed without the --oracle flags: they come back from the checkpoint
+    gan.main(TINY + ORACLE + ["--out_dir", part, "--adv_rounds", "2", "--rollouts", "1"])
+    gan.main(TINY + ORACLE[7:] + ["--out_dir", part, "--adv_rounds", "4", "--rollouts", "1", "--resume"])
+    assert drop_time(read_log(part)) == drop_time(rows)
+    # --prompt: token numbers separated by spaces
+    capsys.readouterr()
+    gan.main(["--out_dir", full, "--prompt", "0 5", "--max_new_tokens", "6", "--device", "cpu"])
+    sample = capsys.readouterr().out.split("--- sample 1 ---\n")[1].split()
+    assert sample[:2] == ["0", "5"] and len(sample) == 8 and all(0 <= int(t) < 30 for t in sample)
+    assert "oracle's vocabulary" in user_error(capsys, gan.main, ["--out_dir", full, "--prompt", "0 30"])
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Through main
 
 
@@ -402,6 +510,11 @@ def test_user_errors(tmp_path, text_file, capsys):
     assert "--rollouts" in user_error(capsys, gan.main, TINY + ["--rollouts", "-1"])
     assert "--eval_samples" in user_error(capsys, gan.main, TINY + ["--eval_samples", "1"])
     assert "--init_from" in user_error(capsys, gan.main, TINY + ["--resume", "--init_from", "x.pt"])
+    assert "--oracle_train" in user_error(capsys, gan.main, TINY + ["--oracle", "--oracle_train", "9"])
+    assert "leave out --data" in user_error(capsys, gan.main, TINY + ["--oracle", "--data", text_file])
+    assert "leave out --data and --init_from" in user_error(
+        capsys, gan.main, TINY + ["--oracle", "--init_from", "x.pt"]
+    )
     assert "no checkpoint" in user_error(capsys, gan.main, ["--out_dir", str(tmp_path), "--prompt", "hi"])
 
 
