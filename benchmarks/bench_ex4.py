@@ -895,7 +895,7 @@ def main(argv=None):
     )
     p.add_argument(
         "part",
-        choices=["attention", "cache", "train", "kv", "additive", "variants", "flex", "generate", "all", "_attention"],
+        choices=[*PARTS, "all", "_attention"],
         help="which benchmark (_attention: internal worker)",
     )
     p.add_argument(
@@ -974,22 +974,15 @@ def main(argv=None):
         a.hf_sizes, a.hf_vocab, a.hf_block_size, a.hf_tokens, a.hf_reps = ["1x2x32"], 500, 128, 20, 2
         a.out_dir, a.png = os.path.join(a.out_dir, "quick"), os.path.join(a.out_dir, "quick", "curves.png")
         a.kv_png, a.variants_png = (os.path.join(a.out_dir, f"{n}.png") for n in ("kv_heads", "variants"))
-    if a.part in ("attention", "all"):
-        bench_attention(a)
-    if a.part in ("cache", "all"):
-        bench_cache(a)
-    if a.part in ("train", "all"):
-        bench_train(a)
-    if a.part in ("kv", "all"):
-        bench_kv(a)
-    if a.part in ("additive", "all"):
-        bench_additive(a)
-    if a.part in ("variants", "all"):
-        bench_variants(a)
-    if a.part in ("flex", "all"):
-        bench_flex(a)
-    if a.part in ("generate", "all"):
-        bench_generate(a)
+    for name, part in PARTS.items():
+        if a.part in (name, "all"):
+            part(a)
+
+
+# the parts, in the order `all` runs them
+PARTS = {"attention": bench_attention, "cache": bench_cache, "train": bench_train, "kv": bench_kv,
+         "additive": bench_additive, "variants": bench_variants, "flex": bench_flex,
+         "generate": bench_generate}  # fmt: skip
 
 
 if __name__ == "__main__":
