@@ -15,7 +15,8 @@ Changes from ex1_gpt.py:
 - SwiGLU and QuickGELU (--mlp swiglu|quickgelu): MLP, c_proj(silu(c_gate(x)) * c_fc(x)), hidden width swiglu_hidden()
   (ex1's parameters); quick_gelu(), x * sigmoid(1.702 x).
 - A key/value cache for generation (--kv_cache): KVCache holds n_kv_head heads per layer (W slots with a window),
-  passed through CausalSelfAttention, Block and GPT.forward; GPT.generate then feeds one token at a time.
+  passed through CausalSelfAttention, Block and GPT.forward; GPT.generate then feeds one token at a time (no mask
+  to build for it) and, on the CPU, un-embeds with a transposed copy of the tied weight (unembed).
 - Prompts of different lengths in one batch (--prompt given again, --prompt_file): left-padded (pad), the padding kept
   out of attention by window_mask() and positions counted from each prompt's first token: GPT.forward, read_prompts,
   sample.
@@ -320,20 +321,22 @@ class DataLoader:
 def attention(q, k, v, mask=None, flash=True, dropout_p=0.0, scale=None, score_vector=None):
     """softmax(q k^T * scale) v, scale 1/sqrt(hs) unless given, for q (..., n_head, Tq, hs) and k, v (..., n_kv_head,
     Tk, hs): each key/value head serves a group of n_head/n_kv_head consecutive query heads. mask: True where allowed,
-    (Tq, Tk) or (..., 1, Tq, Tk); None is causal (Tq == Tk). score_vector (n_head, hs): Bahdanau's additive scores
-    w.tanh(q_t + k_j) in place of the dot product, written out (no fused kernel has them)."""
+    (Tq, Tk) or (..., 1, Tq, Tk); None is causal (Tq == Tk), or one query that sees every key (Tq == 1).
+    score_vector (n_head, hs): Bahdanau's additive scores w.tanh(q_t + k_j) in place of the dot product, written out
+    (no fused kernel has them)."""
     if flash and score_vector is None:
         gqa = k.size(-3) != q.size(-3)
         if gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32):  # CUDA's GQA kernels: 16 bits, no mask
             k, v = (t.repeat_interleave(q.size(-3) // t.size(-3), dim=-3) for t in (k, v))  # else: repeat
             gqa = False
+        causal = mask is None and q.size(-2) > 1  # a single query sees every key: neither mask nor causal
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=scale, enable_gqa=gqa
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa
         )
     *batch, H, Tq, hs = q.shape
     n_kv_head, Tk = k.size(-3), k.size(-2)
     if mask is None:
-        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
     q = q.view(*batch, n_kv_head, H // n_kv_head, Tq, hs)  # the query heads in groups; k and v broadcast over a group
     k, v = k.unsqueeze(-3), v.unsqueeze(-3)
     if mask.dim() >= 3:  # (..., 1, Tq, Tk): also broadcast over the query heads of a group
@@ -491,7 +494,9 @@ class CausalSelfAttention(nn.Module):
         ):
             y = blocked_window_attention(q, k, v, self.window, self.flash, dropout_p, scale, score_vector, pos)
         else:
-            causal = own and not self.window and pos.size(0) == 1  # no cache, window or padding: the causal kernel
+            # no window or padding, and x's own keys (the causal kernel) or one new token, which sees every cached
+            # key: no mask to build
+            causal = (own or T == 1) and not self.window and pos.size(0) == 1
             mask = None if causal else window_mask(q_pos, k_pos, self.window).unsqueeze(1)
             y = attention(q, k, v, mask, self.flash, dropout_p, scale, score_vector)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
@@ -600,8 +605,9 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters()) - (self.wpe.weight.numel() if self.wpe is not None else 0)
 
-    def forward(self, idx, targets=None, caches=None, pad=None):
-        """pad (B,): padding tokens on the left of each row of idx; positions count from a row's first real token."""
+    def forward(self, idx, targets=None, caches=None, pad=None, unembed=None):
+        """pad (B,): padding tokens on the left of each row of idx; positions count from a row's first real token.
+        unembed (C, V): lm_head's weight transposed and stored so, which generate() un-embeds with on the CPU."""
         B, T = idx.size()
         start = caches[0].pos if caches else 0  # the column of idx's first token: the tokens already in the cache
         assert self.max_len is None or start + T <= self.max_len, (
@@ -620,7 +626,8 @@ class GPT(nn.Module):
             x = block(x, pos, cache)
         if caches is not None and targets is None:  # generating: only the last token's logits are needed
             x = x[:, -1:]
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        logits = self.lm_head(x) if unembed is None else x @ unembed
         loss = (
             None
             if targets is None
@@ -656,14 +663,17 @@ class GPT(nn.Module):
         use_cache: feed only the newest token and keep the keys and values of the others in a KVCache per layer.
         pad (B,): prompts of different lengths, left-padded with that many tokens each."""
         caches, n = None, self.max_len  # the model sees at most block_size tokens (all of them with RoPE and a window)
+        # one token's logits are a matrix-vector product with the tied (V, C) weight, which the CPU's BLAS (MKL) reads
+        # about 1.5x faster stored transposed, (C, V) (benchmarks/bench_ex4.py generate): one copy per call
+        unembed = self.lm_head.weight.t().contiguous() if idx.device.type == "cpu" else None
         for _ in range(max_new_tokens):
             cropped = 0 if n is None else max(0, idx.size(1) - n)  # the context's first column; padding goes first
             row_pad = None if pad is None else (pad - cropped).clamp(min=0)
             if use_cache and caches is not None and (n is None or caches[0].pos < n):
-                logits, _ = self(idx[:, -1:], caches=caches, pad=row_pad)
+                logits, _ = self(idx[:, -1:], caches=caches, pad=row_pad, unembed=unembed)
             else:  # no cache, the prompt, or a full context that must be re-read from a later first token
                 caches = [KVCache(self.cfg.window or self.cfg.block_size) for _ in self.blocks] if use_cache else None
-                logits, _ = self(idx[:, cropped:], caches=caches, pad=row_pad)
+                logits, _ = self(idx[:, cropped:], caches=caches, pad=row_pad, unembed=unembed)
             logits = logits[:, -1, :]
             if temperature == 0:  # greedy
                 idx_next = logits.argmax(dim=-1, keepdim=True)

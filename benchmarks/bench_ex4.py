@@ -38,6 +38,7 @@ Eight parts; `all` runs them in turn. Every table starts with the machine (CPU, 
   generate   Greedy generation, batch 1, with ex4's KV cache (ex4's GPT set to GPT-2's architecture) against Hugging
              Face's GPT2LMHeadModel.generate(use_cache=True), random weights, GPT-2's vocabulary, at 4 layers x 128 and
              12 layers x 768 (GPT-2 small's shape): tokens/s of each, interleaved. Target: ex4 at least as fast at both.
+             Then one token's matrix-vector products with the weights stored (out, in) and (in, out).
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated over the call. CPU: each (variant, length) runs in a fresh
 process that first warms up on a short sequence, then reads its peak resident set size (getrusage ru_maxrss)
@@ -57,7 +58,7 @@ Run on a quiet machine: the runs are timed one after another, so other work on t
   python benchmarks/bench_ex4.py additive --threads 1     8 minutes on a busy machine (--additive_lengths 256,...)
   python benchmarks/bench_ex4.py variants --threads 1     about 75 minutes on a busy machine (--seeds 1337,1,2)
   python benchmarks/bench_ex4.py flex --threads 1         5 minutes on a busy machine (--flex_lengths, --flex_windows)
-  python benchmarks/bench_ex4.py generate --threads 1     5 minutes on a busy machine (--hf_sizes, --hf_tokens 200)
+  python benchmarks/bench_ex4.py generate --hf_reps 9    6 minutes (--threads 1, --hf_sizes, --hf_tokens 200)
   python benchmarks/bench_ex4.py all --quick         a check of the script itself: tiny sizes, a few minutes
 Options: --threads N (torch threads; default all cores), --device cpu|cuda (attention, cache, kv, flex and generate),
 --data PATH (train and variants: the text, when data/tinyshakespeare.txt is missing and there is no network).
@@ -77,6 +78,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
 import ex4_mqa_swiglu as ex4  # noqa: E402
 from common import PICTURES, machine, read_log, run, table  # noqa: E402
@@ -758,23 +760,60 @@ def bench_generate(a):
         for name, f in gen.items():  # warm up, and both make exactly n_new tokens
             assert f(5).shape == (1, n_prompt + 5), name
             assert f(n_new).shape == (1, n_prompt + n_new), name
-        secs = interleaved(list(gen), a.hf_reps, lambda n: timed(device, gen[n], n_new))
+        times = {n: [] for n in gen}  # every generation's seconds, for the ratio of each round
+
+        def once(n):
+            times[n].append(timed(device, gen[n], n_new))
+            return times[n][-1]
+
+        secs = interleaved(list(gen), a.hf_reps, once)
         tok_s = {n: n_new / s for n, s in secs.items()}
         ratios.append(tok_s["ex4"] / tok_s["HF"])
+        rounds = sorted(h / e for e, h in zip(times["ex4"], times["HF"]))
         params = sum(p.numel() for p in hf.parameters())
         rows.append([f"{L} x {C} ({H} heads)", f"{params / 1e6:.1f}M", hf.config._attn_implementation,
-                     f"{tok_s['ex4']:.1f}", f"{tok_s['HF']:.1f}", f"{ratios[-1]:.2f}x"])  # fmt: skip
+                     f"{tok_s['ex4']:.1f}", f"{tok_s['HF']:.1f}", f"{ratios[-1]:.2f}x",
+                     f"{rounds[0]:.2f} to {rounds[-1]:.2f}"])  # fmt: skip
         print(
-            f"{L} layers x {C}: ex4 {tok_s['ex4']:7.1f} tok/s | HF {tok_s['HF']:7.1f} tok/s | {ratios[-1]:.2f}x",
+            f"{L} layers x {C}: ex4 {tok_s['ex4']:7.1f} tok/s | HF {tok_s['HF']:7.1f} tok/s | {ratios[-1]:.2f}x "
+            f"(rounds {rounds[0]:.2f} to {rounds[-1]:.2f})",
             flush=True,
         )
     print()
     table(["layers x width", "parameters", "HF attention", "ex4 tok/s", "HF generate tok/s",
-           "ex4 / HF"], rows)  # fmt: skip
+           "ex4 / HF (medians)", "ex4 / HF, each round"], rows)  # fmt: skip
     print(
         f"target: ex4 at least as fast as generate(use_cache=True) at every size: "
         f"{'met' if min(ratios) >= 1 else 'NOT met'}\n"
     )
+    matvec_layouts(a, device)
+
+
+def matvec_layouts(a, device):
+    """Why generate() un-embeds with a transposed copy: one token's matrix-vector products at the last of --hf_sizes
+    with each weight stored (out, in), as nn.Linear keeps it, and (in, out). Every layer's matrices are used in turn,
+    so that they are read from memory as in generation, not from the cache."""
+    L, _, C = (int(n) for n in a.hf_sizes[-1].split("x"))
+    V = a.hf_vocab
+    g = torch.Generator(device=device).manual_seed(0)
+    shapes = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)]  # c_attn, c_proj, c_fc, mlp's c_proj: (out, in)
+    out_in = {
+        f"the blocks' {4 * L} matrices": [torch.randn(s, generator=g, device=device) for _ in range(L) for s in shapes],
+        f"the logits, {C} -> {V:,}": [torch.randn(V, C, generator=g, device=device)],
+    }
+    x = {n: torch.randn(1, n, device=device) for n in (C, 4 * C)}
+    layouts = {
+        "(out, in): F.linear(x, W)": lambda ws: [F.linear(x[w.size(1)], w) for w in ws],
+        "(in, out): x @ W_t": lambda ws: [x[w.size(0)] @ w for w in ws],
+    }
+    print(f"### One token's matrix-vector products, {C} wide, ms (median of 9, interleaved)\n")
+    rows = []
+    for what, ws in out_in.items():
+        stored = {"(out, in): F.linear(x, W)": ws, "(in, out): x @ W_t": [w.t().contiguous() for w in ws]}
+        secs = interleaved(list(layouts), 9, lambda n: timed(device, layouts[n], stored[n]))
+        rows.append([what] + [f"{1e3 * secs[n]:.2f}" for n in layouts])
+    table(["weights", *layouts], rows)
+    print()
 
 
 # ----------------------------------------------------------------------------------------------------------

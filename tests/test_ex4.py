@@ -238,6 +238,30 @@ def test_one_token_prompt(kw):
     assert torch.equal(out[0], out[1])
 
 
+@pytest.mark.parametrize("flash", [True, False])
+def test_one_query_without_a_mask_sees_every_key(flash):
+    """mask=None is causal for Tq == Tk, but a single query (a cached step) sees every key, grouped heads too."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8)
+    every = torch.ones(1, 5, dtype=torch.bool)
+    torch.testing.assert_close(ex4.attention(q, k, v, None, flash), ex4.attention(q, k, v, every, flash))
+    q = torch.randn(2, 4, 5, 8, generator=g)
+    torch.testing.assert_close(ex4.attention(q, k, v, None, flash), ex4.attention(q, k, v, None, not flash))
+
+
+def test_generate_unembeds_with_the_transposed_weight():
+    """generate()'s (C, V) copy of the tied weight gives lm_head's logits, and the greedy tokens of forward()."""
+    m = model(n_kv_head=1)
+    idx = torch.randint(V, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unembed = m.lm_head.weight.t().contiguous()
+        torch.testing.assert_close(m(idx, unembed=unembed)[0], m(idx)[0])
+        greedy = idx
+        for _ in range(6):
+            greedy = torch.cat([greedy, m(greedy)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(m.generate(idx, 6, temperature=0), greedy)
+
+
 def test_unbounded_only_with_rope_and_window():
     assert model(window=6).max_len is None
     assert model(window=0).max_len == 32 and model(pos="learned", window=6).max_len == 32
