@@ -57,7 +57,7 @@ class Config:
     n_embd: int = 64  # embedding width
     dropout: float = 0.0  # dropout probability
     bias: bool = False  # biases in Linear and LayerNorm layers
-    flash: bool = False  # fused scaled_dot_product_attention instead of the explicit softmax(QK^T)V (slower here)
+    flash: bool = False  # fused scaled_dot_product_attention instead of the explicit softmax(QK^T)V (slower at T=11)
     # training
     seed: int = 1337  # seeds the weights, the batches, dropout and sampling
     batch_size: int = 256  # sequences per micro-batch

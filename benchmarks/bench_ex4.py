@@ -809,7 +809,7 @@ def matvec_layouts(a, device):
     print(f"### One token's matrix-vector products, {C} wide, ms (median of 9, interleaved)\n")
     rows = []
     for what, ws in out_in.items():
-        stored = {"(out, in): F.linear(x, W)": ws, "(in, out): x @ W_t": [w.t().contiguous() for w in ws]}
+        stored = dict(zip(layouts, (ws, [w.t().contiguous() for w in ws])))  # as made, and transposed
         secs = interleaved(list(layouts), 9, lambda n: timed(device, layouts[n], stored[n]))
         rows.append([what] + [f"{1e3 * secs[n]:.2f}" for n in layouts])
     table(["weights", *layouts], rows)

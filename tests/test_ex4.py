@@ -242,7 +242,7 @@ def test_one_token_prompt(kw):
 def test_one_query_without_a_mask_sees_every_key(flash):
     """mask=None is causal for Tq == Tk, but a single query (a cached step) sees every key, grouped heads too."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8)
+    q, k, v = (torch.randn(2, heads, T, 8, generator=g) for heads, T in ((4, 1), (2, 5), (2, 5)))
     every = torch.ones(1, 5, dtype=torch.bool)
     torch.testing.assert_close(ex4.attention(q, k, v, None, flash), ex4.attention(q, k, v, every, flash))
     q = torch.randn(2, 4, 5, 8, generator=g)
