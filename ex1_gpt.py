@@ -606,11 +606,11 @@ STOP = StopRequest()
 
 class CSVLog:
     """out_dir/log.csv: a row per log line (the batch loss) and per evaluation (the estimates and the script's own
-    metrics, its columns). Resuming, it keeps the rows written before the checkpoint."""
+    metrics, its columns). Resuming, it keeps the first keep rows, those written before the checkpoint (None: all)."""
 
     def __init__(self, path, keep=0, columns=()):
         rows = []
-        if keep and os.path.exists(path):
+        if keep != 0 and os.path.exists(path):
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))[:keep]
         self.f = open(path, "w", newline="")
@@ -647,7 +647,7 @@ class Run:
         self.writer = int(os.environ.get("RANK", 0)) == 0
         os.makedirs(cfg.out_dir, exist_ok=True)
         path = os.path.join(cfg.out_dir, "log.csv") if self.writer else os.devnull
-        self.csv = log or CSVLog(path, ckpt["log_rows"] if ckpt else 0, columns)
+        self.csv = log or CSVLog(path, ckpt.get("log_rows") if ckpt else 0, columns)  # older checkpoints: keep all
         self.wandb = None
         if cfg.wandb:
             try:
