@@ -18,11 +18,22 @@ os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_MODE="disab
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# the ladder, base first; a test over every script takes its names from here
+SCRIPTS = ["ex1_gpt", "ex2_addition", "ex3_pretrain_finetune", "ex4_mqa_swiglu", "rnn_lm", "switchhead_moe", "gan_text"]
+SCRIPTS += ["flash_moe_finetune"]
+
 TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
     "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
     "All:\nResolved. resolved.\n\n"
 ) * 40  # about 7,000 characters: enough for tiny models and both splits
+
+
+@pytest.fixture(autouse=True)
+def away_from_the_checkout(tmp_path_factory, monkeypatch):
+    """Every test runs in a fresh empty folder: a default --out_dir (out/<script>) lands there, so the runs a reader
+    made in the checkout (out/, data/) neither break a test nor get touched by one."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture

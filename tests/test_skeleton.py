@@ -10,10 +10,9 @@ from dataclasses import MISSING, fields
 import pytest
 import torch
 
-SCRIPTS = ["ex1_gpt", "ex2_addition", "ex3_pretrain_finetune", "ex4_mqa_swiglu", "rnn_lm", "switchhead_moe", "gan_text",
-           "flash_moe_finetune"]  # fmt: skip
+from conftest import ROOT, SCRIPTS
+
 FENCE = "# " + "=" * 106 + "\n"  # the shared section runs from the first such line to the end of the file
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def source(script):
