@@ -5,28 +5,24 @@ and QuickGELU, rotary, sinusoidal or no positions, sliding-window attention, a k
 Changes from ex1_gpt.py:
 - Multi-query / grouped-query attention (--n_kv_head K; 1 is MQA, n_head is ex1's MHA): attention() lets each key/value
   head serve n_head/K query heads; CausalSelfAttention projects n_head queries but only K keys and values.
-- Score functions (--score): scaled_dot, ex1's q.k/sqrt(hs); multiplicative, x_t A x_j with a full matrix A per head;
-  additive, w.tanh(q_t + k_j), made a block of queries at a time: scores(), attention(), CausalSelfAttention.qkv.
+- Scores (--score): scaled_dot, ex1's q.k/sqrt(hs); multiplicative, x_t A x_j with a full matrix A per head; additive,
+  w.tanh(q_t + k_j), made a block of queries at a time: scores(), attention(), CausalSelfAttention.qkv.
 - Positions (--pos): rope, rotary embeddings on queries and keys (rotate()); learned, ex1's table (wpe); sinusoidal,
   the fixed table of "Attention Is All You Need" (sinusoidal()); none, only the causal mask orders the tokens.
 - Sliding-window attention (--window W, --window_impl): window_mask() (a band mask) or blocked_window_attention()
-  (time and memory T*W, not T*T), picked in CausalSelfAttention.forward; with rotary or no positions as well,
-  GPT.max_len lets generation run past block_size.
-- SwiGLU and QuickGELU (--mlp swiglu|quickgelu): MLP, c_proj(silu(c_gate(x)) * c_fc(x)), hidden width swiglu_hidden()
-  (ex1's parameters); quick_gelu(), x * sigmoid(1.702 x).
-- A key/value cache for generation (--kv_cache): KVCache holds n_kv_head heads per layer (W slots with a window),
-  passed through CausalSelfAttention, Block and GPT.forward; GPT.generate then feeds one token at a time (no mask
-  to build for it) and, on the CPU, un-embeds with a transposed copy of the tied weight (unembed).
-- Prompts of different lengths in one batch (--prompt given again, --prompt_file): left-padded (pad), the padding kept
-  out of attention by window_mask() and positions counted from each prompt's first token: GPT.forward, read_prompts,
-  sample.
+  (time and memory T*W, not T*T); with rotary or no positions, GPT.max_len lets generation run past block_size.
+- SwiGLU and QuickGELU (--mlp): MLP, c_proj(silu(c_gate(x)) * c_fc(x)) with ex1's parameters (swiglu_hidden());
+  quick_gelu(), x * sigmoid(1.702 x).
+- A key/value cache for generation (--kv_cache): KVCache holds n_kv_head heads per layer (W slots with a window);
+  GPT.generate feeds one token at a time and, on the CPU, un-embeds with a transposed copy of the tied weight.
+- Prompts of different lengths in one batch (--prompt again, --prompt_file): left-padded, the padding masked out by
+  window_mask() and positions counted from each prompt's first token: GPT.forward, read_prompts, sample.
 
 Run:     python ex4_mqa_swiglu.py                   (MQA + SwiGLU + RoPE, 700 iterations at lr 3e-3 on the CPU)
 One at a time: ex1's architecture, then add one switch (--n_kv_head 1, --pos rope, --window 32 or --mlp swiglu):
          python ex4_mqa_swiglu.py --n_kv_head 4 --pos learned --mlp gelu
 Sample:  python ex4_mqa_swiglu.py --prompt "ROMEO:" --prompt "JULIET:" --num_samples 2 [--no-kv_cache]
 Bench:   python benchmarks/bench_ex4.py --help     (attention time/memory, KV cache, training curves against ex1)
-Parent:  ex1_gpt.py (diff -u ex1_gpt.py ex4_mqa_swiglu.py)
 Result:  README.md, Results, "ex4_mqa_swiglu.py" (benchmarks/bench_ex4.py).
 """
 
@@ -42,6 +38,7 @@ import time
 import urllib.request
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -74,11 +71,11 @@ class Config:
     bias: bool = False  # biases in Linear and LayerNorm layers
     flash: bool = True  # fused scaled_dot_product_attention instead of the explicit softmax(QK^T)V
     n_kv_head: int = 1  # key/value heads, each shared by n_head/n_kv_head query heads: 1 is MQA, n_head is MHA
-    score: str = "scaled_dot"  # attention scores: scaled_dot (q.k/sqrt(hs)), multiplicative (x A x) or additive
-    pos: str = "rope"  # positions: rope (rotary, on queries and keys), learned (ex1's table), sinusoidal or none
+    score: Literal["scaled_dot", "multiplicative", "additive"] = "scaled_dot"  # q.k/sqrt(hs), x A x or w.tanh(q + k)
+    pos: Literal["rope", "learned", "sinusoidal", "none"] = "rope"  # rotary (q, k), ex1's table, sin/cos table or none
     window: int = 0  # sliding-window attention: a token sees itself and the window-1 tokens before it; 0: full causal
-    window_impl: str = "auto"  # how a window is computed: mask, blocked, or auto (blocked when T >= 4 * window)
-    mlp: str = "swiglu"  # feed-forward: gelu (ex1's), quickgelu (x sigmoid(1.702 x)) or swiglu (gated SiLU, 8/3 wide)
+    window_impl: Literal["auto", "mask", "blocked"] = "auto"  # how a window is computed (auto: blocked if T >= 4 W)
+    mlp: Literal["gelu", "quickgelu", "swiglu"] = "swiglu"  # ex1's, x sigmoid(1.702 x) or gated SiLU (8/3 wide)
     # training
     seed: int = 1337  # seeds the weights, the batches, dropout and sampling
     batch_size: int = 12  # sequences per micro-batch
@@ -94,7 +91,7 @@ class Config:
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 (else float16) on cuda, float32
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     threads: int = 0  # CPU threads per process (torch.set_num_threads); 0: PyTorch's default, one per core
     # sampling
@@ -106,155 +103,41 @@ class Config:
     top_k: int = 200  # sample only among the k most likely tokens; 0 for all
     kv_cache: bool = True  # generate with a key/value cache; --no-kv_cache recomputes the whole context every step
 
+    def mistakes(self):
+        """Settings no run can use, a message each (parse_args has refused every negative number already)."""
+        ones = ["n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps"]
+        ones += ["eval_interval", "eval_iters", "log_interval", "num_samples"]
+        yield from (f"--{n} must be at least 1" for n in ones if getattr(self, n) < 1)
+        yield from (f"--{n} must be below 1" for n in ("dropout", "beta1", "beta2") if getattr(self, n) >= 1)
+        if self.n_embd % self.n_head:
+            yield f"--n_embd {self.n_embd} must be divisible by --n_head {self.n_head}"
+        if self.n_head % self.n_kv_head:
+            yield f"--n_head {self.n_head} must be divisible by --n_kv_head {self.n_kv_head}"
+        rotated = self.n_embd if self.score == "multiplicative" else self.n_embd // self.n_head  # RoPE's pairs
+        if self.pos == "rope" and rotated % 2:
+            yield f"--pos rope rotates pairs of channels: it needs an even width, not {rotated}"
+        if self.pos == "sinusoidal" and self.n_embd % 2:
+            yield f"--pos sinusoidal needs an even --n_embd, not {self.n_embd}"
+        if self.score == "additive" and self.pos == "rope":
+            yield "--score additive cannot see rotary positions (tanh(q + k) misses their angle); use another --pos"
+        if self.learning_rate == 0:
+            yield "--learning_rate must be above 0"
 
-RESUMED = (
-    "n_layer",
-    "n_head",
-    "n_embd",
-    "block_size",
-    "bias",
-    "data",
-)  # --resume takes the architecture and data from ckpt.pt
+
+RESUMED = ("n_layer", "n_head", "n_embd", "block_size", "bias", "data")  # --resume takes these from ckpt.pt
 RESUMED += ("n_kv_head", "score", "pos", "window", "mlp")  # and this script's architecture switches
-
-
-def die(msg):
-    """A user error: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False
-    )  # --lr is not --lr_decay_iters
-    parser.error = lambda msg: die(f"{msg} (see --help)")
-    comments = dict(
-        re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M)
-    )  # each field's comment is its help
-    for f in fields(Config):
-        if f.type is bool:
-            default = f"--{'' if f.default else 'no-'}{f.name}"
-            parser.add_argument(
-                f"--{f.name}",
-                action=argparse.BooleanOptionalAction,
-                default=f.default,
-                help=f"{comments[f.name]} (default {default})",
-            )
-        else:
-            parser.add_argument(
-                f"--{f.name}",
-                type=type(f.default),
-                default=f.default,
-                help=f"{comments[f.name]} (default {f.default!r})",
-            )
-    unset = object()  # marks the flags not typed on the command line
-    args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
-    cfg = Config(**{k: v for k, v in args.items() if v is not unset})
-    cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
-    repeated = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    repeated.add_argument("--prompt", action="append", default=[])
-    cfg.prompts = repeated.parse_known_args(argv)[0].prompt  # every --prompt, in order
-    rotated = cfg.n_embd if cfg.score == "multiplicative" else cfg.n_embd // max(cfg.n_head, 1)  # RoPE's pairs
-    checks = [
-        (
-            cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1,
-            "--n_layer, --n_head, --n_embd, --block_size and --batch_size must be at least 1",
-        ),
-        (cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}"),
-        (
-            cfg.n_kv_head >= 1 and cfg.n_head % cfg.n_kv_head == 0,
-            f"--n_head {cfg.n_head} must be divisible by --n_kv_head {cfg.n_kv_head} (1 for MQA, {cfg.n_head} for MHA)",
-        ),
-        (
-            cfg.score in ("scaled_dot", "multiplicative", "additive"),
-            f"--score {cfg.score} is not one of scaled_dot, multiplicative, additive",
-        ),
-        (
-            cfg.pos in ("rope", "learned", "sinusoidal", "none"),
-            f"--pos {cfg.pos} is not one of rope, learned, sinusoidal, none",
-        ),
-        (
-            cfg.pos != "rope" or rotated % 2 == 0,
-            f"--pos rope rotates pairs of channels, so it needs an even width, not {rotated}; change --n_embd or --pos",
-        ),
-        (cfg.pos != "sinusoidal" or cfg.n_embd % 2 == 0, f"--pos sinusoidal needs an even --n_embd, not {cfg.n_embd}"),
-        (
-            cfg.score != "additive" or cfg.pos != "rope",
-            "--score additive cannot use rotary positions (tanh(q + k) does not see their relative angle); "
-            "add --pos learned, sinusoidal or none",
-        ),
-        (cfg.window >= 0, f"--window {cfg.window} must be >= 0 (0 for full causal attention)"),
-        (
-            cfg.window_impl in ("auto", "mask", "blocked"),
-            f"--window_impl {cfg.window_impl} is not one of auto, mask, blocked",
-        ),
-        (cfg.mlp in ("gelu", "quickgelu", "swiglu"), f"--mlp {cfg.mlp} is not one of gelu, quickgelu, swiglu"),
-        (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
-        (
-            cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1,
-            "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1",
-        ),
-        (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-        (cfg.threads >= 0, f"--threads {cfg.threads} must be >= 0 (0: one per core)"),
-        (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
-        (
-            cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0,
-            "--seed, --warmup_iters and --lr_decay_iters must be >= 0",
-        ),
-        (
-            cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
-            "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)",
-        ),
-        (
-            cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1,
-            "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1",
-        ),
-        (
-            cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
-            f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16",
-        ),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            die(msg)
-    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Data
 
 
-def download(url, path):
-    """Fetch url into path with a progress line; a half-finished download never takes path's name."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    print(f"downloading {url} -> {path}")
-    tmp = path + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            total, done = int(r.headers.get("Content-Length") or 0), 0
-            while chunk := r.read(1 << 16):
-                f.write(chunk)
-                done += len(chunk)
-                print(f"\r  {done / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB" if total else ""), end="", flush=True)
-        print()
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        die(
-            f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local "
-            "text file"
-        )
-
-
 def load_text(cfg):
+    """The training text: --data, or TinyShakespeare (downloaded into data/ the first time)."""
     path = cfg.data or os.path.join(DATA_DIR, "tinyshakespeare.txt")
-    if cfg.data and os.path.isdir(path):
-        die(f"--data {path} is a folder; give a UTF-8 text file")
     if cfg.data and not os.path.isfile(path):
-        die(f"--data {path}: no such file")
-    if not cfg.data and not os.path.isfile(path):
+        die(f"--data {path}: " + ("a folder; give a UTF-8 text file" if os.path.isdir(path) else "no such file"))
+    if not os.path.isfile(path):
         download(DATA_URL, path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -274,12 +157,8 @@ class CharTokenizer:
         self.stoi = {c: i for i, c in enumerate(self.chars)}
 
     def encode(self, s):
-        bad = sorted(set(s) - self.stoi.keys())
-        if bad:
-            die(
-                f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its "
-                "training text"
-            )
+        if bad := sorted(set(s) - self.stoi.keys()):
+            die(f"character(s) {''.join(bad)!r} not in this model's vocabulary; use characters of its training text")
         return [self.stoi[c] for c in s]
 
     def decode(self, ids):
@@ -292,15 +171,9 @@ class DataLoader:
     def __init__(self, ids, cfg, device):
         n = int(0.9 * len(ids))
         self.splits = {"train": ids[:n], "val": ids[n:]}
-        for (
-            split,
-            data,
-        ) in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
+        for split, data in self.splits.items():  # a batch starts at a random offset: block_size + 1 tokens at least
             if len(data) <= cfg.block_size:
-                die(
-                    f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a "
-                    "longer text or a smaller --block_size"
-                )
+                die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; add text")
         self.cfg, self.device = cfg, device
         self.offsets = torch.arange(cfg.block_size + 1)
 
@@ -399,8 +272,9 @@ def window_mask(q_pos, k_pos, window):
     return ok | ((q_pos < 0) & (k_pos == q_pos))
 
 
-def blocked_window_attention(q, k, v, window, flash=True, dropout_p=0.0, scale=None, score_vector=None, pos=None,
-                             block=0):
+def blocked_window_attention(
+    q, k, v, window, flash=True, dropout_p=0.0, scale=None, score_vector=None, pos=None, block=0
+):
     """Sliding-window causal attention in time and memory proportional to T*W instead of T*T. The T queries are cut
     into blocks of b queries (block; by default W/4, at least 16); a query sees at most W-1 keys back, so a block needs
     only the W keys before it and its own b: all blocks at once, each a (b, W + b) attention with a band mask. The
@@ -422,8 +296,8 @@ def blocked_window_attention(q, k, v, window, flash=True, dropout_p=0.0, scale=N
     q = F.pad(q[:, :, start:], (0, 0, 0, pad)).view(B, H, n, b, hs).transpose(1, 2).reshape(B * n, H, b, hs)
     # block i's keys and values: columns start + i*b - W to start + i*b + b - 1 (overlapping windows, copied); without
     # the causal head, W zeros in front for the first blocks
-    k, v = (F.pad(t, (0, 0, W - start, pad)).unfold(2, W + b, b).permute(0, 2, 1, 4, 3).reshape(B * n, -1, W + b,
-            t.size(-1)) for t in (k, v))  # fmt: skip
+    k, v = (F.pad(t, (0, 0, W - start, pad)).unfold(2, W + b, b).permute(0, 2, 1, 4, 3) for t in (k, v))
+    k, v = (t.reshape(B * n, -1, W + b, t.size(-1)) for t in (k, v))
     col = start + torch.arange(n * b, device=q.device).view(n, b)  # each query's column
     key_col = col[:, :1] - W + torch.arange(W + b, device=q.device)  # each block's key columns
     if band:
@@ -487,11 +361,8 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         scale = 1.0 if self.score == "multiplicative" else None  # A learns its own scale
         score_vector = self.score_vector if self.score == "additive" else None
-        if (
-            self.window
-            and own
-            and (self.window_impl == "blocked" or (self.window_impl == "auto" and T >= 4 * self.window))
-        ):
+        blocked = self.window_impl == "blocked" or (self.window_impl == "auto" and T >= 4 * self.window)
+        if self.window and own and blocked:
             y = blocked_window_attention(q, k, v, self.window, self.flash, dropout_p, scale, score_vector, pos)
         else:
             # no window or padding, and x's own keys (the causal kernel) or one new token, which sees every cached
@@ -691,40 +562,6 @@ class GPT(nn.Module):
 # Training
 
 
-def setup_device(cfg):
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
-    if cfg.threads:  # on a busy machine, fewer threads than cores: they wait less for each other
-        torch.set_num_threads(cfg.threads)
-    if cfg.dtype == "auto":
-        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if cfg.dtype == "float16" and device.type == "cpu":
-        die("--dtype float16 runs many times slower than float32 on the CPU; use float32 or bfloat16")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = getattr(torch, cfg.dtype)
-    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-    return device, autocast
-
-
-def get_lr(it, cfg):
-    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
-
-
 @torch.no_grad()
 def estimate_loss(model, loader, cfg, autocast):
     """Mean loss over eval_iters batches per split; the same batches every time, so evaluations compare."""
@@ -743,181 +580,23 @@ def estimate_loss(model, loader, cfg, autocast):
     return out
 
 
-def load_checkpoint(path, device, scripts=(SCRIPT,)):
-    """A checkpoint written by one of scripts: this one, or the script whose model a later stage starts from."""
-    if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train first (python {scripts[0]}.py), or give the folder or path a run wrote")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
-        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        die(f"{path} was written by {found}, not {' or '.join(scripts)}; use that script, or another --out_dir")
-    return ckpt
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def check_out_dir(out_dir, overwrite):
-    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another
-    script's never."""
-    for name in ("ckpt.pt", "best.pt"):
-        path = os.path.join(out_dir, name)
-        if not os.path.exists(path):
-            continue
-        try:
-            old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            script, what = old["script"], f"{old['script']} at iteration {old['iter_num']}"
-        except Exception:
-            script, what = None, "an unreadable checkpoint"
-        if script not in (None, SCRIPT):
-            die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
-        if not overwrite:
-            die(
-                f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with "
-                "--overwrite"
-            )
-
-
-def resume_config(cfg, saved, names):
-    """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
-    for name in names:
-        if name not in saved:  # written before the flag existed: the setting it had is unknown
-            die(
-                f"the checkpoint has no --{name}: an older version of this script wrote it; resume it with that "
-                "version, or start a new run in another --out_dir"
-            )
-        if name in cfg.given and getattr(cfg, name) != saved[name]:
-            die(
-                f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to "
-                "resume, or start a new run in another --out_dir"
-            )
-        setattr(cfg, name, saved[name])
-
-
-class StopRequest:
-    """Inside `with STOP:`, Ctrl-C or SIGTERM sets .requested: training saves the latest state at the start of the
-    next iteration and exits. A second signal stops at once, leaving the last saved checkpoint."""
-
-    requested = False
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)",
-            file=sys.stderr,
-        )
-
-
-STOP = StopRequest()
-
-
-class CSVLog:
-    """out_dir/log.csv: one row per log line (batch loss) and per evaluation (train and val estimates)."""
-
-    columns = ["iter", "train_loss", "val_loss", "lr", "ms_per_iter"]
-
-    def __init__(self, path, start_iter):
-        rows = []
-        if start_iter > 0 and os.path.exists(path):  # resuming: drop rows past the checkpoint
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["iter"]) < start_iter]
-        self.f = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.f, self.columns)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
-
-    def write(self, **row):
-        self.writer.writerow(row)
-        self.f.flush()
-
-
 def train(cfg, model, loader, tok, device, autocast, ckpt=None):
-    # set up: the optimizer, the batch generator, and on --resume everything the checkpoint restores
-    raw_model = model
     optimizer = model.configure_optimizer(cfg, device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
-    gen = torch.Generator().manual_seed(cfg.seed)  # drives the training batches
-    iter_num, best_val = 0, float("inf")
-    if ckpt is not None:  # --resume: restore everything that shapes the next step
-        optimizer.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["batch_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        print(f"resuming from iter {iter_num} (best val {best_val:.4f})")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")  # float16 needs its loss scaled
+    gen = torch.Generator().manual_seed(cfg.seed)  # draws the training batches
+    tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    # the bookkeeping around the step (shared section); on --resume it restores the optimizer and the random states
+    run = Run(cfg, model, optimizer, gen, tokens, ckpt, extra=lambda: {"tokenizer": tok.name, "vocab": tok.chars})
     if cfg.compile:
         print("compiling the model (takes a minute)...")
         model = torch.compile(model)
-    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    log = CSVLog(os.path.join(cfg.out_dir, "log.csv"), iter_num)
-    if cfg.wandb:
-        try:
-            import wandb
-
-            wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
-        except Exception as e:
-            die(
-                f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log "
-                "locally"
-            )
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    print(f"tokens per iteration: {tokens_per_iter:,}")
-
-    def state(it):  # everything --resume needs to continue at iteration it
-        return {
-            "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "tokenizer": tok.name, "vocab": tok.chars,
-            "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }  # fmt: skip
-
-    t0, t_start, dts = time.time(), time.time(), []
-    for it in range(iter_num, cfg.max_iters + 1):
-        if STOP.requested:  # Ctrl-C or SIGTERM: keep everything up to here
-            save_checkpoint(ckpt_path, state(it))
-            print(f"stopped: {ckpt_path} holds iteration {it}; continue with --resume", file=sys.stderr)
-            sys.exit(130)
+    for it in range(run.iter_num, cfg.max_iters + 1):
+        run.stop_if_requested(it)  # Ctrl-C or SIGTERM: save the state at this iteration and exit
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # evaluate and save: ckpt.pt every time, best.pt when val improves
-        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            losses = estimate_loss(model, loader, cfg, autocast)
-            print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
-            log.write(
-                iter=it,
-                train_loss=f"{losses['train']:.4f}",
-                val_loss=f"{losses['val']:.4f}",
-                lr=f"{lr:.3e}",
-                ms_per_iter="",
-            )
-            if cfg.wandb:
-                wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
-            if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
-                best_val = losses["val"]
-                save_checkpoint(best_path, {k: v for k, v in state(it).items() if k != "optimizer"})
-                print(f"saved {best_path}")
-            save_checkpoint(ckpt_path, state(it))
-            t0 = time.time()  # keep evaluation out of the per-iteration timing
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:  # print, log, save ckpt.pt (best.pt when val improves)
+            run.evaluate(it, lr, estimate_loss(model, loader, cfg, autocast))
         if it == cfg.max_iters:
             break
 
@@ -926,8 +605,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             x, y = loader.get_batch("train", gen)  # on a GPU this overlaps with the previous step's kernels
             with autocast:
                 _, loss = model(x, y)
-                loss = loss / cfg.gradient_accumulation_steps  # the sum over micro-batches is the mean
-            scaler.scale(loss).backward()
+            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()  # the sum over micro-batches is the mean
         # step: clip the gradient norm, update the weights
         if cfg.grad_clip:
             scaler.unscale_(optimizer)
@@ -935,37 +613,19 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-
-        # log: the iteration's time, and every log_interval a line and a row of log.csv
-        t1 = time.time()
-        dt, t0 = t1 - t0, t1
-        dts.append(dt)
-        if it % cfg.log_interval == 0:
-            lossf = loss.item() * cfg.gradient_accumulation_steps  # .item() waits for the GPU: only when logging
-            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {tokens_per_iter / dt / 1000:.1f}k tok/s"
-            if device.type == "cuda":
-                line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / dt, device):.1f}%"
-            print(line)
-            log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
-    if dts:
-        median = sorted(dts)[len(dts) // 2] * 1000
-        print(
-            f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val "
-            f"{best_val:.4f}"
-        )
-    log.f.close()
-    if cfg.wandb:
-        wandb.finish()
-    return best_val
+        run.log(it, lr, loss)  # every log_interval iterations: a line and a row of log.csv
+    return run.finish()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Sampling and main
 
 
-def read_prompts(cfg):
-    """Every --prompt, then every line of --prompt_file that is not blank."""
-    prompts = [p for p in cfg.prompts if p]
+def read_prompts(cfg, argv):
+    """Every --prompt in argv (cfg.prompt holds only the last), then every line of --prompt_file that is not blank."""
+    repeated = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    repeated.add_argument("--prompt", action="append", default=[])
+    prompts = [p for p in repeated.parse_known_args(argv)[0].prompt if p]
     if cfg.prompt_file:
         if not os.path.isfile(cfg.prompt_file):
             die(f"--prompt_file {cfg.prompt_file}: no such file")
@@ -981,9 +641,8 @@ def read_prompts(cfg):
 
 
 def sample(model, tok, cfg, device, autocast, prompts):
-    """num_samples continuations of each prompt in one batch: shorter prompts are padded on the left, the padding is
-    masked out of attention and positions count from each prompt's first token, so a row is what its prompt alone
-    gives."""
+    """num_samples continuations of each prompt in one batch: shorter prompts are left-padded, the padding masked out
+    of attention and positions counted from each prompt's first token, so a row is what its prompt alone gives."""
     rows = [tok.encode(p) for p in prompts for _ in range(cfg.num_samples)]
     T = max(len(r) for r in rows)
     pad = torch.tensor([T - len(r) for r in rows], device=device)
@@ -992,7 +651,7 @@ def sample(model, tok, cfg, device, autocast, prompts):
     model.eval()
     with autocast:
         out = model.generate(
-            idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.kv_cache, pad=pad if pad.any() else None
+            idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.kv_cache, pad if pad.any() else None
         )
     for i, (row, n) in enumerate(zip(out.tolist(), pad.tolist())):
         print(f"--- sample {i + 1} ---\n{tok.decode(row[n:])}")
@@ -1004,7 +663,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
 
     if cfg.prompt or cfg.prompt_file:  # sampling only: everything needed is in the checkpoint
-        prompts = read_prompts(cfg)
+        prompts = read_prompts(cfg, argv)
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), device)
         tok = CharTokenizer(ckpt["vocab"])
         model = GPT(Config(**ckpt["config"]), len(tok.chars)).to(device)
@@ -1028,14 +687,339 @@ def main(argv=None):
     if ckpt:
         model.load_state_dict(ckpt["model"])
     print(f"{model.num_params() / 1e6:.2f}M parameters, device {device}, dtype {cfg.dtype}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    try:
-        with STOP:
-            train(cfg, model, loader, tok, device, autocast, ckpt)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; {cfg.out_dir}/ckpt.pt holds the last saved state", file=sys.stderr)
-        sys.exit(130)
+    with STOP:  # Ctrl-C: save and stop at the next iteration (twice: at once)
+        train(cfg, model, loader, tok, device, autocast, ckpt)
     sample(model, tok, cfg, device, autocast, tok.chars[:1])  # start from the first character: a newline in Shakespeare
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Downloading the data
+
+
+def download(url, path):
+    """Fetch url into path with a progress line; a half-finished download never takes path's name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading {url} -> {path}")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(path + ".part", "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0)
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                print(f"\r  {f.tell() / 1e6:.1f} of {total / 1e6:.1f} MB", end="", flush=True)
+    except OSError as e:
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand, or pass --data PATH")
+    print()
+    os.replace(path + ".part", path)
+
+
+# ==========================================================================================================
+# The shared machinery, word for word the same in every script of the ladder (tests/test_skeleton.py checks),
+# so that a diff between two scripts shows only techniques: flags, devices, checkpoints, stopping, the log.
+# ==========================================================================================================
+
+
+def die(msg):
+    """A user error: one line on stderr, exit status 2, no traceback. Under torchrun rank 0 says it; the others wait
+    first (torchrun ends every process once one exits), so they speak only about a mistake that rank 0 did not meet."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank:
+        time.sleep(10)
+    print(f"error: {msg}" if rank == 0 else f"error (rank {rank}): {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def integer(text):
+    """An integer flag's value: 2000, 2_000 or 2e3, not 2.5."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)
+
+
+def parse_args(argv=None):
+    """Config from the command line: a flag per field, the field's comment its help, a Literal's values its choices.
+    Every mistake ends in one error line: an unknown flag, a negative number, or one of Config.mistakes()."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
+    parser.error = lambda msg: die(f"{msg} (see --help)")  # allow_abbrev=False: --lr is not --lr_decay_iters
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
+    for f in fields(Config):
+        if f.type is bool:  # --flag and --no-flag
+            shown, kind = f"--{'' if f.default else 'no-'}{f.name}", dict(action=argparse.BooleanOptionalAction)
+        else:
+            shown, kind = repr(f.default), dict(type={int: integer, float: float}.get(f.type, str))
+        choices = get_args(f.type) or None  # a Literal's values
+        parser.add_argument(
+            f"--{f.name}", default=f.default, choices=choices, help=f"{comments[f.name]} (default {shown})", **kind
+        )
+    unset = object()  # marks the flags not typed on the command line
+    args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
+    cfg = Config(**{k: v for k, v in args.items() if v is not unset})
+    cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
+    for f in fields(Config):
+        if f.type in (int, float) and getattr(cfg, f.name) < 0:
+            die(f"--{f.name} {getattr(cfg, f.name)} must be >= 0")
+    for mistake in cfg.mistakes():
+        die(mistake)
+    return cfg
+
+
+def setup_device(cfg):
+    """The device and the autocast context of cfg.device and cfg.dtype (their "auto" resolved in cfg)."""
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        die(f"--device {cfg.device}: MPS (Apple's GPUs) is not available on this machine; use --device cpu")
+    if cfg.threads:  # on a busy machine, fewer threads than cores: they wait less for each other
+        torch.set_num_threads(cfg.threads)
+    if cfg.dtype == "auto":
+        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if cfg.dtype == "float16" and device.type == "cpu":
+        die("--dtype float16 runs many times slower than float32 on the CPU; use float32 or bfloat16")
+    if cfg.dtype == "bfloat16" and device.type == "cpu":
+        print("warning: --dtype bfloat16 runs many times slower than float32 on most CPUs", file=sys.stderr)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = getattr(torch, cfg.dtype)
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    return device, autocast
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def load_checkpoint(path, device, scripts=(SCRIPT,)):
+    """A checkpoint written by one of scripts: this one, or the script whose model a later stage starts from."""
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}; train first (python {scripts[0]}.py), or give the folder or path a run wrote")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
+        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+        die(f"{path} was written by {found}, not {' or '.join(scripts)}; use that script, or another --out_dir")
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint, nor the temporary."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_out_dir(out_dir, overwrite):
+    """A run that does not --resume writes into a folder it can write, and never replaces a checkpoint: this
+    script's only with --overwrite, another script's never."""
+    folder = os.path.abspath(out_dir)
+    while not os.path.isdir(folder):  # the folder, or the one it will be made in
+        if os.path.exists(folder):
+            die(f"--out_dir {out_dir}: {folder} is a file, not a folder")
+        folder = os.path.dirname(folder)
+    if not os.access(folder, os.W_OK):
+        die(f"--out_dir {out_dir}: {folder} is not writable; give a folder this run can write")
+    for name in ("ckpt.pt", "best.pt"):
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            script, what = old["script"], f"{old['script']} at iteration {old['iter_num']}"
+        except Exception:
+            script, what = None, "an unreadable checkpoint"
+        if script not in (None, SCRIPT):
+            die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
+        if not overwrite:
+            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or --overwrite it")
+
+
+def resume_config(cfg, saved, names):
+    """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
+    for name in names:
+        if name not in saved:  # written before the flag existed: the setting it had is unknown
+            die(f"the checkpoint has no --{name} (an older version wrote it); resume with that version, or start anew")
+        if name in cfg.given and getattr(cfg, name) != saved[name]:
+            die(
+                f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume"
+            )
+        setattr(cfg, name, saved[name])
+
+
+class StopRequest:
+    """Inside `with STOP:`, Ctrl-C or SIGTERM sets .requested: training saves the latest state at the start of the
+    next iteration and exits. A second signal stops at once, keeping the checkpoints saved before."""
+
+    requested = False
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, kind, error, traceback):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if kind is KeyboardInterrupt:
+            print("\ninterrupted; the checkpoints saved before are kept (continue with --resume)", file=sys.stderr)
+            sys.exit(130)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        name = signal.Signals(signum).name
+        print(f"\n{name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+
+
+STOP = StopRequest()
+
+
+class CSVLog:
+    """out_dir/log.csv: a row per log line (the batch loss) and per evaluation (the estimates and the script's own
+    metrics, its columns). Resuming, it keeps the first keep rows, those written before the checkpoint (None: all)."""
+
+    def __init__(self, path, keep=0, columns=()):
+        rows = []
+        if keep != 0 and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))[:keep]
+        self.f = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.f, ["iter", "train_loss", "val_loss", "lr", "ms_per_iter", *columns])
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.rows = len(rows)
+
+    def write(self, **row):
+        self.writer.writerow(row)
+        self.f.flush()
+        self.rows += 1
+
+
+class Run:
+    """The bookkeeping of a training loop: evaluations that print, log and save ckpt.pt (the latest state) and best.pt
+    (the lowest val loss), a line and a log.csv row every log_interval iterations, wandb, Ctrl-C, the timing.
+    ckpt: --resume's checkpoint, whose optimizer, batch generator and random states it restores; extra: a function
+    returning what else a checkpoint holds (it may replace the model's weights); log: a CSVLog to write on.
+    Under torchrun rank 0 alone writes files."""
+
+    def __init__(self, cfg, model, optimizer, gen, tokens, ckpt=None, extra=dict, columns=(), log=None):
+        self.cfg, self.model, self.optimizer, self.gen, self.extra = cfg, model, optimizer, gen, extra
+        self.device, self.tokens = next(model.parameters()).device, tokens
+        self.iter_num, self.best_val = 0, float("inf")
+        if ckpt is not None:  # --resume: restore everything that shapes the next step
+            optimizer.load_state_dict(ckpt["optimizer"])
+            gen.set_state(ckpt["batch_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
+            self.iter_num, self.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+            print(f"resuming from iter {self.iter_num} (best val {self.best_val:.4f})")
+        self.writer = int(os.environ.get("RANK", 0)) == 0
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        path = os.path.join(cfg.out_dir, "log.csv") if self.writer else os.devnull
+        self.csv = log or CSVLog(path, ckpt.get("log_rows") if ckpt else 0, columns)  # older checkpoints: keep all
+        self.wandb = None
+        if cfg.wandb:
+            try:
+                import wandb
+
+                self.wandb = wandb
+                wandb.init(project=cfg.wandb_project, name=cfg.out_dir, config=asdict(cfg))
+            except Exception as e:
+                die(f"--wandb: {str(e).splitlines()[0]}; run `wandb login`, or set WANDB_MODE=offline to log locally")
+        print(f"tokens per iteration: {tokens:,}")
+        self.t0 = self.t_start = time.time()
+        self.dts = []
+
+    def state(self, it):
+        """Everything --resume needs to continue at iteration it."""
+        return {
+            "script": SCRIPT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "config": asdict(self.cfg),
+            "iter_num": it,
+            "best_val_loss": self.best_val,
+            "log_rows": self.csv.rows,
+            "batch_rng": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            **self.extra(),
+        }
+
+    def save(self, it, best=False):
+        """ckpt.pt, and with best best.pt (the model to sample from, without the optimizer); rank 0 alone."""
+        path = os.path.join(self.cfg.out_dir, "ckpt.pt")
+        if self.writer:
+            if best:  # written first: killed in between, best.pt may be one evaluation ahead of ckpt.pt
+                best_path = os.path.join(self.cfg.out_dir, "best.pt")
+                save_checkpoint(best_path, {k: v for k, v in self.state(it).items() if k != "optimizer"})
+                print(f"saved {best_path}")
+            save_checkpoint(path, self.state(it))
+        return path
+
+    def stop_if_requested(self, it):
+        """Ctrl-C or SIGTERM (in any process under torchrun): save the state at iteration it and exit."""
+        if STOP.requested:
+            path = self.save(it)
+            print(f"stopped: {path} holds iteration {it}; continue with --resume", file=sys.stderr)
+            sys.exit(130)
+
+    def evaluate(self, it, lr, losses, **metrics):
+        """Print and save the estimates (and the script's metrics); best.pt when val improves; then log them."""
+        seconds = time.time() - self.t_start
+        shown = "".join(f" | {k} {v:.4f}" for k, v in metrics.items())
+        print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f}{shown} | {seconds:.1f} s")
+        best = losses["val"] < self.best_val
+        self.best_val = min(self.best_val, losses["val"])
+        self.save(it, best)  # before the row: resumed here, the run evaluates again and writes it again
+        row = {"train_loss": losses["train"], "val_loss": losses["val"], **metrics}
+        self.csv.write(iter=it, lr=f"{lr:.3e}", **{k: f"{v:.4f}" for k, v in row.items()})
+        if self.wandb:
+            self.wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr, **metrics})
+        self.t0 = time.time()  # keep evaluation out of the per-iteration timing
+
+    def log(self, it, lr, loss):
+        """The iteration's time, and every log_interval iterations a line and a row of log.csv."""
+        t1 = time.time()
+        dt, self.t0 = t1 - self.t0, t1
+        self.dts.append(dt)
+        if it % self.cfg.log_interval == 0:
+            lossf = loss.item()  # waits for the GPU: only when logging
+            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {self.tokens / dt / 1000:.1f}k tok/s"
+            if loss.device.type == "cuda":
+                line += f" | mfu {100 * self.model.estimate_mfu(self.tokens / dt, loss.device):.1f}%"
+            print(line)
+            self.csv.write(iter=it, train_loss=f"{lossf:.4f}", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
+
+    def finish(self):
+        """The run's summary line; closes log.csv and wandb. Returns the best val loss."""
+        if self.dts:
+            n, median, seconds = len(self.dts), sorted(self.dts)[len(self.dts) // 2] * 1000, time.time() - self.t_start
+            print(f"done: {n} iterations in {seconds:.1f} s, median {median:.1f} ms/iter, best val {self.best_val:.4f}")
+        self.csv.f.close()
+        if self.wandb:
+            self.wandb.finish()
+        return self.best_val
 
 
 if __name__ == "__main__":
