@@ -1,24 +1,6 @@
 """
 switchhead_moe.py: the GPT of ex1 with SwitchHead attention, a mixture of experts inside self-attention.
 
-Changes from ex1_gpt.py:
-- --n_experts 1 --head_size: the dense baseline, CausalSelfAttention with any head width; attention() is the
-  softmax attention (fused with --flash, or written out) that both attention modules call.
-- --pos rope, --rope_fraction: rotary positions on the first rope_fraction of each head's query and key channels,
-  in both attention modules: ex4's angles() and rotate(), rope_channels, rotate_first; --pos learned is ex1's table.
-- --n_experts, --moe_k: SwitchHeadAttention gives each head value and output experts, computed by expert_matmul;
-  matched_head_size sets the default --head_size (no more parameters than dense); GPT.num_params(active=True).
-- --gate, --balance_coef: the routers, SwitchHeadAttention.route; --gate softmax (always one expert, the arg-max)
-  adds load_balancing_loss in GPT.forward.
-- --router_renorm: renorm_rows starts every router row at the same norm.
-- --expert_dropout: in training, SwitchHeadAttention.route leaves each expert out of each token's choice with this
-  probability, so that experts the router neglects are still picked and trained.
-- the paper's cost accounting, printed at start-up: attention_cost, cost_report.
-- --init switchhead: GPT.fan_in_init draws every matrix in the blocks with std 1/sqrt(n_layer * its inputs).
-- expert use at every evaluation: counted in SwitchHeadAttention.route, reset in estimate_loss, printed by
-  expert_usage in train(); dead_experts, those chosen by fewer than 5% of the tokens, printed at the end.
-- --block_size 256 (ex1: 64), where attention's cost shows.
-
 SwitchHead (Csordás, Piękos, Irie, Schmidhuber, NeurIPS 2024, arXiv 2312.07987) keeps a few attention heads
 (--n_head, 2 here) and gives each head --n_experts value projections and as many output projections. Queries
 and keys stay dense. For every token and head a router picks the --moe_k experts with the largest sigmoid gates
@@ -31,13 +13,25 @@ rotary positions on half of each head's channels, initial std init_scale / sqrt(
 1/sqrt(n_layer), router rows renormalised, expert dropout available (its default there is 0 too). The recipe
 before them, ex1's, is --pos learned --init gpt2 --no-router_renorm.
 
+Changes from ex1_gpt.py (and --block_size 256, where attention's cost shows):
+- attention(): the softmax attention, fused (--flash) or written out, that both attention modules call;
+  CausalSelfAttention is the dense baseline (--n_experts 1) with any --head_size.
+- --pos rope, --rope_fraction: ex4's rotary positions (angles, rotate) on the first channels of each head's queries
+  and keys (rope_channels, rotate_first); --pos learned is ex1's table.
+- SwitchHeadAttention (--n_experts, --moe_k, --gate, --balance_coef, --expert_dropout): the routers (route), the
+  experts (expert_matmul), the load-balancing loss of --gate softmax (load_balancing_loss, added in GPT.forward).
+- Config.__post_init__: --head_size 0 is matched_head_size (no more parameters than dense), --moe_k 0 the gate's.
+- --init switchhead (GPT.fan_in_init) and --router_renorm (renorm_rows): the official initialisation.
+- the paper's cost accounting at start-up (attention_cost, cost_report); GPT.num_params(active=True).
+- expert use: counted in route, zeroed by reset_usage in estimate_loss, printed at each evaluation (expert_usage);
+  after training, the dead experts (dead_experts: those chosen by fewer than 5% of the tokens).
+
 Run:     python switchhead_moe.py                   (2000 iterations at block 256 on the CPU)
 Dense:   python switchhead_moe.py --n_experts 1 --n_head 8     (the baseline with n_head * n_experts heads)
 Old:     python switchhead_moe.py --pos learned --init gpt2 --no-router_renorm      (the recipe before the official)
 Compare: python benchmarks/bench_switchhead.py --jobs 2   (sigmoid and softmax gates, dense 8- and 2-head; 3 seeds)
 Ablate:  python benchmarks/bench_switchhead.py --ablation   (the official recipe less each piece; --scaling: cost vs T)
 Sample:  python switchhead_moe.py --prompt "ROMEO:" --num_samples 3
-Parent:  ex1_gpt.py (diff -u ex1_gpt.py switchhead_moe.py)
 Result:  README.md, Results, "switchhead_moe.py" (benchmarks/bench_switchhead.py).
 """
 
@@ -53,6 +47,7 @@ import time
 import urllib.request
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -81,13 +76,13 @@ class Config:
     n_embd: int = 128  # embedding width
     head_size: int = 0  # q/k/v width per head; 0: n_embd // n_head (dense), else the widest within dense's parameters
     n_experts: int = 4  # value experts and output experts per head; 1: dense multi-head attention (the baseline)
-    moe_k: int = 2  # experts each token uses per head and projection, sigmoid gate (softmax: always 1, its arg-max)
-    gate: str = "sigmoid"  # sigmoid (SwitchHead: top moe_k, unnormalised) or softmax (Switch Transformer: arg-max)
+    moe_k: int = 0  # experts each token uses per head and projection; 0: 2, or 1 with --gate softmax (its arg-max)
+    gate: Literal["sigmoid", "softmax"] = "sigmoid"  # sigmoid: SwitchHead's top moe_k, unnormalised; softmax: arg-max
     balance_coef: float = 0.01  # weight of the load-balancing loss (--gate softmax only)
     expert_dropout: float = 0.0  # training: each expert left out of each token's choice with this probability
-    pos: str = "rope"  # positions: rope (rotary, on queries and keys) or learned (ex1's table)
+    pos: Literal["rope", "learned"] = "rope"  # positions: rotary, on queries and keys, or learned (ex1's table)
     rope_fraction: float = 0.5  # --pos rope: the share of each head's channels rotated; the rest carry no position
-    init: str = "switchhead"  # switchhead: block matrices std 1/sqrt(n_layer * fan-in); gpt2: ex1's std 0.02
+    init: Literal["switchhead", "gpt2"] = "switchhead"  # switchhead: std 1/sqrt(n_layer * fan-in); gpt2: ex1's 0.02
     router_renorm: bool = True  # start every router row (one per expert) at the same norm
     block_size: int = 256  # context length in tokens (attention cost grows with it: that is where SwitchHead saves)
     dropout: float = 0.0  # dropout probability (0.2 is a good value for the larger GPU model)
@@ -108,7 +103,7 @@ class Config:
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 (else float16) on cuda, float32
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     threads: int = 0  # CPU threads per process (torch.set_num_threads); 0: PyTorch's default, one per core
     # sampling
@@ -118,159 +113,54 @@ class Config:
     temperature: float = 0.8  # <1 sharper, >1 more random
     top_k: int = 200  # sample only among the k most likely tokens; 0 for all
 
+    def __post_init__(self):
+        """--head_size 0 and --moe_k 0 resolved, so that the checkpoint records what was used; head_size stays 0 where
+        the other flags leave no width (mistakes() says why)."""
+        if self.head_size == 0 and min(self.n_embd, self.n_head, self.n_experts) >= 1:
+            if self.n_experts > 1:
+                self.head_size = max(0, matched_head_size(self.n_embd, self.n_head, self.n_experts))
+            elif self.n_embd % self.n_head == 0:
+                self.head_size = self.n_embd // self.n_head
+        self.moe_k = self.moe_k or (1 if self.gate == "softmax" else 2)
 
-RESUMED = (
-    "n_layer",
-    "n_head",
-    "n_embd",
-    "head_size",
-    "n_experts",
-    "moe_k",
-    "gate",
-    "pos",
-    "rope_fraction",
-    "block_size",
-    "bias",
-    "data",
-)  # --resume takes the architecture and data from ckpt.pt
+    def mistakes(self):
+        """Settings no run can use, a message each (parse_args has refused every negative number already)."""
+        ones = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps"]
+        ones += ["eval_interval", "eval_iters", "log_interval", "num_samples", "n_experts"]
+        yield from (f"--{n} must be at least 1" for n in ones if getattr(self, n) < 1)
+        yield from (f"--{n} must be below 1" for n in ("dropout", "beta1", "beta2") if getattr(self, n) >= 1)
+        if self.head_size == 0 and self.n_experts == 1:  # __post_init__ found no head width
+            yield f"--n_embd {self.n_embd} must be divisible by --n_head {self.n_head}, or give --head_size"
+        elif self.head_size == 0:
+            yield f"--n_head {self.n_head} with --n_experts {self.n_experts} leaves no head width; give --head_size"
+        if self.learning_rate == 0:
+            yield "--learning_rate must be above 0"
+        if self.expert_dropout >= 1:
+            yield "--expert_dropout must be below 1"
+        if self.n_experts > 1 and self.moe_k > self.n_experts:
+            yield f"--moe_k {self.moe_k} must be at most --n_experts {self.n_experts}"
+        if self.n_experts > 1 and self.gate == "softmax" and self.moe_k != 1:
+            yield f"--gate softmax sends each token to its arg-max expert: leave out --moe_k {self.moe_k} (or give 1)"
+        if not 0 < self.rope_fraction <= 1:
+            yield f"--rope_fraction {self.rope_fraction} must be in (0, 1]"
+        if self.pos == "rope" and self.head_size < 2:
+            yield "--pos rope rotates pairs of channels, and a head of 1 has none; use --pos learned or --head_size 2"
 
 
-def die(msg):
-    """A user error: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False
-    )  # --lr is not --lr_decay_iters
-    parser.error = lambda msg: die(f"{msg} (see --help)")
-    comments = dict(
-        re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M)
-    )  # each field's comment is its help
-    for f in fields(Config):
-        if f.type is bool:
-            default = f"--{'' if f.default else 'no-'}{f.name}"
-            parser.add_argument(
-                f"--{f.name}",
-                action=argparse.BooleanOptionalAction,
-                default=f.default,
-                help=f"{comments[f.name]} (default {default})",
-            )
-        else:
-            parser.add_argument(
-                f"--{f.name}",
-                type=type(f.default),
-                default=f.default,
-                help=f"{comments[f.name]} (default {f.default!r})",
-            )
-    unset = object()  # marks the flags not typed on the command line
-    args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
-    cfg = Config(**{k: v for k, v in args.items() if v is not unset})
-    cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
-    checks = [
-        (
-            cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1,
-            "--n_layer, --n_head, --n_embd, --block_size and --batch_size must be at least 1",
-        ),
-        (
-            cfg.head_size > 0 or cfg.n_experts > 1 or cfg.n_embd % max(cfg.n_head, 1) == 0,
-            f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}, or give --head_size",
-        ),
-        (cfg.head_size >= 0 and cfg.n_experts >= 1, "--head_size must be >= 0 and --n_experts >= 1"),
-        (cfg.gate in ("sigmoid", "softmax"), f"--gate {cfg.gate} is not one of sigmoid, softmax"),
-        (
-            cfg.n_experts == 1 or 1 <= cfg.moe_k <= cfg.n_experts,
-            f"--moe_k {cfg.moe_k} must be between 1 and --n_experts {cfg.n_experts}",
-        ),
-        (
-            cfg.n_experts == 1 or cfg.gate == "sigmoid" or "moe_k" not in cfg.given or cfg.moe_k == 1,
-            f"--gate softmax sends each token to its arg-max expert: leave out --moe_k {cfg.moe_k} (or give 1)",
-        ),
-        (cfg.balance_coef >= 0, f"--balance_coef {cfg.balance_coef} must be >= 0"),
-        (0 <= cfg.expert_dropout < 1, f"--expert_dropout {cfg.expert_dropout} must be in [0, 1)"),
-        (cfg.pos in ("rope", "learned"), f"--pos {cfg.pos} is not one of rope, learned"),
-        (0 < cfg.rope_fraction <= 1, f"--rope_fraction {cfg.rope_fraction} must be in (0, 1]"),
-        (cfg.init in ("switchhead", "gpt2"), f"--init {cfg.init} is not one of switchhead, gpt2"),
-        (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
-        (
-            cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1,
-            "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1",
-        ),
-        (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-        (cfg.threads >= 0, f"--threads {cfg.threads} must be >= 0 (0: one per core)"),
-        (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
-        (
-            cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0,
-            "--seed, --warmup_iters and --lr_decay_iters must be >= 0",
-        ),
-        (
-            cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
-            "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)",
-        ),
-        (
-            cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1,
-            "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1",
-        ),
-        (
-            cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
-            f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16",
-        ),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            die(msg)
-    if cfg.head_size == 0:  # resolved here, so the checkpoint records the width that was used
-        cfg.head_size = (
-            cfg.n_embd // cfg.n_head if cfg.n_experts == 1 else matched_head_size(cfg.n_embd, cfg.n_head, cfg.n_experts)
-        )
-        if cfg.head_size < 1:
-            die(
-                f"--n_head {cfg.n_head} with --n_experts {cfg.n_experts} leaves no head width with the parameters of "
-                f"a dense layer of --n_embd {cfg.n_embd}; give --head_size"
-            )
-    if cfg.pos == "rope" and cfg.head_size < 2:
-        die("--pos rope rotates pairs of channels, which a head of 1 does not have; use --pos learned or --head_size 2")
-    if cfg.gate == "softmax":  # k = 1 is what the softmax gate means; the checkpoint records it
-        cfg.moe_k = 1
-    return cfg
+RESUMED = ("n_layer", "n_head", "n_embd", "block_size", "bias", "data")  # --resume takes these from ckpt.pt
+RESUMED += ("head_size", "n_experts", "moe_k", "gate", "pos", "rope_fraction")  # and SwitchHead's architecture
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Data
 
 
-def download(url, path):
-    """Fetch url into path with a progress line; a half-finished download never takes path's name."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    print(f"downloading {url} -> {path}")
-    tmp = path + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            total, done = int(r.headers.get("Content-Length") or 0), 0
-            while chunk := r.read(1 << 16):
-                f.write(chunk)
-                done += len(chunk)
-                print(f"\r  {done / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB" if total else ""), end="", flush=True)
-        print()
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        die(
-            f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local "
-            "text file"
-        )
-
-
 def load_text(cfg):
+    """The training text: --data, or TinyShakespeare (downloaded into data/ the first time)."""
     path = cfg.data or os.path.join(DATA_DIR, "tinyshakespeare.txt")
-    if cfg.data and os.path.isdir(path):
-        die(f"--data {path} is a folder; give a UTF-8 text file")
     if cfg.data and not os.path.isfile(path):
-        die(f"--data {path}: no such file")
-    if not cfg.data and not os.path.isfile(path):
+        die(f"--data {path}: " + ("a folder; give a UTF-8 text file" if os.path.isdir(path) else "no such file"))
+    if not os.path.isfile(path):
         download(DATA_URL, path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -290,12 +180,8 @@ class CharTokenizer:
         self.stoi = {c: i for i, c in enumerate(self.chars)}
 
     def encode(self, s):
-        bad = sorted(set(s) - self.stoi.keys())
-        if bad:
-            die(
-                f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its "
-                "training text"
-            )
+        if bad := sorted(set(s) - self.stoi.keys()):
+            die(f"character(s) {''.join(bad)!r} not in this model's vocabulary; use characters of its training text")
         return [self.stoi[c] for c in s]
 
     def decode(self, ids):
@@ -308,15 +194,9 @@ class DataLoader:
     def __init__(self, ids, cfg, device):
         n = int(0.9 * len(ids))
         self.splits = {"train": ids[:n], "val": ids[n:]}
-        for (
-            split,
-            data,
-        ) in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
+        for split, data in self.splits.items():  # a batch starts at a random offset: block_size + 1 tokens at least
             if len(data) <= cfg.block_size:
-                die(
-                    f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a "
-                    "longer text or a smaller --block_size"
-                )
+                die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; add text")
         self.cfg, self.device = cfg, device
         self.offsets = torch.arange(cfg.block_size + 1)
 
@@ -403,18 +283,17 @@ class CausalSelfAttention(nn.Module):
 
 def expert_matmul(x, w, idx, gates, src, dst, n_dst):
     """Mixture of linear experts: every choice n adds gates[n] * x[src[n]] @ w[idx[n]] into row dst[n] of the result.
-    x (rows, a), w (n_experts, a, b), idx, gates, src, dst (N,) -> (n_dst, b). The choices are grouped by expert
-    with one sort, and each expert multiplies its rows in one matmul: the loop runs over experts, never tokens.
-    An expert that no choice names takes part with zero rows, and gets exactly zero gradient."""
+    x (rows, a), w (n_experts, a, b), idx and gates (N choices, any shape), src, dst (N,) -> (n_dst, b). The choices
+    are grouped by expert with one sort, and each expert multiplies its rows in one matmul: the loop runs over experts,
+    never tokens. An expert that no choice names takes part with zero rows, and gets exactly zero gradient."""
+    idx, gates = idx.flatten(), gates.flatten()
     order = idx.argsort()
     # the group sizes (one wait for the GPU); index_add_ rather than bincount keeps torch.compile in one graph
-    counts = (
-        torch.zeros(w.size(0), dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx)).tolist()
-    )
+    counts = torch.zeros(w.size(0), dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
     rows, g = x[src[order]], gates[order, None]
     if x.size(1) <= w.size(2):  # scale the narrower side by the gates: the same result, fewer multiplications
         rows = rows * g
-    out = torch.cat([r @ w[e] for e, r in enumerate(rows.split(counts))])
+    out = torch.cat([r @ w[e] for e, r in enumerate(rows.split(counts.tolist()))])
     if x.size(1) > w.size(2):
         out = out * g
     return out.new_zeros(n_dst, out.size(1)).index_add(0, dst[order], out)
@@ -453,17 +332,13 @@ class SwitchHeadAttention(nn.Module):
         self.v_router = nn.Linear(C, H * E, bias=False)  # reads a source token: which experts make its value
         self.o_router = nn.Linear(C, H * E, bias=False)  # reads a destination token: which experts project its result
         self.v_experts = nn.Parameter(torch.randn(H, E, C, D) * 0.02)
-        self.o_experts = nn.Parameter(
-            torch.randn(H, E, D, C) * 0.02 / math.sqrt(2 * cfg.n_layer)
-        )  # residual projections, as c_proj
+        # residual projections, as c_proj
+        self.o_experts = nn.Parameter(torch.randn(H, E, D, C) * 0.02 / math.sqrt(2 * cfg.n_layer))
         self.bias = nn.Parameter(torch.zeros(C)) if cfg.bias else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.register_buffer(
-            "usage", torch.zeros(2, H, E, dtype=torch.long), persistent=False
-        )  # choices counted in eval mode
-        self.register_buffer(
-            "first_expert", torch.arange(H).view(1, 1, H, 1) * E, persistent=False
-        )  # head h's experts: h*E ...
+        # the experts' choices, counted in eval mode (value and output routers, per head); head h's experts: h*E ...
+        self.register_buffer("usage", torch.zeros(2, H, E, dtype=torch.long), persistent=False)
+        self.register_buffer("first_expert", torch.arange(H).view(1, 1, H, 1) * E, persistent=False)
         self.aux_loss = 0.0  # the load-balancing loss of the last training forward (--gate softmax)
 
     def route(self, router, x, which):
@@ -499,28 +374,13 @@ class SwitchHeadAttention(nn.Module):
         per_head = torch.arange(B * T * H, device=x.device).repeat_interleave(k)  # its (token, head) pair
         # values: for each source token and head, the gate-weighted sum of its k chosen value experts
         gates, idx = self.route(self.v_router, x, 0)
-        v = expert_matmul(
-            x.reshape(B * T, C),
-            self.v_experts.flatten(0, 1),
-            idx.flatten(),
-            gates.flatten(),
-            per_token,
-            per_head,
-            B * T * H,
-        )
+        v = expert_matmul(x.reshape(B * T, C), self.v_experts.flatten(0, 1), idx, gates, per_token, per_head, B * T * H)
         v = v.view(B, T, H, D).transpose(1, 2)
         y = attention(q, key, v, None, self.flash, self.dropout if self.training else 0.0)  # H attention matrices
         # output: for each destination token, every head's result through that token's k chosen output experts, summed
         gates, idx = self.route(self.o_router, x, 1)
-        y = expert_matmul(
-            y.transpose(1, 2).reshape(B * T * H, D),
-            self.o_experts.flatten(0, 1),
-            idx.flatten(),
-            gates.flatten(),
-            per_head,
-            per_token,
-            B * T,
-        )
+        y = y.transpose(1, 2).reshape(B * T * H, D)  # every (token, head) pair's result
+        y = expert_matmul(y, self.o_experts.flatten(0, 1), idx, gates, per_head, per_token, B * T)
         y = y.view(B, T, C)
         if self.bias is not None:
             y = y + self.bias
@@ -562,22 +422,19 @@ def attention_cost(T, d, n_head, head_size, n_experts=1, k=1, xl=False):
 
 def cost_report(cfg, model):
     """The start-up lines: one attention layer of this model, and of the dense model with n_head * n_experts heads."""
-    T, d, H, E = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_experts
+    T, d, H, E, D = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_experts, cfg.head_size
     n = sum(p.numel() for p in model.blocks[0].attn.parameters())
-    macs, mem = attention_cost(T, d, H, cfg.head_size, E, cfg.moe_k)
-    line = (
-        f"attention per layer at T={T} (the paper's accounting): {macs / 1e6:.1f}M MACs, {mem / 1e6:.2f}M floats, "
-        f"{n / 1e3:.1f}k parameters"
-    )
+    macs, mem = attention_cost(T, d, H, D, E, cfg.moe_k)
+    line = f"attention per layer at T={T} (the paper's accounting): {macs / 1e6:.1f}M MACs, {mem / 1e6:.2f}M floats, "
+    line += f"{n / 1e3:.1f}k parameters"
     if E == 1:
-        return f"{line} (dense, {H} heads of {cfg.head_size})"
+        return f"{line} (dense, {H} heads of {D})"
     dense_macs, dense_mem = attention_cost(T, d, H * E, d / (H * E), 1)
     return (
-        f"{line} (SwitchHead, {H} heads of {cfg.head_size}, {E} experts, top-{cfg.moe_k}, {cfg.gate} gate)\n"
+        f"{line} (SwitchHead, {H} heads of {D}, {E} experts, top-{cfg.moe_k}, {cfg.gate} gate)\n"
         f"dense, {H * E} heads of {d / (H * E):g}: {dense_macs / 1e6:.1f}M MACs, {dense_mem / 1e6:.2f}M floats, "
-        f"{4 * d * d / 1e3:.1f}k parameters"
-        f" -> SwitchHead needs {100 * macs / dense_macs:.0f}% of its MACs and {100 * mem / dense_mem:.0f}% of its "
-        "memory"
+        f"{4 * d * d / 1e3:.1f}k parameters -> SwitchHead needs {100 * macs / dense_macs:.0f}% of its MACs and "
+        f"{100 * mem / dense_mem:.0f}% of its memory"
     )
 
 
@@ -650,25 +507,16 @@ class GPT(nn.Module):
     def num_params(self, active=False):
         """Parameters without the position embeddings; active=True: only those one token uses (moe_k of the experts)."""
         n = sum(p.numel() for p in self.parameters()) - (self.wpe.weight.numel() if self.wpe is not None else 0)
-        if active and self.cfg.n_experts > 1:
-            n -= (
-                self.cfg.n_layer
-                * 2
-                * self.cfg.n_head
-                * (self.cfg.n_experts - self.cfg.moe_k)
-                * self.cfg.n_embd
-                * self.cfg.head_size
-            )
+        c = self.cfg
+        if active and c.n_experts > 1:  # less the idle experts: n_experts - moe_k value and output experts per head
+            n -= c.n_layer * 2 * c.n_head * (c.n_experts - c.moe_k) * c.n_embd * c.head_size
         return n
 
     def forward(self, idx, targets=None):
         B, T = idx.size()
         assert T <= self.cfg.block_size, f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}"
         pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
-        x = self.wte(idx)
-        if self.wpe is not None:
-            x = x + self.wpe(pos)
-        x = self.drop(x)
+        x = self.drop(self.wte(idx) + (self.wpe(pos) if self.wpe is not None else 0))
         for block in self.blocks:
             x = block(x, pos)
         logits = self.lm_head(self.ln_f(x))
@@ -678,9 +526,8 @@ class GPT(nn.Module):
             else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         )
         if loss is not None and self.training and self.cfg.n_experts > 1 and self.cfg.gate == "softmax":
-            loss = loss + self.cfg.balance_coef * sum(
-                block.attn.aux_loss for block in self.blocks
-            )  # one per layer, as in Switch
+            # the load-balancing losses, one per layer, as in Switch
+            loss = loss + self.cfg.balance_coef * sum(block.attn.aux_loss for block in self.blocks)
         return logits, loss
 
     def configure_optimizer(self, cfg, device_type):
@@ -726,38 +573,11 @@ class GPT(nn.Module):
 # Training
 
 
-def setup_device(cfg):
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
-    if cfg.threads:  # on a busy machine, fewer threads than cores: they wait less for each other
-        torch.set_num_threads(cfg.threads)
-    if cfg.dtype == "auto":
-        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if cfg.dtype == "float16" and device.type == "cpu":
-        die("--dtype float16 runs many times slower than float32 on the CPU; use float32 or bfloat16")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = getattr(torch, cfg.dtype)
-    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-    return device, autocast
-
-
-def get_lr(it, cfg):
-    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+def reset_usage(model):
+    """Zero every SwitchHead layer's count of its experts' choices (made in eval mode, in route)."""
+    for m in model.modules():
+        if isinstance(m, SwitchHeadAttention):
+            m.usage.zero_()
 
 
 def expert_usage(model):
@@ -765,9 +585,8 @@ def expert_usage(model):
     lines = []
     for i, block in enumerate(model.blocks):
         if isinstance(block.attn, SwitchHeadAttention):
-            share = (
-                (100 * block.attn.usage / block.attn.usage.sum(-1, keepdim=True).clamp(min=1)).round().long().tolist()
-            )
+            usage = block.attn.usage
+            share = (100 * usage / usage.sum(-1, keepdim=True).clamp(min=1)).round().long().tolist()
             value, output = (" / ".join(" ".join(f"{p:3d}" for p in head) for head in side) for side in share)
             lines.append(f"  layer {i} expert use (% per head, heads split by /) | value {value} | output {output}")
     return lines
@@ -792,9 +611,7 @@ def estimate_loss(model, loader, cfg, autocast):
     model.eval()
     out = {}
     for split in ("train", "val"):
-        for m in model.modules():  # count the experts' choices afresh: what is left at the end is the val split's
-            if isinstance(m, SwitchHeadAttention):
-                m.usage.zero_()
+        reset_usage(model)  # count the experts' choices afresh: what is left at the end is the val split's
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         losses = torch.zeros(cfg.eval_iters)
         for k in range(cfg.eval_iters):
@@ -807,184 +624,26 @@ def estimate_loss(model, loader, cfg, autocast):
     return out
 
 
-def load_checkpoint(path, device, scripts=(SCRIPT,)):
-    """A checkpoint written by one of scripts: this one, or the script whose model a later stage starts from."""
-    if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train first (python {scripts[0]}.py), or give the folder or path a run wrote")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
-        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        die(f"{path} was written by {found}, not {' or '.join(scripts)}; use that script, or another --out_dir")
-    return ckpt
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def check_out_dir(out_dir, overwrite):
-    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another
-    script's never."""
-    for name in ("ckpt.pt", "best.pt"):
-        path = os.path.join(out_dir, name)
-        if not os.path.exists(path):
-            continue
-        try:
-            old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            script, what = old["script"], f"{old['script']} at iteration {old['iter_num']}"
-        except Exception:
-            script, what = None, "an unreadable checkpoint"
-        if script not in (None, SCRIPT):
-            die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
-        if not overwrite:
-            die(
-                f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with "
-                "--overwrite"
-            )
-
-
-def resume_config(cfg, saved, names):
-    """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
-    for name in names:
-        if name not in saved:  # written before the flag existed: the setting it had is unknown
-            die(
-                f"the checkpoint has no --{name}: an older version of this script wrote it; resume it with that "
-                "version, or start a new run in another --out_dir"
-            )
-        if name in cfg.given and getattr(cfg, name) != saved[name]:
-            die(
-                f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to "
-                "resume, or start a new run in another --out_dir"
-            )
-        setattr(cfg, name, saved[name])
-
-
-class StopRequest:
-    """Inside `with STOP:`, Ctrl-C or SIGTERM sets .requested: training saves the latest state at the start of the
-    next iteration and exits. A second signal stops at once, leaving the last saved checkpoint."""
-
-    requested = False
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)",
-            file=sys.stderr,
-        )
-
-
-STOP = StopRequest()
-
-
-class CSVLog:
-    """out_dir/log.csv: one row per log line (batch loss) and per evaluation (train and val estimates)."""
-
-    columns = ["iter", "train_loss", "val_loss", "lr", "ms_per_iter"]
-
-    def __init__(self, path, start_iter):
-        rows = []
-        if start_iter > 0 and os.path.exists(path):  # resuming: drop rows past the checkpoint
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["iter"]) < start_iter]
-        self.f = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.f, self.columns)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
-
-    def write(self, **row):
-        self.writer.writerow(row)
-        self.f.flush()
-
-
 def train(cfg, model, loader, tok, device, autocast, ckpt=None):
-    # set up: the optimizer, the batch generator, and on --resume everything the checkpoint restores
-    raw_model = model
     optimizer = model.configure_optimizer(cfg, device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
-    gen = torch.Generator().manual_seed(cfg.seed)  # drives the training batches
-    iter_num, best_val = 0, float("inf")
-    if ckpt is not None:  # --resume: restore everything that shapes the next step
-        optimizer.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["batch_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        print(f"resuming from iter {iter_num} (best val {best_val:.4f})")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")  # float16 needs its loss scaled
+    gen = torch.Generator().manual_seed(cfg.seed)  # draws the training batches
+    tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    # the bookkeeping around the step (shared section); on --resume it restores the optimizer and the random states
+    run = Run(cfg, model, optimizer, gen, tokens, ckpt, extra=lambda: {"tokenizer": tok.name, "vocab": tok.chars})
     if cfg.compile:
         print("compiling the model (takes a minute)...")
         torch._dynamo.config.capture_scalar_outputs = True  # the experts' group sizes stay inside the graph
         model = torch.compile(model)
-    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    log = CSVLog(os.path.join(cfg.out_dir, "log.csv"), iter_num)
-    if cfg.wandb:
-        try:
-            import wandb
-
-            wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
-        except Exception as e:
-            die(
-                f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log "
-                "locally"
-            )
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    print(f"tokens per iteration: {tokens_per_iter:,}")
-
-    def state(it):  # everything --resume needs to continue at iteration it
-        return {
-            "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "tokenizer": tok.name, "vocab": tok.chars,
-            "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }  # fmt: skip
-
-    t0, t_start, dts = time.time(), time.time(), []
-    for it in range(iter_num, cfg.max_iters + 1):
-        if STOP.requested:  # Ctrl-C or SIGTERM: keep everything up to here
-            save_checkpoint(ckpt_path, state(it))
-            print(f"stopped: {ckpt_path} holds iteration {it}; continue with --resume", file=sys.stderr)
-            sys.exit(130)
+    for it in range(run.iter_num, cfg.max_iters + 1):
+        run.stop_if_requested(it)  # Ctrl-C or SIGTERM: save the state at this iteration and exit
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # evaluate and save: ckpt.pt every time, best.pt when val improves
-        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            losses = estimate_loss(model, loader, cfg, autocast)
-            print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
-            for line in expert_usage(raw_model):
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:  # print, log, save ckpt.pt (best.pt when val improves)
+            run.evaluate(it, lr, estimate_loss(model, loader, cfg, autocast))
+            for line in expert_usage(model):
                 print(line)
-            log.write(
-                iter=it,
-                train_loss=f"{losses['train']:.4f}",
-                val_loss=f"{losses['val']:.4f}",
-                lr=f"{lr:.3e}",
-                ms_per_iter="",
-            )
-            if cfg.wandb:
-                wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
-            if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
-                best_val = losses["val"]
-                save_checkpoint(best_path, {k: v for k, v in state(it).items() if k != "optimizer"})
-                print(f"saved {best_path}")
-            save_checkpoint(ckpt_path, state(it))
-            t0 = time.time()  # keep evaluation out of the per-iteration timing
         if it == cfg.max_iters:
             break
 
@@ -993,8 +652,7 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
             x, y = loader.get_batch("train", gen)  # on a GPU this overlaps with the previous step's kernels
             with autocast:
                 _, loss = model(x, y)
-                loss = loss / cfg.gradient_accumulation_steps  # the sum over micro-batches is the mean
-            scaler.scale(loss).backward()
+            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()  # the sum over micro-batches is the mean
         # step: clip the gradient norm, update the weights
         if cfg.grad_clip:
             scaler.unscale_(optimizer)
@@ -1002,33 +660,12 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-
-        # log: the iteration's time, and every log_interval a line and a row of log.csv
-        t1 = time.time()
-        dt, t0 = t1 - t0, t1
-        dts.append(dt)
-        if it % cfg.log_interval == 0:
-            lossf = loss.item() * cfg.gradient_accumulation_steps  # .item() waits for the GPU: only when logging
-            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {tokens_per_iter / dt / 1000:.1f}k tok/s"
-            if device.type == "cuda":
-                line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / dt, device):.1f}%"
-            print(line)
-            log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
-    if dts:
-        median = sorted(dts)[len(dts) // 2] * 1000
-        print(
-            f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val "
-            f"{best_val:.4f}"
-        )
+        run.log(it, lr, loss)  # every log_interval iterations: a line and a row of log.csv
+    best_val = run.finish()
     if cfg.n_experts > 1:  # from the last evaluation's count
-        dead, n = dead_experts(raw_model), 2 * cfg.n_layer * cfg.n_head * cfg.n_experts
-        print(
-            f"dead experts (chosen by < 5% of the val tokens): {len(dead)} of {n}"
-            + "".join(f" | layer {i} {side} head {h} expert {e} {100 * f:.1f}%" for i, side, h, e, f in dead)
-        )
-    log.f.close()
-    if cfg.wandb:
-        wandb.finish()
+        dead, n = dead_experts(model), 2 * cfg.n_layer * cfg.n_head * cfg.n_experts
+        listed = "".join(f" | layer {i} {side} head {h} expert {e} {100 * f:.1f}%" for i, side, h, e, f in dead)
+        print(f"dead experts (chosen by < 5% of the val tokens): {len(dead)} of {n}{listed}")
     return best_val
 
 
@@ -1074,19 +711,342 @@ def main(argv=None):
     model = GPT(cfg, len(tok.chars)).to(device)
     if ckpt:
         model.load_state_dict(ckpt["model"])
-    print(
-        f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M used per token), "
-        f"device {device}, dtype {cfg.dtype}"
-    )
+    used = f"{model.num_params(active=True) / 1e6:.2f}M used per token"
+    print(f"{model.num_params() / 1e6:.2f}M parameters ({used}), device {device}, dtype {cfg.dtype}")
     print(cost_report(cfg, model))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    try:
-        with STOP:
-            train(cfg, model, loader, tok, device, autocast, ckpt)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; {cfg.out_dir}/ckpt.pt holds the last saved state", file=sys.stderr)
-        sys.exit(130)
+    with STOP:  # Ctrl-C: save and stop at the next iteration (twice: at once)
+        train(cfg, model, loader, tok, device, autocast, ckpt)
     sample(model, tok, cfg, device, autocast, tok.chars[0])  # start from the first character: a newline in Shakespeare
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Downloading the data
+
+
+def download(url, path):
+    """Fetch url into path with a progress line; a half-finished download never takes path's name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading {url} -> {path}")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(path + ".part", "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0)
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                print(f"\r  {f.tell() / 1e6:.1f} of {total / 1e6:.1f} MB", end="", flush=True)
+    except OSError as e:
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand, or pass --data PATH")
+    print()
+    os.replace(path + ".part", path)
+
+
+# ==========================================================================================================
+# The shared machinery, word for word the same in every script of the ladder (tests/test_skeleton.py checks),
+# so that a diff between two scripts shows only techniques: flags, devices, checkpoints, stopping, the log.
+# ==========================================================================================================
+
+
+def die(msg):
+    """A user error: one line on stderr, exit status 2, no traceback. Under torchrun rank 0 says it; the others wait
+    first (torchrun ends every process once one exits), so they speak only about a mistake that rank 0 did not meet."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank:
+        time.sleep(10)
+    print(f"error: {msg}" if rank == 0 else f"error (rank {rank}): {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def integer(text):
+    """An integer flag's value: 2000, 2_000 or 2e3, not 2.5."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)
+
+
+def parse_args(argv=None):
+    """Config from the command line: a flag per field, the field's comment its help, a Literal's values its choices.
+    Every mistake ends in one error line: an unknown flag, a negative number, or one of Config.mistakes()."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
+    parser.error = lambda msg: die(f"{msg} (see --help)")  # allow_abbrev=False: --lr is not --lr_decay_iters
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
+    for f in fields(Config):
+        if f.type is bool:  # --flag and --no-flag
+            shown, kind = f"--{'' if f.default else 'no-'}{f.name}", dict(action=argparse.BooleanOptionalAction)
+        else:
+            shown, kind = repr(f.default), dict(type={int: integer, float: float}.get(f.type, str))
+        choices = get_args(f.type) or None  # a Literal's values
+        parser.add_argument(
+            f"--{f.name}", default=f.default, choices=choices, help=f"{comments[f.name]} (default {shown})", **kind
+        )
+    unset = object()  # marks the flags not typed on the command line
+    args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
+    cfg = Config(**{k: v for k, v in args.items() if v is not unset})
+    cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
+    for f in fields(Config):
+        if f.type in (int, float) and getattr(cfg, f.name) < 0:
+            die(f"--{f.name} {getattr(cfg, f.name)} must be >= 0")
+    for mistake in cfg.mistakes():
+        die(mistake)
+    return cfg
+
+
+def setup_device(cfg):
+    """The device and the autocast context of cfg.device and cfg.dtype (their "auto" resolved in cfg)."""
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        die(f"--device {cfg.device}: MPS (Apple's GPUs) is not available on this machine; use --device cpu")
+    if cfg.threads:  # on a busy machine, fewer threads than cores: they wait less for each other
+        torch.set_num_threads(cfg.threads)
+    if cfg.dtype == "auto":
+        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if cfg.dtype == "float16" and device.type == "cpu":
+        die("--dtype float16 runs many times slower than float32 on the CPU; use float32 or bfloat16")
+    if cfg.dtype == "bfloat16" and device.type == "cpu":
+        print("warning: --dtype bfloat16 runs many times slower than float32 on most CPUs", file=sys.stderr)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = getattr(torch, cfg.dtype)
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    return device, autocast
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def load_checkpoint(path, device, scripts=(SCRIPT,)):
+    """A checkpoint written by one of scripts: this one, or the script whose model a later stage starts from."""
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}; train first (python {scripts[0]}.py), or give the folder or path a run wrote")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
+        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+        die(f"{path} was written by {found}, not {' or '.join(scripts)}; use that script, or another --out_dir")
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint, nor the temporary."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_out_dir(out_dir, overwrite):
+    """A run that does not --resume writes into a folder it can write, and never replaces a checkpoint: this
+    script's only with --overwrite, another script's never."""
+    folder = os.path.abspath(out_dir)
+    while not os.path.isdir(folder):  # the folder, or the one it will be made in
+        if os.path.exists(folder):
+            die(f"--out_dir {out_dir}: {folder} is a file, not a folder")
+        folder = os.path.dirname(folder)
+    if not os.access(folder, os.W_OK):
+        die(f"--out_dir {out_dir}: {folder} is not writable; give a folder this run can write")
+    for name in ("ckpt.pt", "best.pt"):
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            script, what = old["script"], f"{old['script']} at iteration {old['iter_num']}"
+        except Exception:
+            script, what = None, "an unreadable checkpoint"
+        if script not in (None, SCRIPT):
+            die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
+        if not overwrite:
+            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or --overwrite it")
+
+
+def resume_config(cfg, saved, names):
+    """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
+    for name in names:
+        if name not in saved:  # written before the flag existed: the setting it had is unknown
+            die(f"the checkpoint has no --{name} (an older version wrote it); resume with that version, or start anew")
+        if name in cfg.given and getattr(cfg, name) != saved[name]:
+            die(
+                f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume"
+            )
+        setattr(cfg, name, saved[name])
+
+
+class StopRequest:
+    """Inside `with STOP:`, Ctrl-C or SIGTERM sets .requested: training saves the latest state at the start of the
+    next iteration and exits. A second signal stops at once, keeping the checkpoints saved before."""
+
+    requested = False
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, kind, error, traceback):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if kind is KeyboardInterrupt:
+            print("\ninterrupted; the checkpoints saved before are kept (continue with --resume)", file=sys.stderr)
+            sys.exit(130)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        name = signal.Signals(signum).name
+        print(f"\n{name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+
+
+STOP = StopRequest()
+
+
+class CSVLog:
+    """out_dir/log.csv: a row per log line (the batch loss) and per evaluation (the estimates and the script's own
+    metrics, its columns). Resuming, it keeps the first keep rows, those written before the checkpoint (None: all)."""
+
+    def __init__(self, path, keep=0, columns=()):
+        rows = []
+        if keep != 0 and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))[:keep]
+        self.f = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.f, ["iter", "train_loss", "val_loss", "lr", "ms_per_iter", *columns])
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.rows = len(rows)
+
+    def write(self, **row):
+        self.writer.writerow(row)
+        self.f.flush()
+        self.rows += 1
+
+
+class Run:
+    """The bookkeeping of a training loop: evaluations that print, log and save ckpt.pt (the latest state) and best.pt
+    (the lowest val loss), a line and a log.csv row every log_interval iterations, wandb, Ctrl-C, the timing.
+    ckpt: --resume's checkpoint, whose optimizer, batch generator and random states it restores; extra: a function
+    returning what else a checkpoint holds (it may replace the model's weights); log: a CSVLog to write on.
+    Under torchrun rank 0 alone writes files."""
+
+    def __init__(self, cfg, model, optimizer, gen, tokens, ckpt=None, extra=dict, columns=(), log=None):
+        self.cfg, self.model, self.optimizer, self.gen, self.extra = cfg, model, optimizer, gen, extra
+        self.device, self.tokens = next(model.parameters()).device, tokens
+        self.iter_num, self.best_val = 0, float("inf")
+        if ckpt is not None:  # --resume: restore everything that shapes the next step
+            optimizer.load_state_dict(ckpt["optimizer"])
+            gen.set_state(ckpt["batch_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
+            self.iter_num, self.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+            print(f"resuming from iter {self.iter_num} (best val {self.best_val:.4f})")
+        self.writer = int(os.environ.get("RANK", 0)) == 0
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        path = os.path.join(cfg.out_dir, "log.csv") if self.writer else os.devnull
+        self.csv = log or CSVLog(path, ckpt.get("log_rows") if ckpt else 0, columns)  # older checkpoints: keep all
+        self.wandb = None
+        if cfg.wandb:
+            try:
+                import wandb
+
+                self.wandb = wandb
+                wandb.init(project=cfg.wandb_project, name=cfg.out_dir, config=asdict(cfg))
+            except Exception as e:
+                die(f"--wandb: {str(e).splitlines()[0]}; run `wandb login`, or set WANDB_MODE=offline to log locally")
+        print(f"tokens per iteration: {tokens:,}")
+        self.t0 = self.t_start = time.time()
+        self.dts = []
+
+    def state(self, it):
+        """Everything --resume needs to continue at iteration it."""
+        return {
+            "script": SCRIPT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "config": asdict(self.cfg),
+            "iter_num": it,
+            "best_val_loss": self.best_val,
+            "log_rows": self.csv.rows,
+            "batch_rng": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            **self.extra(),
+        }
+
+    def save(self, it, best=False):
+        """ckpt.pt, and with best best.pt (the model to sample from, without the optimizer); rank 0 alone."""
+        path = os.path.join(self.cfg.out_dir, "ckpt.pt")
+        if self.writer:
+            if best:  # written first: killed in between, best.pt may be one evaluation ahead of ckpt.pt
+                best_path = os.path.join(self.cfg.out_dir, "best.pt")
+                save_checkpoint(best_path, {k: v for k, v in self.state(it).items() if k != "optimizer"})
+                print(f"saved {best_path}")
+            save_checkpoint(path, self.state(it))
+        return path
+
+    def stop_if_requested(self, it):
+        """Ctrl-C or SIGTERM (in any process under torchrun): save the state at iteration it and exit."""
+        if STOP.requested:
+            path = self.save(it)
+            print(f"stopped: {path} holds iteration {it}; continue with --resume", file=sys.stderr)
+            sys.exit(130)
+
+    def evaluate(self, it, lr, losses, **metrics):
+        """Print and save the estimates (and the script's metrics); best.pt when val improves; then log them."""
+        seconds = time.time() - self.t_start
+        shown = "".join(f" | {k} {v:.4f}" for k, v in metrics.items())
+        print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f}{shown} | {seconds:.1f} s")
+        best = losses["val"] < self.best_val
+        self.best_val = min(self.best_val, losses["val"])
+        self.save(it, best)  # before the row: resumed here, the run evaluates again and writes it again
+        row = {"train_loss": losses["train"], "val_loss": losses["val"], **metrics}
+        self.csv.write(iter=it, lr=f"{lr:.3e}", **{k: f"{v:.4f}" for k, v in row.items()})
+        if self.wandb:
+            self.wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr, **metrics})
+        self.t0 = time.time()  # keep evaluation out of the per-iteration timing
+
+    def log(self, it, lr, loss):
+        """The iteration's time, and every log_interval iterations a line and a row of log.csv."""
+        t1 = time.time()
+        dt, self.t0 = t1 - self.t0, t1
+        self.dts.append(dt)
+        if it % self.cfg.log_interval == 0:
+            lossf = loss.item()  # waits for the GPU: only when logging
+            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {self.tokens / dt / 1000:.1f}k tok/s"
+            if loss.device.type == "cuda":
+                line += f" | mfu {100 * self.model.estimate_mfu(self.tokens / dt, loss.device):.1f}%"
+            print(line)
+            self.csv.write(iter=it, train_loss=f"{lossf:.4f}", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
+
+    def finish(self):
+        """The run's summary line; closes log.csv and wandb. Returns the best val loss."""
+        if self.dts:
+            n, median, seconds = len(self.dts), sorted(self.dts)[len(self.dts) // 2] * 1000, time.time() - self.t_start
+            print(f"done: {n} iterations in {seconds:.1f} s, median {median:.1f} ms/iter, best val {self.best_val:.4f}")
+        self.csv.f.close()
+        if self.wandb:
+            self.wandb.finish()
+        return self.best_val
 
 
 if __name__ == "__main__":

@@ -254,6 +254,7 @@ def test_softmax_gate_means_one_expert():
     assert sh.parse_args(["--gate", "softmax"]).moe_k == 1  # no --moe_k needed
     assert sh.parse_args(["--gate", "softmax", "--moe_k", "1"]).moe_k == 1
     assert sh.parse_args([]).moe_k == 2  # the sigmoid gate's top-2
+    assert sh.parse_args(["--moe_k", "0"]).moe_k == 2  # 0, the default: the gate's own
 
 
 def test_rope_is_ex4s_on_the_first_channels_and_sees_only_distances():
@@ -395,7 +396,7 @@ def test_softmax_and_dense_variants_train(tmp_path, text_file, capsys, flags):
 
 def test_user_errors(tmp_path, text_file, capsys):
     assert "--moe_k 5" in user_error(capsys, sh.main, TINY + ["--n_experts", "4", "--moe_k", "5"])
-    assert "--moe_k 0" in user_error(capsys, sh.main, TINY + ["--moe_k", "0"])
+    assert "--moe_k 3" in user_error(capsys, sh.main, TINY + ["--n_experts", "2", "--moe_k", "3"])
     assert "--moe_k 2" in user_error(capsys, sh.main, TINY + ["--gate", "softmax", "--moe_k", "2"])
     assert "--expert_dropout" in user_error(capsys, sh.main, TINY + ["--expert_dropout", "1"])
     assert "--pos" in user_error(capsys, sh.main, TINY + ["--pos", "sinusoidal"])
