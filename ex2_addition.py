@@ -525,10 +525,8 @@ def setup_device(cfg):
         device = torch.device(cfg.device)
     except RuntimeError:
         die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        die(f"--device {cfg.device}: MPS (Apple's GPUs) is not available on this machine; use --device cpu")
+    if not {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(device.type, True):
+        die(f"--device {cfg.device}: {device.type.upper()} is not available on this machine; use --device cpu")
     if cfg.threads:  # on a busy machine, fewer threads than cores: they wait less for each other
         torch.set_num_threads(cfg.threads)
     if cfg.dtype == "auto":
@@ -613,17 +611,15 @@ def resume_config(cfg, saved, names):
         if name not in saved:  # written before the flag existed: the setting it had is unknown
             die(f"the checkpoint has no --{name} (an older version wrote it); resume with that version, or start anew")
         if name in cfg.given and getattr(cfg, name) != saved[name]:
-            die(
-                f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to resume"
-            )
+            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out")
         setattr(cfg, name, saved[name])
 
 
 class StopRequest:
-    """Inside `with STOP:`, Ctrl-C or SIGTERM sets .requested: training saves the latest state at the start of the
-    next iteration and exits. A second signal stops at once, keeping the checkpoints saved before."""
+    """Inside `with STOP:`, Ctrl-C or SIGTERM during training sets .requested: the loop saves the latest state at the
+    start of the next iteration and exits. Outside a training loop, or a second time, it stops at once."""
 
-    requested = False
+    requested = training = False
 
     def __enter__(self):
         self.requested = False
@@ -637,7 +633,7 @@ class StopRequest:
             sys.exit(130)
 
     def handle(self, signum, frame):
-        if self.requested:
+        if self.requested or not self.training:
             raise KeyboardInterrupt
         self.requested = True
         name = signal.Signals(signum).name
@@ -669,11 +665,10 @@ class CSVLog:
 
 
 class Run:
-    """The bookkeeping of a training loop: evaluations that print, log and save ckpt.pt (the latest state) and best.pt
-    (the lowest val loss), a line and a log.csv row every log_interval iterations, wandb, Ctrl-C, the timing.
-    ckpt: --resume's checkpoint, whose optimizer, batch generator and random states it restores; extra: a function
-    returning what else a checkpoint holds (it may replace the model's weights); log: a CSVLog to write on.
-    Under torchrun rank 0 alone writes files."""
+    """A training loop's bookkeeping: evaluations that print, log and save ckpt.pt (the latest state) and best.pt (the
+    lowest val loss), log lines, wandb, Ctrl-C, timing. ckpt: --resume's checkpoint, whose optimizer, batch generator
+    and random states it restores; extra: what else a checkpoint holds (a function); log: a CSVLog to go on writing.
+    Under torchrun, rank 0 alone writes files."""
 
     def __init__(self, cfg, model, optimizer, gen, tokens, ckpt=None, extra=dict, columns=(), log=None):
         self.cfg, self.model, self.optimizer, self.gen, self.extra = cfg, model, optimizer, gen, extra
@@ -703,22 +698,15 @@ class Run:
         print(f"tokens per iteration: {tokens:,}")
         self.t0 = self.t_start = time.time()
         self.dts = []
+        STOP.training = True  # a first Ctrl-C now waits for the end of the iteration
 
     def state(self, it):
         """Everything --resume needs to continue at iteration it."""
-        return {
-            "script": SCRIPT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "config": asdict(self.cfg),
-            "iter_num": it,
-            "best_val_loss": self.best_val,
-            "log_rows": self.csv.rows,
-            "batch_rng": self.gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            **self.extra(),
-        }
+        weights = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        progress = {"iter_num": it, "best_val_loss": self.best_val, "log_rows": self.csv.rows}
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        rngs = {"batch_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng}
+        return {"script": SCRIPT, "config": asdict(self.cfg), **weights, **progress, **rngs, **self.extra()}
 
     def save(self, it, best=False):
         """ckpt.pt, and with best best.pt (the model to sample from, without the optimizer); rank 0 alone."""
@@ -773,6 +761,7 @@ class Run:
         self.csv.f.close()
         if self.wandb:
             self.wandb.finish()
+        STOP.training = False
         return self.best_val
 
 
