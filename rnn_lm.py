@@ -2,14 +2,13 @@
 rnn_lm.py: the same character-level language model with the transformer replaced by a recurrent network.
 
 Changes from ex1_gpt.py:
-- The model is a recurrent network (--cell elman|lstm|gru, --activation slide|tanh, --n_hidden): slide(), ElmanLayer
-  and Elman write out h_t = act(W_hh h_{t-1} + W_hx x_t + b_h) with slide(a) = min(1, max(0, a)), LSTM and GRU come
-  from torch.nn; RNNLM takes the place of CausalSelfAttention, MLP, Block and GPT, its forward also returns the state,
-  and RNNLM.generate carries that state: the prompt is read once, then one step per token.
-- --bidirectional also reads every sequence backwards (Elman, or torch's bidirectional=True): it sees the next token,
-  so its loss collapses and its samples are nonsense, which BIDIRECTIONAL_NOTE says when it trains or samples.
-- --stateful (truncated BPTT): row b of every batch continues stream b where the last batch stopped
-  (DataLoader.next_chunk), and train() carries the state over, detached (detach()), and saves it with the checkpoint.
+- RNNLM replaces GPT: token embeddings, a recurrent network (--cell elman|lstm|gru, --n_hidden), an output layer.
+  Elman writes out h_t = act(W_hh h_{t-1} + W_hx x_t + b_h), act slide(a) = min(1, max(0, a)) or tanh (--activation);
+  LSTM and GRU are torch.nn's. forward also returns the state; generate reads the prompt once, then a step per token.
+- --bidirectional also reads every sequence backwards: it sees the next token, so its loss collapses, and its samples
+  are nonsense (BIDIRECTIONAL_NOTE says so).
+- --stateful (truncated BPTT): row b of every batch continues stream b where the last one stopped
+  (DataLoader.next_chunk); train() carries the state over, detached, and saves it in the checkpoint.
 
 Run:     python rnn_lm.py                           (2000 iterations of a 0.8M-parameter LSTM on the CPU)
 Cells:   python rnn_lm.py --cell elman --n_hidden 832 [--activation tanh]   or   --cell gru --n_hidden 472  (0.80M each)
@@ -31,6 +30,7 @@ import time
 import urllib.request
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -54,8 +54,8 @@ class Config:
     wandb: bool = False  # also log to Weights & Biases
     wandb_project: str = "gpt-ladder"  # wandb project name
     # model
-    cell: str = "lstm"  # recurrent cell: elman (written out by hand), lstm or gru (torch.nn)
-    activation: str = "slide"  # the Elman cell's nonlinearity: slide (min(1, max(0, a))) or tanh
+    cell: Literal["elman", "lstm", "gru"] = "lstm"  # elman (written out by hand), lstm or gru (torch.nn's)
+    activation: Literal["slide", "tanh"] = "slide"  # the Elman cell's nonlinearity: slide (min(1, max(0, a))) or tanh
     n_layer: int = 1  # stacked recurrent layers
     n_embd: int = 64  # token embedding width: the input x_t of the first layer
     n_hidden: int = 408  # hidden state size per layer and direction (408: 0.80M parameters with lstm, as ex1)
@@ -78,7 +78,7 @@ class Config:
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 (else float16) on cuda, float32
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     threads: int = 0  # CPU threads per process (torch.set_num_threads); 0: PyTorch's default, one per core
     # sampling
@@ -88,124 +88,30 @@ class Config:
     temperature: float = 0.8  # <1 sharper, >1 more random
     top_k: int = 200  # sample only among the k most likely tokens; 0 for all
 
-
-RESUMED = (
-    "cell",
-    "activation",
-    "n_layer",
-    "n_embd",
-    "n_hidden",
-    "bidirectional",
-    "data",
-)  # --resume takes the architecture and data from ckpt.pt
+    def mistakes(self):
+        """Settings no run can use, a message each (parse_args has refused every negative number already)."""
+        ones = ["n_layer", "n_embd", "n_hidden", "block_size", "batch_size", "gradient_accumulation_steps"]
+        ones += ["eval_interval", "eval_iters", "log_interval", "num_samples"]
+        yield from (f"--{n} must be at least 1" for n in ones if getattr(self, n) < 1)
+        yield from (f"--{n} must be below 1" for n in ("dropout", "beta1", "beta2") if getattr(self, n) >= 1)
+        if self.learning_rate == 0:
+            yield "--learning_rate must be above 0"
 
 
-def die(msg):
-    """A user error: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False
-    )  # --lr is not --lr_decay_iters
-    parser.error = lambda msg: die(f"{msg} (see --help)")
-    comments = dict(
-        re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M)
-    )  # each field's comment is its help
-    for f in fields(Config):
-        if f.type is bool:
-            default = f"--{'' if f.default else 'no-'}{f.name}"
-            parser.add_argument(
-                f"--{f.name}",
-                action=argparse.BooleanOptionalAction,
-                default=f.default,
-                help=f"{comments[f.name]} (default {default})",
-            )
-        else:
-            parser.add_argument(
-                f"--{f.name}",
-                type=type(f.default),
-                default=f.default,
-                help=f"{comments[f.name]} (default {f.default!r})",
-            )
-    unset = object()  # marks the flags not typed on the command line
-    args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
-    cfg = Config(**{k: v for k, v in args.items() if v is not unset})
-    cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
-    checks = [
-        (
-            cfg.n_layer >= 1 and cfg.n_embd >= 1 and cfg.n_hidden >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1,
-            "--n_layer, --n_embd, --n_hidden, --block_size and --batch_size must be at least 1",
-        ),
-        (cfg.cell in ("elman", "lstm", "gru"), f"--cell {cfg.cell} is not one of elman, lstm, gru"),
-        (cfg.activation in ("slide", "tanh"), f"--activation {cfg.activation} is not one of slide, tanh"),
-        (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
-        (
-            cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1,
-            "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1",
-        ),
-        (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-        (cfg.threads >= 0, f"--threads {cfg.threads} must be >= 0 (0: one per core)"),
-        (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
-        (
-            cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0,
-            "--seed, --warmup_iters and --lr_decay_iters must be >= 0",
-        ),
-        (
-            cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
-            "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)",
-        ),
-        (
-            cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1,
-            "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1",
-        ),
-        (
-            cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
-            f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16",
-        ),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            die(msg)
-    return cfg
+# --resume takes these from ckpt.pt
+RESUMED = ("cell", "activation", "n_layer", "n_embd", "n_hidden", "bidirectional", "data")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Data
 
 
-def download(url, path):
-    """Fetch url into path with a progress line; a half-finished download never takes path's name."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    print(f"downloading {url} -> {path}")
-    tmp = path + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            total, done = int(r.headers.get("Content-Length") or 0), 0
-            while chunk := r.read(1 << 16):
-                f.write(chunk)
-                done += len(chunk)
-                print(f"\r  {done / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB" if total else ""), end="", flush=True)
-        print()
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        die(
-            f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local "
-            "text file"
-        )
-
-
 def load_text(cfg):
+    """The training text: --data, or TinyShakespeare (downloaded into data/ the first time)."""
     path = cfg.data or os.path.join(DATA_DIR, "tinyshakespeare.txt")
-    if cfg.data and os.path.isdir(path):
-        die(f"--data {path} is a folder; give a UTF-8 text file")
     if cfg.data and not os.path.isfile(path):
-        die(f"--data {path}: no such file")
-    if not cfg.data and not os.path.isfile(path):
+        die(f"--data {path}: " + ("a folder; give a UTF-8 text file" if os.path.isdir(path) else "no such file"))
+    if not os.path.isfile(path):
         download(DATA_URL, path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -225,12 +131,8 @@ class CharTokenizer:
         self.stoi = {c: i for i, c in enumerate(self.chars)}
 
     def encode(self, s):
-        bad = sorted(set(s) - self.stoi.keys())
-        if bad:
-            die(
-                f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its "
-                "training text"
-            )
+        if bad := sorted(set(s) - self.stoi.keys()):
+            die(f"character(s) {''.join(bad)!r} not in this model's vocabulary; use characters of its training text")
         return [self.stoi[c] for c in s]
 
     def decode(self, ids):
@@ -244,28 +146,18 @@ class DataLoader:
     def __init__(self, ids, cfg, device):
         n = int(0.9 * len(ids))
         self.splits = {"train": ids[:n], "val": ids[n:]}
-        for (
-            split,
-            data,
-        ) in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
+        for split, data in self.splits.items():  # a batch starts at a random offset: block_size + 1 tokens at least
             if len(data) <= cfg.block_size:
-                die(
-                    f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a "
-                    "longer text or a smaller --block_size"
-                )
+                die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; add text")
         self.cfg, self.device = cfg, device
         self.offsets = torch.arange(cfg.block_size + 1)
         if cfg.stateful:
             length = n // cfg.batch_size
-            if length < cfg.block_size + 1:
+            if length <= cfg.block_size:
                 need = cfg.batch_size * (cfg.block_size + 1)
-                die(
-                    f"--stateful needs at least --batch_size * (--block_size + 1) = {need} training characters, "
-                    f"the training split has {n}; use a longer text or a smaller --batch_size or --block_size"
-                )
-            self.streams = ids[: length * cfg.batch_size].view(
-                cfg.batch_size, length
-            )  # (B, length): row b reads on where it stopped
+                die(f"--stateful needs {need} train tokens (--batch_size x (--block_size + 1)), it has {n}; add text")
+            # (B, length): row b is stream b, read on where it stopped
+            self.streams = ids[: length * cfg.batch_size].view(cfg.batch_size, length)
             self.pos = 0  # where the next chunk starts in every stream
 
     def get_batch(self, split, generator):
@@ -295,8 +187,7 @@ class DataLoader:
 
 
 def slide(a):
-    """min(1, max(0, a)): linear inside (0, 1), flat outside; the gradient is 1 strictly inside (0, 1) and 0
-    elsewhere."""
+    """min(1, max(0, a)): linear inside (0, 1), flat outside; the gradient is 1 strictly inside (0, 1), 0 elsewhere."""
     return F.hardtanh(a, 0.0, 1.0)
 
 
@@ -329,7 +220,8 @@ class Elman(nn.Module):
     def __init__(self, n_in, n_hidden, n_layer, dropout, bidirectional, activation):
         super().__init__()
         self.directions, self.n_hidden = 2 if bidirectional else 1, n_hidden
-        self.layers = nn.ModuleList(  # layer l, direction d is layers[l * directions + d], as torch orders h_0
+        # layer l, direction d is layers[l * directions + d], as torch orders h_0
+        self.layers = nn.ModuleList(
             ElmanLayer(n_in if i < self.directions else self.directions * n_hidden, n_hidden, activation)
             for i in range(n_layer * self.directions)
         )
@@ -364,18 +256,13 @@ class RNNLM(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)  # token embeddings: the x_t the recurrence reads
         self.drop = nn.Dropout(cfg.dropout)
+        sizes = cfg.n_embd, cfg.n_hidden, cfg.n_layer  # of x_t, of h_t, and the number of stacked layers
         if cfg.cell == "elman":
-            self.rnn = Elman(cfg.n_embd, cfg.n_hidden, cfg.n_layer, cfg.dropout, cfg.bidirectional, cfg.activation)
+            self.rnn = Elman(*sizes, cfg.dropout, cfg.bidirectional, cfg.activation)
         else:
             rnn = nn.LSTM if cfg.cell == "lstm" else nn.GRU
-            self.rnn = rnn(
-                cfg.n_embd,
-                cfg.n_hidden,
-                cfg.n_layer,
-                batch_first=True,
-                dropout=cfg.dropout if cfg.n_layer > 1 else 0.0,
-                bidirectional=cfg.bidirectional,
-            )
+            dropout = cfg.dropout if cfg.n_layer > 1 else 0.0  # torch's acts between layers: with one, it would warn
+            self.rnn = rnn(*sizes, batch_first=True, dropout=dropout, bidirectional=cfg.bidirectional)
         self.lm_head = nn.Linear((2 if cfg.bidirectional else 1) * cfg.n_hidden, vocab_size)  # y_t = W_yh h_t + b_y
 
     def num_params(self):
@@ -419,10 +306,13 @@ class RNNLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
-        """Append max_new_tokens tokens to idx (B, T), each sampled from the model's next-token distribution.
-        The prompt is read once; then one step per token, the state carrying everything before it."""
-        logits, _, state = self(idx)
+        """Append max_new_tokens tokens to idx (B, T), each sampled from the model's next-token distribution."""
+        state = None  # the recurrent state after the tokens read so far
         for _ in range(max_new_tokens):
+            if self.cfg.bidirectional:  # the backward direction reads from the end, which moves: nothing to carry
+                logits, _, _ = self(idx[:, -self.cfg.block_size :])
+            else:  # the prompt once, then one token a step: the state carries everything before it
+                logits, _, state = self(idx if state is None else idx[:, -1:], state=state)
             logits = logits[:, -1, :]
             if temperature == 0:  # greedy
                 idx_next = logits.argmax(dim=-1, keepdim=True)
@@ -433,49 +323,11 @@ class RNNLM(nn.Module):
                     logits[logits < v[:, [-1]]] = float("-inf")
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
-            if self.cfg.bidirectional:  # the backward direction reads from the end, which moves: nothing to carry
-                logits, _, _ = self(idx[:, -self.cfg.block_size :])
-            else:
-                logits, _, state = self(idx_next, state=state)
         return idx
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training
-
-
-def setup_device(cfg):
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
-    if cfg.threads:  # on a busy machine, fewer threads than cores: they wait less for each other
-        torch.set_num_threads(cfg.threads)
-    if cfg.dtype == "auto":
-        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if cfg.dtype == "float16" and device.type == "cpu":
-        die("--dtype float16 runs many times slower than float32 on the CPU; use float32 or bfloat16")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = getattr(torch, cfg.dtype)
-    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-    return device, autocast
-
-
-def get_lr(it, cfg):
-    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
 @torch.no_grad()
@@ -496,192 +348,34 @@ def estimate_loss(model, loader, cfg, autocast):
     return out
 
 
-def load_checkpoint(path, device, scripts=(SCRIPT,)):
-    """A checkpoint written by one of scripts: this one, or the script whose model a later stage starts from."""
-    if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train first (python {scripts[0]}.py), or give the folder or path a run wrote")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
-        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        die(f"{path} was written by {found}, not {' or '.join(scripts)}; use that script, or another --out_dir")
-    return ckpt
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def check_out_dir(out_dir, overwrite):
-    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another
-    script's never."""
-    for name in ("ckpt.pt", "best.pt"):
-        path = os.path.join(out_dir, name)
-        if not os.path.exists(path):
-            continue
-        try:
-            old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            script, what = old["script"], f"{old['script']} at iteration {old['iter_num']}"
-        except Exception:
-            script, what = None, "an unreadable checkpoint"
-        if script not in (None, SCRIPT):
-            die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
-        if not overwrite:
-            die(
-                f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with "
-                "--overwrite"
-            )
-
-
-def resume_config(cfg, saved, names):
-    """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
-    for name in names:
-        if name not in saved:  # written before the flag existed: the setting it had is unknown
-            die(
-                f"the checkpoint has no --{name}: an older version of this script wrote it; resume it with that "
-                "version, or start a new run in another --out_dir"
-            )
-        if name in cfg.given and getattr(cfg, name) != saved[name]:
-            die(
-                f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to "
-                "resume, or start a new run in another --out_dir"
-            )
-        setattr(cfg, name, saved[name])
-
-
-class StopRequest:
-    """Inside `with STOP:`, Ctrl-C or SIGTERM sets .requested: training saves the latest state at the start of the
-    next iteration and exits. A second signal stops at once, leaving the last saved checkpoint."""
-
-    requested = False
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)",
-            file=sys.stderr,
-        )
-
-
-STOP = StopRequest()
-
-
-class CSVLog:
-    """out_dir/log.csv: one row per log line (batch loss) and per evaluation (train and val estimates)."""
-
-    columns = ["iter", "train_loss", "val_loss", "lr", "ms_per_iter"]
-
-    def __init__(self, path, start_iter):
-        rows = []
-        if start_iter > 0 and os.path.exists(path):  # resuming: drop rows past the checkpoint
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["iter"]) < start_iter]
-        self.f = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.f, self.columns)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
-
-    def write(self, **row):
-        self.writer.writerow(row)
-        self.f.flush()
-
-
 def train(cfg, model, loader, tok, device, autocast, ckpt=None):
-    # set up: the optimizer, the batch generator, and on --resume everything the checkpoint restores
-    raw_model = model
     optimizer = model.configure_optimizer(cfg, device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
-    gen = torch.Generator().manual_seed(cfg.seed)  # drives the training batches
-    iter_num, best_val = 0, float("inf")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")  # float16 needs its loss scaled
+    gen = torch.Generator().manual_seed(cfg.seed)  # draws the training batches
+    tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     hidden = None  # --stateful: the recurrent state at the end of the last chunk, carried into the next
-    if ckpt is not None:  # --resume: restore everything that shapes the next step
-        optimizer.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["batch_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        if (
-            cfg.stateful and ckpt["stream"] and ckpt["config"]["batch_size"] == cfg.batch_size
-        ):  # else the streams start over
-            loader.pos, hidden = ckpt["stream"]["pos"], ckpt["stream"]["hidden"]
-        print(f"resuming from iter {iter_num} (best val {best_val:.4f})")
+
+    def extra():  # ckpt.pt holds the vocabulary, and with --stateful where the streams are and the state carried
+        stream = {"pos": loader.pos, "hidden": hidden} if cfg.stateful else None
+        return {"tokenizer": tok.name, "vocab": tok.chars, "stream": stream}
+
+    # the bookkeeping around the step (shared section); on --resume it restores the optimizer and the random states
+    run = Run(cfg, model, optimizer, gen, tokens, ckpt, extra=extra)
+    # and the streams where they were, unless --batch_size changed: then they start over
+    if ckpt and cfg.stateful and ckpt["stream"] and ckpt["config"]["batch_size"] == cfg.batch_size:
+        loader.pos, hidden = ckpt["stream"]["pos"], ckpt["stream"]["hidden"]
+    if cfg.stateful:
+        print(f"stateful: {cfg.batch_size} streams of {loader.streams.size(1):,} tokens, {cfg.block_size} at a time")
     if cfg.compile:
         print("compiling the model (takes a minute)...")
         model = torch.compile(model)
-    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    log = CSVLog(os.path.join(cfg.out_dir, "log.csv"), iter_num)
-    if cfg.wandb:
-        try:
-            import wandb
-
-            wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
-        except Exception as e:
-            die(
-                f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log "
-                "locally"
-            )
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    print(f"tokens per iteration: {tokens_per_iter:,}")
-    if cfg.stateful:
-        print(
-            f"stateful: {cfg.batch_size} streams of {loader.streams.size(1):,} tokens, read {cfg.block_size} at a "
-            "time; the state is carried, its gradient cut"
-        )
-
-    def state(it):  # everything --resume needs to continue at iteration it
-        return {
-            "script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "tokenizer": tok.name, "vocab": tok.chars,
-            "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "stream": {"pos": loader.pos, "hidden": hidden} if cfg.stateful else None,
-        }  # fmt: skip
-
-    t0, t_start, dts = time.time(), time.time(), []
-    for it in range(iter_num, cfg.max_iters + 1):
-        if STOP.requested:  # Ctrl-C or SIGTERM: keep everything up to here
-            save_checkpoint(ckpt_path, state(it))
-            print(f"stopped: {ckpt_path} holds iteration {it}; continue with --resume", file=sys.stderr)
-            sys.exit(130)
+    for it in range(run.iter_num, cfg.max_iters + 1):
+        run.stop_if_requested(it)  # Ctrl-C or SIGTERM: save the state at this iteration and exit
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # evaluate and save: ckpt.pt every time, best.pt when val improves
-        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            losses = estimate_loss(model, loader, cfg, autocast)
-            print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | {time.time() - t_start:.1f} s")
-            log.write(
-                iter=it,
-                train_loss=f"{losses['train']:.4f}",
-                val_loss=f"{losses['val']:.4f}",
-                lr=f"{lr:.3e}",
-                ms_per_iter="",
-            )
-            if cfg.wandb:
-                wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
-            if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
-                best_val = losses["val"]
-                save_checkpoint(best_path, {k: v for k, v in state(it).items() if k != "optimizer"})
-                print(f"saved {best_path}")
-            save_checkpoint(ckpt_path, state(it))
-            t0 = time.time()  # keep evaluation out of the per-iteration timing
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:  # print, log, save ckpt.pt (best.pt when val improves)
+            run.evaluate(it, lr, estimate_loss(model, loader, cfg, autocast))
         if it == cfg.max_iters:
             break
 
@@ -689,16 +383,14 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         for micro in range(cfg.gradient_accumulation_steps):
             if cfg.stateful:  # row b goes on where it stopped, from the state it ended in
                 x, y, restart = loader.next_chunk()
-                if restart:
-                    hidden = None
+                hidden = None if restart else hidden
             else:
                 x, y = loader.get_batch("train", gen)  # on a GPU this overlaps with the previous step's kernels
             with autocast:
                 _, loss, last = model(x, y, hidden)
-                loss = loss / cfg.gradient_accumulation_steps  # the sum over micro-batches is the mean
-            scaler.scale(loss).backward()
-            if cfg.stateful:
-                hidden = detach(last)  # truncated BPTT: the values go on into the next chunk, the gradient stops here
+            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()  # the sum over micro-batches is the mean
+            if cfg.stateful:  # truncated BPTT: the values go on into the next chunk, the gradient stops here
+                hidden = detach(last)
         # step: clip the gradient norm, update the weights
         if cfg.grad_clip:
             scaler.unscale_(optimizer)
@@ -706,28 +398,8 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-
-        # log: the iteration's time, and every log_interval a line and a row of log.csv
-        t1 = time.time()
-        dt, t0 = t1 - t0, t1
-        dts.append(dt)
-        if it % cfg.log_interval == 0:
-            lossf = loss.item() * cfg.gradient_accumulation_steps  # .item() waits for the GPU: only when logging
-            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {tokens_per_iter / dt / 1000:.1f}k tok/s"
-            if device.type == "cuda":
-                line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / dt, device):.1f}%"
-            print(line)
-            log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
-    if dts:
-        median = sorted(dts)[len(dts) // 2] * 1000
-        print(
-            f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val "
-            f"{best_val:.4f}"
-        )
-    log.f.close()
-    if cfg.wandb:
-        wandb.finish()
-    return best_val
+        run.log(it, lr, loss)  # every log_interval iterations: a line and a row of log.csv
+    return run.finish()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -772,11 +444,7 @@ def main(argv=None):
     else:
         check_out_dir(cfg.out_dir, cfg.overwrite)
     if cfg.bidirectional and cfg.stateful:  # checked here: --resume takes --bidirectional from the checkpoint
-        die(
-            "--bidirectional cannot be --stateful: the backward direction starts at the end of each chunk, so it has "
-            "no "
-            "state to carry; drop one of them"
-        )
+        die("--bidirectional cannot be --stateful: the backward direction has no state to carry; drop one of them")
     text = load_text(cfg)
     tok = CharTokenizer(ckpt["vocab"] if ckpt else sorted(set(text)))
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
@@ -789,14 +457,328 @@ def main(argv=None):
     print(f"{model.num_params() / 1e6:.2f}M parameters, device {device}, dtype {cfg.dtype}")
     if cfg.bidirectional:
         print(BIDIRECTIONAL_NOTE)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    with STOP:  # Ctrl-C in training saves the state after the iteration (a second one, or elsewhere: at once)
+        train(cfg, model, loader, tok, device, autocast, ckpt)
+        sample(model, tok, cfg, device, autocast, tok.chars[0])  # the first character: a newline in Shakespeare
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Downloading the data
+
+
+def download(url, path):
+    """Fetch url into path with a progress line; a half-finished download never takes path's name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading {url} -> {path}")
     try:
-        with STOP:
-            train(cfg, model, loader, tok, device, autocast, ckpt)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; {cfg.out_dir}/ckpt.pt holds the last saved state", file=sys.stderr)
-        sys.exit(130)
-    sample(model, tok, cfg, device, autocast, tok.chars[0])  # start from the first character: a newline in Shakespeare
+        with urllib.request.urlopen(url, timeout=30) as r, open(path + ".part", "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0)
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                print(f"\r  {f.tell() / 1e6:.1f} of {total / 1e6:.1f} MB", end="", flush=True)
+    except OSError as e:
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand, or pass --data PATH")
+    print()
+    os.replace(path + ".part", path)
+
+
+# ==========================================================================================================
+# The shared machinery, word for word the same in every script of the ladder (tests/test_skeleton.py checks),
+# so that a diff between two scripts shows only techniques: flags, devices, checkpoints, stopping, the log.
+# ==========================================================================================================
+
+
+def die(msg):
+    """A user error: one line on stderr, exit status 2, no traceback. Under torchrun rank 0 says it; the others wait
+    first (torchrun ends every process once one exits), so they speak only about a mistake that rank 0 did not meet."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank:
+        time.sleep(10)
+    print(f"error: {msg}" if rank == 0 else f"error (rank {rank}): {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def integer(text):
+    """An integer flag's value: 2000, 2_000 or 2e3, not 2.5."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)
+
+
+def parse_args(argv=None):
+    """Config from the command line: a flag per field, the field's comment its help, a Literal's values its choices.
+    Every mistake ends in one error line: an unknown flag, a negative number, or one of Config.mistakes()."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
+    parser.error = lambda msg: die(f"{msg} (see --help)")  # allow_abbrev=False: --lr is not --lr_decay_iters
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
+    for f in fields(Config):
+        if f.type is bool:  # --flag and --no-flag
+            shown, kind = f"--{'' if f.default else 'no-'}{f.name}", dict(action=argparse.BooleanOptionalAction)
+        else:
+            shown, kind = repr(f.default), dict(type={int: integer, float: float}.get(f.type, str))
+        choices = get_args(f.type) or None  # a Literal's values
+        parser.add_argument(
+            f"--{f.name}", default=f.default, choices=choices, help=f"{comments[f.name]} (default {shown})", **kind
+        )
+    unset = object()  # marks the flags not typed on the command line
+    args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
+    cfg = Config(**{k: v for k, v in args.items() if v is not unset})
+    cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
+    for f in fields(Config):
+        if f.type in (int, float) and getattr(cfg, f.name) < 0:
+            die(f"--{f.name} {getattr(cfg, f.name)} must be >= 0")
+    for mistake in cfg.mistakes():
+        die(mistake)
+    return cfg
+
+
+def setup_device(cfg):
+    """The device and the autocast context of cfg.device and cfg.dtype (their "auto" resolved in cfg)."""
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if not {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(device.type, True):
+        die(f"--device {cfg.device}: {device.type.upper()} is not available on this machine; use --device cpu")
+    if cfg.threads:  # on a busy machine, fewer threads than cores: they wait less for each other
+        torch.set_num_threads(cfg.threads)
+    if cfg.dtype == "auto":
+        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if cfg.dtype == "float16" and device.type == "cpu":
+        die("--dtype float16 runs many times slower than float32 on the CPU; use float32 or bfloat16")
+    if cfg.dtype == "bfloat16" and device.type == "cpu":
+        print("warning: --dtype bfloat16 runs many times slower than float32 on most CPUs", file=sys.stderr)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = getattr(torch, cfg.dtype)
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    return device, autocast
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def load_checkpoint(path, device, scripts=(SCRIPT,)):
+    """A checkpoint written by one of scripts: this one, or the script whose model a later stage starts from."""
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}; train first (python {scripts[0]}.py), or give the folder or path a run wrote")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
+        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+        die(f"{path} was written by {found}, not {' or '.join(scripts)}; use that script, or another --out_dir")
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint, nor the temporary."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_out_dir(out_dir, overwrite):
+    """A run that does not --resume writes into a folder it can write, and never replaces a checkpoint: this
+    script's only with --overwrite, another script's never."""
+    folder = os.path.abspath(out_dir)
+    while not os.path.isdir(folder):  # the folder, or the one it will be made in
+        if os.path.exists(folder):
+            die(f"--out_dir {out_dir}: {folder} is a file, not a folder")
+        folder = os.path.dirname(folder)
+    if not os.access(folder, os.W_OK):
+        die(f"--out_dir {out_dir}: {folder} is not writable; give a folder this run can write")
+    for name in ("ckpt.pt", "best.pt"):
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            script, what = old["script"], f"{old['script']} at iteration {old['iter_num']}"
+        except Exception:
+            script, what = None, "an unreadable checkpoint"
+        if script not in (None, SCRIPT):
+            die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
+        if not overwrite:
+            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or --overwrite it")
+
+
+def resume_config(cfg, saved, names):
+    """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
+    for name in names:
+        if name not in saved:  # written before the flag existed: the setting it had is unknown
+            die(f"the checkpoint has no --{name} (an older version wrote it); resume with that version, or start anew")
+        if name in cfg.given and getattr(cfg, name) != saved[name]:
+            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out")
+        setattr(cfg, name, saved[name])
+
+
+class StopRequest:
+    """Inside `with STOP:`, Ctrl-C or SIGTERM during training sets .requested: the loop saves the latest state at the
+    start of the next iteration and exits. Outside a training loop, or a second time, it stops at once."""
+
+    requested = training = False
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, kind, error, traceback):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if kind is KeyboardInterrupt:
+            print("\ninterrupted; the checkpoints saved before are kept (continue with --resume)", file=sys.stderr)
+            sys.exit(130)
+
+    def handle(self, signum, frame):
+        if self.requested or not self.training:
+            raise KeyboardInterrupt
+        self.requested = True
+        name = signal.Signals(signum).name
+        print(f"\n{name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+
+
+STOP = StopRequest()
+
+
+class CSVLog:
+    """out_dir/log.csv: a row per log line (the batch loss) and per evaluation (the estimates and the script's own
+    metrics, its columns). Resuming, it keeps the first keep rows, those written before the checkpoint (None: all)."""
+
+    def __init__(self, path, keep=0, columns=()):
+        rows = []
+        if keep != 0 and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))[:keep]
+        self.f = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.f, ["iter", "train_loss", "val_loss", "lr", "ms_per_iter", *columns])
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.rows = len(rows)
+
+    def write(self, **row):
+        self.writer.writerow(row)
+        self.f.flush()
+        self.rows += 1
+
+
+class Run:
+    """A training loop's bookkeeping: evaluations that print, log and save ckpt.pt (the latest state) and best.pt (the
+    lowest val loss), log lines, wandb, Ctrl-C, timing. ckpt: --resume's checkpoint, whose optimizer, batch generator
+    and random states it restores; extra: what else a checkpoint holds (a function); log: a CSVLog to go on writing.
+    Under torchrun, rank 0 alone writes files."""
+
+    def __init__(self, cfg, model, optimizer, gen, tokens, ckpt=None, extra=dict, columns=(), log=None):
+        self.cfg, self.model, self.optimizer, self.gen, self.extra = cfg, model, optimizer, gen, extra
+        self.device, self.tokens = next(model.parameters()).device, tokens
+        self.iter_num, self.best_val = 0, float("inf")
+        if ckpt is not None:  # --resume: restore everything that shapes the next step
+            optimizer.load_state_dict(ckpt["optimizer"])
+            gen.set_state(ckpt["batch_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
+            self.iter_num, self.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+            print(f"resuming from iter {self.iter_num} (best val {self.best_val:.4f})")
+        self.writer = int(os.environ.get("RANK", 0)) == 0
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        path = os.path.join(cfg.out_dir, "log.csv") if self.writer else os.devnull
+        self.csv = log or CSVLog(path, ckpt.get("log_rows") if ckpt else 0, columns)  # older checkpoints: keep all
+        self.wandb = None
+        if cfg.wandb:
+            try:
+                import wandb
+
+                self.wandb = wandb
+                wandb.init(project=cfg.wandb_project, name=cfg.out_dir, config=asdict(cfg))
+            except Exception as e:
+                die(f"--wandb: {str(e).splitlines()[0]}; run `wandb login`, or set WANDB_MODE=offline to log locally")
+        print(f"tokens per iteration: {tokens:,}")
+        self.t0 = self.t_start = time.time()
+        self.dts = []
+        STOP.training = True  # a first Ctrl-C now waits for the end of the iteration
+
+    def state(self, it):
+        """Everything --resume needs to continue at iteration it."""
+        weights = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        progress = {"iter_num": it, "best_val_loss": self.best_val, "log_rows": self.csv.rows}
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        rngs = {"batch_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng}
+        return {"script": SCRIPT, "config": asdict(self.cfg), **weights, **progress, **rngs, **self.extra()}
+
+    def save(self, it, best=False):
+        """ckpt.pt, and with best best.pt (the model to sample from, without the optimizer); rank 0 alone."""
+        path = os.path.join(self.cfg.out_dir, "ckpt.pt")
+        if self.writer:
+            if best:  # written first: killed in between, best.pt may be one evaluation ahead of ckpt.pt
+                best_path = os.path.join(self.cfg.out_dir, "best.pt")
+                save_checkpoint(best_path, {k: v for k, v in self.state(it).items() if k != "optimizer"})
+                print(f"saved {best_path}")
+            save_checkpoint(path, self.state(it))
+        return path
+
+    def stop_if_requested(self, it):
+        """Ctrl-C or SIGTERM (in any process under torchrun): save the state at iteration it and exit."""
+        if STOP.requested:
+            path = self.save(it)
+            print(f"stopped: {path} holds iteration {it}; continue with --resume", file=sys.stderr)
+            sys.exit(130)
+
+    def evaluate(self, it, lr, losses, **metrics):
+        """Print and save the estimates (and the script's metrics); best.pt when val improves; then log them."""
+        seconds = time.time() - self.t_start
+        shown = "".join(f" | {k} {v:.4f}" for k, v in metrics.items())
+        print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f}{shown} | {seconds:.1f} s")
+        best = losses["val"] < self.best_val
+        self.best_val = min(self.best_val, losses["val"])
+        self.save(it, best)  # before the row: resumed here, the run evaluates again and writes it again
+        row = {"train_loss": losses["train"], "val_loss": losses["val"], **metrics}
+        self.csv.write(iter=it, lr=f"{lr:.3e}", **{k: f"{v:.4f}" for k, v in row.items()})
+        if self.wandb:
+            self.wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr, **metrics})
+        self.t0 = time.time()  # keep evaluation out of the per-iteration timing
+
+    def log(self, it, lr, loss):
+        """The iteration's time, and every log_interval iterations a line and a row of log.csv."""
+        t1 = time.time()
+        dt, self.t0 = t1 - self.t0, t1
+        self.dts.append(dt)
+        if it % self.cfg.log_interval == 0:
+            lossf = loss.item()  # waits for the GPU: only when logging
+            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {self.tokens / dt / 1000:.1f}k tok/s"
+            if loss.device.type == "cuda":
+                line += f" | mfu {100 * self.model.estimate_mfu(self.tokens / dt, loss.device):.1f}%"
+            print(line)
+            self.csv.write(iter=it, train_loss=f"{lossf:.4f}", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
+
+    def finish(self):
+        """The run's summary line; closes log.csv and wandb. Returns the best val loss."""
+        if self.dts:
+            n, median, seconds = len(self.dts), sorted(self.dts)[len(self.dts) // 2] * 1000, time.time() - self.t_start
+            print(f"done: {n} iterations in {seconds:.1f} s, median {median:.1f} ms/iter, best val {self.best_val:.4f}")
+        self.csv.f.close()
+        if self.wandb:
+            self.wandb.finish()
+        STOP.training = False
+        return self.best_val
 
 
 if __name__ == "__main__":

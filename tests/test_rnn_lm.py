@@ -367,8 +367,8 @@ def test_resume_of_a_bidirectional_checkpoint_refuses_stateful(text_file, tmp_pa
 @pytest.mark.parametrize(
     "flags,words",
     [
-        (["--cell", "transformer"], "--cell transformer"),
-        (["--activation", "relu"], "--activation relu"),
+        (["--cell", "transformer"], "--cell: invalid choice: 'transformer'"),
+        (["--activation", "relu"], "--activation: invalid choice: 'relu'"),
         (["--bidirectional", "--stateful"], "--bidirectional cannot be --stateful"),
         (["--n_hidden", "0"], "--n_hidden"),
         (["--stateful", "--batch_size", "500"], "--stateful needs"),
@@ -389,6 +389,6 @@ def test_prompt_errors(text_file, tmp_path, capsys):
         capsys, rnn_lm.main, ["--device", "cpu", "--out_dir", str(tmp_path), "--prompt", "First"]
     )
     rnn_lm.main([*TINY, "--max_iters", "0", "--data", text_file, "--out_dir", str(tmp_path)])
-    assert "not in the vocabulary" in user_error(
+    assert "not in this model's vocabulary" in user_error(
         capsys, rnn_lm.main, ["--device", "cpu", "--out_dir", str(tmp_path), "--prompt", "First~"]
     )
