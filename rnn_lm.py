@@ -80,7 +80,7 @@ class Config:
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 (else float16) on cuda, float32
     compile: bool = False  # torch.compile the model (worth it on a GPU)
-    threads: int = 0  # CPU threads per process (torch.set_num_threads); 0: PyTorch's default, one per core
+    threads: int = 0  # CPU threads (torch.set_num_threads); 0: OMP_NUM_THREADS if set, else the cores free at the start
     # sampling
     prompt: str = ""  # if set, skip training: load out_dir/best.pt and continue this text
     num_samples: int = 1  # samples to draw
@@ -440,7 +440,7 @@ def main(argv=None):
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
-        resume_config(cfg, ckpt["config"], RESUMED)
+        resume_config(cfg, ckpt["config"], RESUMED, kept=("max_iters", "lr_decay_iters"))
     else:
         check_out_dir(cfg.out_dir, cfg.overwrite)
     if cfg.bidirectional and cfg.stateful:  # checked here: --resume takes --bidirectional from the checkpoint
@@ -543,8 +543,14 @@ def setup_device(cfg):
         die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
     if not {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(device.type, True):
         die(f"--device {cfg.device}: {device.type.upper()} is not available on this machine; use --device cpu")
-    if cfg.threads:  # on a busy machine, fewer threads than cores: they wait less for each other
-        torch.set_num_threads(cfg.threads)
+    if not cfg.threads:  # threads that wait for a core other work holds slow every step: take the free ones
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        cfg.threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, min(cores, cores - round(load))))
+        why = "as OMP_NUM_THREADS says" if os.environ.get("OMP_NUM_THREADS") else f"{cores} cores, load {load:.1f}"
+        if device.type == "cpu":
+            print(f"threads: {cfg.threads} ({why}; --threads N to choose)")
+    torch.set_num_threads(cfg.threads)
     if cfg.dtype == "auto":
         cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if cfg.dtype == "float16" and device.type == "cpu":
@@ -621,14 +627,18 @@ def check_out_dir(out_dir, overwrite):
             die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or --overwrite it")
 
 
-def resume_config(cfg, saved, names):
-    """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
+def resume_config(cfg, saved, names, kept=()):
+    """--resume: the settings in names come from the checkpoint (a different value typed is a mistake); those in kept
+    too, unless typed (a resumed run ends where it was to end, or where --max_iters now says)."""
     for name in names:
         if name not in saved:  # written before the flag existed: the setting it had is unknown
             die(f"the checkpoint has no --{name} (an older version wrote it); resume with that version, or start anew")
         if name in cfg.given and getattr(cfg, name) != saved[name]:
             die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out")
         setattr(cfg, name, saved[name])
+    for name in kept:
+        if name not in cfg.given:
+            setattr(cfg, name, saved[name])
 
 
 class StopRequest:

@@ -73,6 +73,10 @@ def test_train_sample_resume(tmp_path, text_file, capsys):
 
     assert_repeatable_samples(ex1.main, full, capsys)  # sampling from the checkpoint alone
 
+    # resumed without --max_iters, a finished run stays finished: it ends where it was to end, at 20
+    ex1.main(common + ["--out_dir", full, "--resume"])
+    assert "resuming from iter 20" in capsys.readouterr().out and read_log(full)[-1]["iter"] == "20"
+
 
 def test_download_when_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ex1, "DATA_DIR", str(tmp_path))

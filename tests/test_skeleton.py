@@ -1,6 +1,6 @@
 """The shared skeleton holds in every script: the machinery below the fence is ex1's, character for character, so
 that diffs show only techniques; nothing is defined twice, and no function is longer than 60 lines; --help lists every
-Config field with its default; --threads sets torch's CPU threads."""
+Config field with its default; --threads sets torch's CPU threads, by default the free cores."""
 
 import ast
 import importlib
@@ -77,14 +77,19 @@ def test_defined_once_and_functions_short(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_threads_flag_sets_torch_threads(script):
+def test_threads_typed_or_from_the_free_cores(script, monkeypatch, capsys):
+    """--threads N sets N; 0 takes OMP_NUM_THREADS, else the cores the load average leaves free (at least one)."""
     mod = importlib.import_module(script)
     before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     try:
-        mod.setup_device(mod.Config(device="cpu", threads=before + 1))
-        assert torch.get_num_threads() == before + 1
-        mod.setup_device(mod.Config(device="cpu"))  # 0, the default, leaves the count alone
-        assert torch.get_num_threads() == before + 1
+        for threads, omp, load, expect in [(3, "", 0.0, 3), (0, "2", 0.0, 2), (0, "", 1.4, 3), (0, "", 9.0, 1)]:
+            monkeypatch.setenv("OMP_NUM_THREADS", omp)
+            monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+            mod.setup_device(mod.Config(device="cpu", threads=threads))
+            assert torch.get_num_threads() == expect
+            if not threads:
+                assert f"threads: {expect} (" in capsys.readouterr().out
     finally:
         torch.set_num_threads(before)
 
