@@ -172,7 +172,7 @@ def merge_check(a, r, cfg):
     ids = np.array(tok.encode(ex3.load_text(ex3.Config(data=a.shakespeare))), dtype=np.uint16)
     run_cfg = ex3.Config(**best["config"])
     loader = ex3.DataLoader(ids, run_cfg, device)
-    adapted = ex3.lora_model(run_cfg, best, os.path.join(finetune, "best.pt"), tok.vocab_size, device)
+    adapted = ex3.load_model(run_cfg, best, os.path.join(finetune, "best.pt"), tok.vocab_size, device)
     plain = ex3.GPT(ex3.Config(**merged["config"]), tok.vocab_size)
     plain.load_state_dict(merged["model"])
     val = [ex3.estimate_loss(m, loader, run_cfg, nullcontext())["val"] for m in (adapted, plain)]

@@ -208,8 +208,8 @@ def test_stage_all_smoke_stop_and_resume(tmp_path, text_file, corpus, capsys, mo
         "--log_interval",
         "1",
     ]
-    common += ["--max_iters", "20", "--eval_interval", "10", "--lr_decay_iters", "20"]
-    common += ["--finetune_iters", "10", "--finetune_learning_rate", "5e-3"]
+    uncounted = common + ["--eval_interval", "10", "--finetune_learning_rate", "5e-3"]
+    common = uncounted + ["--max_iters", "20", "--lr_decay_iters", "20", "--finetune_iters", "10"]  # --resume keeps
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     ex3.main(common + ["--out_dir", full])
     out = capsys.readouterr().out
@@ -230,6 +230,13 @@ def test_stage_all_smoke_stop_and_resume(tmp_path, text_file, corpus, capsys, mo
         )
     assert finetuned == pytest.approx(min(r[2] for r in losses(os.path.join(full, "finetune"))), abs=1e-4)
     assert scratch == pytest.approx(min(r[2] for r in losses(os.path.join(full, "scratch"))), abs=1e-4)
+
+    # resumed without the iteration counts, a finished run stays finished: every stage ends where it was to end
+    logs = {stage: read_log(os.path.join(full, stage)) for stage in ex3.STAGES}
+    ex3.main(uncounted + ["--out_dir", full, "--resume"])
+    out = capsys.readouterr().out
+    assert "resuming from iter 20" in out and out.count("resuming from iter 10") == 2
+    assert logs == {stage: read_log(os.path.join(full, stage)) for stage in ex3.STAGES}
 
     # SIGTERM during pretraining: ckpt.pt keeps the iteration reached, the later stages never start
     get_lr = ex3.get_lr
