@@ -804,9 +804,8 @@ def setup_device(cfg):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         cfg.threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, min(cores, cores - round(load))))
-        why = "as OMP_NUM_THREADS says" if os.environ.get("OMP_NUM_THREADS") else f"{cores} cores, load {load:.1f}"
-        if device.type == "cpu":
-            print(f"threads: {cfg.threads} ({why}; --threads N to choose)")
+        if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+            print(f"threads: {cfg.threads} ({cores} cores, load average {load:.1f}; --threads N to choose)")
     torch.set_num_threads(cfg.threads)
     if cfg.dtype == "auto":
         cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -951,7 +950,7 @@ class Run:
     """A training loop's bookkeeping: evaluations that print, log and save ckpt.pt (the latest state) and best.pt (the
     lowest val loss), log lines, wandb, Ctrl-C, timing. ckpt: --resume's checkpoint, whose optimizer, batch generator
     and random states it restores; extra: what else a checkpoint holds (a function); log: a CSVLog to go on writing.
-    Under torchrun, rank 0 alone writes files."""
+    Under torchrun, rank 0 alone writes files, and MFU is per GPU."""
 
     def __init__(self, cfg, model, optimizer, gen, tokens, ckpt=None, extra=dict, columns=(), log=None):
         self.cfg, self.model, self.optimizer, self.gen, self.extra = cfg, model, optimizer, gen, extra
@@ -965,7 +964,7 @@ class Run:
                 torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
             self.iter_num, self.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
             print(f"resuming from iter {self.iter_num} (best val {self.best_val:.4f})")
-        self.writer = int(os.environ.get("RANK", 0)) == 0
+        self.writer, self.world = int(os.environ.get("RANK", 0)) == 0, int(os.environ.get("WORLD_SIZE", 1))
         os.makedirs(cfg.out_dir, exist_ok=True)
         path = os.path.join(cfg.out_dir, "log.csv") if self.writer else os.devnull
         self.csv = log or CSVLog(path, ckpt.get("log_rows") if ckpt else 0, columns)  # older checkpoints: keep all
@@ -1032,7 +1031,7 @@ class Run:
             lossf = loss.item()  # waits for the GPU: only when logging
             line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {self.tokens / dt / 1000:.1f}k tok/s"
             if loss.device.type == "cuda":
-                line += f" | mfu {100 * self.model.estimate_mfu(self.tokens / dt, loss.device):.1f}%"
+                line += f" | mfu {100 * self.model.estimate_mfu(self.tokens / self.world / dt, loss.device):.1f}%"
             print(line)
             self.csv.write(iter=it, train_loss=f"{lossf:.4f}", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
 

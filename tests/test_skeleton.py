@@ -88,8 +88,8 @@ def test_threads_typed_or_from_the_free_cores(script, monkeypatch, capsys):
             monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
             mod.setup_device(mod.Config(device="cpu", threads=threads))
             assert torch.get_num_threads() == expect
-            if not threads:
-                assert f"threads: {expect} (" in capsys.readouterr().out
+            said = capsys.readouterr().out  # the start-up line, where the load decided
+            assert (f"threads: {expect} (4 cores, load average {load:.1f}" in said) == (not threads and not omp)
     finally:
         torch.set_num_threads(before)
 
