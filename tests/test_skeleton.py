@@ -5,6 +5,8 @@ Config field with its default; --threads sets torch's CPU threads, by default th
 import ast
 import importlib
 import os
+import signal
+import time
 from dataclasses import MISSING, fields
 
 import pytest
@@ -106,3 +108,41 @@ def test_resume_from_a_checkpoint_without_a_setting(script, capsys):
     with pytest.raises(SystemExit) as e:
         mod.resume_config(cfg, saved, ["n_layer", "n_embd"])
     assert e.value.code == 2 and "the checkpoint has no --n_embd" in capsys.readouterr().err
+
+
+def test_integer_flags_take_exponents_and_underscores():
+    cfg = importlib.import_module("ex1_gpt").parse_args(["--max_iters", "1e3", "--batch_size", "2_000"])
+    assert (cfg.max_iters, cfg.batch_size) == (1000, 2000)
+
+
+def test_bfloat16_on_the_cpu_warns(capsys):
+    ex1 = importlib.import_module("ex1_gpt")
+    ex1.setup_device(ex1.Config(device="cpu", dtype="bfloat16", threads=torch.get_num_threads()))
+    assert "warning: --dtype bfloat16 runs many times slower" in capsys.readouterr().err
+
+
+def test_an_interrupted_save_keeps_the_old_checkpoint_and_no_temporary(tmp_path, monkeypatch):
+    """A second Ctrl-C inside torch.save: the checkpoint before stays, and no ckpt.pt.tmp is left behind."""
+    ex1 = importlib.import_module("ex1_gpt")
+
+    def interrupted(state, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"the checkpoint before")
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ex1.save_checkpoint(str(target), {})
+    assert target.read_bytes() == b"the checkpoint before" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_ctrl_c_outside_a_training_loop_stops_at_once(capsys):
+    """Where no loop checks for the request (loading data, sampling), one Ctrl-C ends the run: exit 130, no trace."""
+    ex1 = importlib.import_module("ex1_gpt")
+    with pytest.raises(SystemExit) as e:
+        with ex1.STOP:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err and not ex1.STOP.requested

@@ -187,10 +187,24 @@ def test_mistakes_about_flags_and_devices(script, setup, capsys):
     assert "float16" in user_error(capsys, mod.main, argv + data + ["--overwrite", "--dtype", "float16"])
     if not torch.cuda.is_available():
         assert "CUDA" in user_error(capsys, mod.main, argv + data + ["--overwrite", "--device", "cuda"])
+    if not torch.backends.mps.is_available():
+        assert "MPS" in user_error(capsys, mod.main, argv + data + ["--overwrite", "--device", "mps"])
+    assert "invalid integer value: '2.5'" in user_error(capsys, mod.main, argv + data + ["--max_iters", "2.5"])
     bad_prompt = SCRIPTS[script][3]
     if bad_prompt:
         user_error(capsys, mod.main, argv + ["--prompt", bad_prompt])
     unchanged()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_out_dir_that_cannot_be_one(script, setup, tmp_path, capsys):
+    """--out_dir naming a file, or a folder inside a file, ends in one line; nothing is written."""
+    mod, argv, data, _, _ = setup(script)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for out in (a_file, a_file / "sub"):
+        assert "is a file, not a folder" in user_error(capsys, mod.main, argv + data + ["--out_dir", str(out)])
+    assert a_file.read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
