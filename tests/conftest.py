@@ -1,7 +1,6 @@
 """Shared test set-up: offline settings, one thread, the repository on sys.path, a small corpus, and user-error
 checks."""
 
-import csv
 import os
 import shutil
 import subprocess
@@ -11,7 +10,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]  # the scripts, and the benchmarks' common.py
+from common import read_log  # noqa: E402 (log.csv read as the benchmarks read it)
+
 os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
 # one torch thread here and in every script a test starts: the models are tiny, and where other work holds a core,
 # threads that wait for each other make the suite several times slower (README, "On a busy machine")
@@ -73,11 +74,6 @@ def assert_causal(model, vocab_size, T=16, t=9):
     a, b = model(idx)[0], model(changed)[0]
     assert torch.allclose(a[:, :t], b[:, :t], atol=1e-6)
     assert not torch.allclose(a[:, t:], b[:, t:], atol=1e-3)  # the check can see a change
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def losses(out_dir):
