@@ -2,45 +2,35 @@
 gan_text.py: a text GAN. The SwitchHead GPT of switchhead_moe.py is the generator, an LSTM classifier the discriminator,
 and the generator learns from the discriminator through REINFORCE (SeqGAN, Yu, Zhang, Wang, Yu, AAAI 2017).
 
-Changes from switchhead_moe.py:
-- --init_from: where the generator starts; scratch is phase 1, MLE pre-training by switchhead_moe's loop (train()),
-  PATH a switchhead_moe.py best.pt (main).
-- --seq_len: the length of the sequences the GAN samples and judges; DataLoader.get_text draws the real ones.
-- SeqGAN's synthetic-data yardstick (--oracle, --oracle_vocab, --oracle_embd, --oracle_seed, --oracle_train): a random
-  LSTM, Oracle, is the true distribution; OracleData samples the training and held-out sequences from it,
-  OracleTokenizer writes tokens as numbers; NLL-oracle (Oracle.nll) replaces BLEU in evaluate_samples and held_out,
-  and train() prints it at every evaluation too.
-- cached sampling, the GAN's inner loop: ex4's KVCache, and cached() in both attention modules; GPT.generate feeds
-  one token at a time, and with given completes prefixes of different lengths at once; complete() calls it.
-- the discriminator (--d_embd, --d_hidden, --d_learning_rate, --d_pretrain_iters, --d_steps): Discriminator,
-  discriminator_loss, discriminator_step.
-- REINFORCE (--adv_rounds, --g_steps, --adv_learning_rate, --baseline_decay, --mle_weight, --gan_batch_size):
-  token_logprobs, reinforce_loss, generator_step; --rollouts: per-token rewards, rollout_rewards.
-- quality and diversity (--eval_samples, --adv_eval_interval): References, bleu, self_bleu, text_metrics,
-  evaluate_samples, held_out.
-- three phases in one --out_dir: PHASES, CSVLog's phase column, checkpoint() (the dictionary of every phase),
-  optimizer_step (shared by every phase's step), train_gan (phases 2 and 3); main runs the phases in turn.
-- --block_size 64, --temperature 1 (the distribution the GAN trains).
+Three phases, each with its own step count. 1. MLE pre-training of the generator (--max_iters). 2. Pre-training of the
+discriminator (--d_pretrain_iters): D(x), the probability that x is real text, is trained with L_D = -mean(log D(real)
++ log(1 - D(fake))) on --seq_len-token sequences of the corpus and sequences the generator samples from a real first
+token. 3. Adversarial rounds (--adv_rounds) of --g_steps generator steps and --d_steps discriminator steps. A generator
+step rewards its samples with r = D(x) (a number: no gradient reaches D), subtracts a baseline b (the running mean of
+the reward) and minimises L_G = -mean((r - b) * sum_t log p(x_t | x_<t)): samples that fool D become likelier.
+--rollouts N gives every token its own reward, the mean D of N Monte-Carlo completions of its prefix (SeqGAN). Every
+evaluation prints the generator's NLL on held-out text, D's accuracy on held-out real and fresh fake text, BLEU-2/3/4
+of the samples against held-out text (quality) and their self-BLEU-4 (diversity: 1 when all samples are alike).
+ckpt.pt is the latest state of whichever phase wrote it; best.pt, what --prompt samples from, is the best-val model in
+the MLE phase and the latest generator in the GAN phases: a GAN has no best model. --oracle replaces the text by
+SeqGAN's synthetic data: the true distribution is an LSTM with N(0, 1) parameters (the oracle), every sequence the
+start token 0 and --seq_len tokens, and NLL-oracle, the oracle's NLL per token of fresh samples, measures quality.
 
-Three phases, each with its own iteration count. 1. MLE pre-training of the generator (--max_iters). 2. Pre-training
-of the discriminator (--d_pretrain_iters): embedding, LSTM, linear, sigmoid; D(x) is the probability that x is real
-text, trained with L_D = -mean(log D(real) + log(1 - D(fake))) on --seq_len-token sequences of the corpus and
-sequences the generator samples from a real first token. 3. Adversarial rounds (--adv_rounds), each of --g_steps
-generator steps and --d_steps discriminator steps. A generator step samples sequences, rewards them with r = D(x)
-(a number, no gradient reaches D), subtracts a baseline b (the running mean of the reward) and minimises
-L_G = -mean((r - b) * sum_t log p(x_t | x_<t)): samples that fool D become likelier. --rollouts N gives every token
-its own reward, the mean D of N Monte-Carlo completions of its prefix (SeqGAN); --mle_weight adds an MLE loss on a
-real batch to each generator step. Every evaluation prints the generator's NLL on held-out text, D's accuracy on
-held-out real and fresh fake text, BLEU-2/3/4 of the samples against held-out text (quality) and their self-BLEU-4
-(diversity: 1 when all samples are alike). ckpt.pt is the latest state of whichever phase wrote it: --resume
-continues there. best.pt, what --prompt samples from, is the best-val model in the MLE phase and the latest
-generator in the GAN phases: a GAN has no best model.
-
---oracle replaces the text by SeqGAN's synthetic data: an LSTM language model with every parameter drawn from N(0, 1)
-(the oracle) is the true distribution, and --oracle_train sequences sampled from it (plus a tenth as many held out) are
-the data. Every sequence is the start token 0, then --seq_len tokens; oracle and generator both start from it.
-NLL-oracle, the oracle's negative log-likelihood per token of fresh generator samples, measures quality exactly; the
-generator's NLL on the held-out sequences (val) measures coverage.
+Changes from switchhead_moe.py (and --block_size 64, --temperature 1, the distribution the GAN trains):
+- --init_from: scratch runs phase 1, switchhead_moe's loop (train()); PATH starts from a switchhead_moe.py best.pt.
+- --seq_len: the sequences the GAN samples and judges; DataLoader.get_text draws the real ones.
+- --oracle and its flags: Oracle, OracleData, OracleTokenizer (tokens as numbers), oracle_data; NLL-oracle (Oracle.nll)
+  replaces BLEU in evaluate_samples and held_out, and train() reports it at every evaluation too.
+- cached sampling, the GAN's inner loop: ex4's KVCache, cached() in both attention modules; GPT.generate feeds one
+  token at a time, and with given completes prefixes of different lengths at once; complete() calls it.
+- the discriminator (--d_embd, --d_hidden, --d_learning_rate, --d_steps): Discriminator, discriminator_loss,
+  discriminator_step.
+- REINFORCE (--g_steps, --adv_learning_rate, --baseline_decay, --mle_weight: an MLE loss on a real batch added,
+  --gan_batch_size): token_logprobs, reinforce_loss, generator_step; --rollouts: rollout_rewards.
+- quality and diversity (--eval_samples, --adv_eval_interval): References, bleu, self_bleu, text_metrics.
+- the phases in one --out_dir, each on the shared Run: PhaseLog (log.csv's phase column), optimizer_step (every
+  phase's update), train_gan (gan_step, evaluate_gan; Optimizers: both as Run's one); main runs them in turn, and
+  --resume keeps --d_pretrain_iters and --adv_rounds as it keeps --max_iters.
 
 Run:     python gan_text.py                      (MLE 2000 iterations, D 200 steps, 150 rounds, all at 64 characters)
 Oracle:  python gan_text.py --oracle --seq_len 20 --block_size 20   (SeqGAN: vocabulary 5,000, LSTM of 32, 10,000 seqs)
@@ -48,7 +38,6 @@ Init:    python switchhead_moe.py --block_size 64 && python gan_text.py --init_f
 Compare: python benchmarks/bench_gan.py          (MLE only vs adversarial, temperature sweep, quality-diversity picture)
          python benchmarks/bench_gan.py oracle   (NLL-oracle and held-out NLL through MLE and adversarial training)
 Sample:  python gan_text.py --prompt "ROMEO:" --num_samples 3
-Parent:  switchhead_moe.py (diff -u switchhead_moe.py gan_text.py)
 Result:  no better than temperature-tuned MLE (equal BLEU-4 at equal self-BLEU, worse NLL); 18 min on 1 core (README).
 """
 
@@ -65,6 +54,7 @@ import urllib.request
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -80,7 +70,7 @@ class Config:
     # I/O
     out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
     data: str = ""  # a local UTF-8 text file to train on; empty: TinyShakespeare, downloaded into data/
-    resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state (of any phase)
+    resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state
     overwrite: bool = False  # start over in an out_dir holding this script's checkpoint (replaces ckpt.pt and best.pt)
     init_from: str = "scratch"  # scratch (MLE pre-training here) or a switchhead_moe.py best.pt (its architecture wins)
     eval_interval: int = 250  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
@@ -94,13 +84,13 @@ class Config:
     n_embd: int = 128  # embedding width
     head_size: int = 0  # q/k/v width per head; 0: n_embd // n_head (dense), else the widest within dense's parameters
     n_experts: int = 4  # value experts and output experts per head; 1: dense multi-head attention (the baseline)
-    moe_k: int = 2  # experts each token uses per head and projection, sigmoid gate (softmax: always 1, its arg-max)
-    gate: str = "sigmoid"  # sigmoid (SwitchHead: top moe_k, unnormalised) or softmax (Switch Transformer: arg-max)
+    moe_k: int = 0  # experts each token uses per head and projection; 0: 2, or 1 with --gate softmax (its arg-max)
+    gate: Literal["sigmoid", "softmax"] = "sigmoid"  # sigmoid: SwitchHead's top moe_k, unnormalised; softmax: arg-max
     balance_coef: float = 0.01  # weight of the load-balancing loss (--gate softmax only)
     expert_dropout: float = 0.0  # training: each expert left out of each token's choice with this probability
-    pos: str = "rope"  # positions: rope (rotary, on queries and keys) or learned (ex1's table)
+    pos: Literal["rope", "learned"] = "rope"  # positions: rotary, on queries and keys, or learned (ex1's table)
     rope_fraction: float = 0.5  # --pos rope: the share of each head's channels rotated; the rest carry no position
-    init: str = "switchhead"  # switchhead: block matrices std 1/sqrt(n_layer * fan-in); gpt2: ex1's std 0.02
+    init: Literal["switchhead", "gpt2"] = "switchhead"  # switchhead: std 1/sqrt(n_layer * fan-in); gpt2: ex1's 0.02
     router_renorm: bool = True  # start every router row (one per expert) at the same norm
     block_size: int = 64  # context length in tokens (64 as in ex1: the GAN samples seq_len tokens, cheap at this size)
     dropout: float = 0.0  # dropout probability (0.2 is a good value for the larger GPU model)
@@ -143,9 +133,9 @@ class Config:
     oracle_train: int = 10000  # --oracle: training sequences sampled from the oracle; a tenth as many are held out
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (cuda: bfloat16 if supported, else float16; cpu: float32), float32, bfloat16, float16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 (else float16) on cuda, float32
     compile: bool = False  # torch.compile the model (worth it on a GPU)
-    threads: int = 0  # CPU threads per process (torch.set_num_threads); 0: PyTorch's default, one per core
+    threads: int = 0  # CPU threads (torch.set_num_threads); 0: OMP_NUM_THREADS if set, else the cores free at the start
     # sampling
     prompt: str = ""  # if set, skip training: load out_dir/best.pt and continue this text
     num_samples: int = 1  # samples to draw
@@ -153,199 +143,72 @@ class Config:
     temperature: float = 1.0  # <1 sharper, >1 more random (1: the distribution the GAN trains)
     top_k: int = 200  # sample only among the k most likely tokens; 0 for all
 
+    def __post_init__(self):
+        """--head_size 0 and --moe_k 0 resolved, so that the checkpoint records what was used; head_size stays 0 where
+        the other flags leave no width (mistakes() says why)."""
+        if self.head_size == 0 and min(self.n_embd, self.n_head, self.n_experts) >= 1:
+            if self.n_experts > 1:
+                self.head_size = max(0, matched_head_size(self.n_embd, self.n_head, self.n_experts))
+            elif self.n_embd % self.n_head == 0:
+                self.head_size = self.n_embd // self.n_head
+        self.moe_k = self.moe_k or (1 if self.gate == "softmax" else 2)
 
-RESUMED = (
-    "n_layer",
-    "n_head",
-    "n_embd",
-    "head_size",
-    "n_experts",
-    "moe_k",
-    "gate",
-    "pos",
-    "rope_fraction",
-    "block_size",
-    "bias",
-    "data",
-    "oracle",
-    "oracle_vocab",
-    "oracle_embd",
-    "oracle_seed",
-    "oracle_train",
-    "init_from",
-    "d_embd",
-    "d_hidden",
-)  # --resume takes the architecture (the discriminator's too) and data from ckpt.pt
+    def mistakes(self):
+        """Settings no run can use, a message each (parse_args has refused every negative number already)."""
+        ones = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps"]
+        ones += ["eval_interval", "eval_iters", "log_interval", "num_samples", "n_experts"]
+        ones += ["d_embd", "d_hidden", "gan_batch_size", "adv_eval_interval", "oracle_embd"]  # and the GAN's
+        yield from (f"--{n} must be at least 1" for n in ones if getattr(self, n) < 1)
+        yield from (f"--{n} must be below 1" for n in ("dropout", "beta1", "beta2") if getattr(self, n) >= 1)
+        if self.head_size == 0 and self.n_experts == 1:  # __post_init__ found no head width
+            yield f"--n_embd {self.n_embd} must be divisible by --n_head {self.n_head}, or give --head_size"
+        elif self.head_size == 0:
+            yield f"--n_head {self.n_head} with --n_experts {self.n_experts} leaves no head width; give --head_size"
+        if self.learning_rate == 0:
+            yield "--learning_rate must be above 0"
+        if self.expert_dropout >= 1:
+            yield "--expert_dropout must be below 1"
+        if self.n_experts > 1 and self.moe_k > self.n_experts:
+            yield f"--moe_k {self.moe_k} must be at most --n_experts {self.n_experts}"
+        if self.n_experts > 1 and self.gate == "softmax" and self.moe_k != 1:
+            yield f"--gate softmax sends each token to its arg-max expert: leave out --moe_k {self.moe_k} (or give 1)"
+        if not 0 < self.rope_fraction <= 1:
+            yield f"--rope_fraction {self.rope_fraction} must be in (0, 1]"
+        if self.pos == "rope" and self.head_size < 2:
+            yield "--pos rope rotates pairs of channels, and a head of 1 has none; use --pos learned or --head_size 2"
+        yield from (f"--{n} must be above 0" for n in ("d_learning_rate", "adv_learning_rate") if getattr(self, n) == 0)
+        if self.seq_len < 2:
+            yield f"--seq_len {self.seq_len} must be at least 2: a given first token and one sampled"
+        if self.baseline_decay >= 1:
+            yield "--baseline_decay must be below 1"
+        if self.eval_samples < 2:
+            yield "--eval_samples must be at least 2 (self-BLEU compares samples)"
+        if self.oracle_vocab < 2 or self.oracle_train < 10:
+            yield "--oracle_vocab must be at least 2 and --oracle_train at least 10 (a tenth as many are held out)"
+        if self.oracle and (self.data or self.init_from != "scratch"):
+            yield "--oracle samples its data and trains its generator from scratch: leave out --data and --init_from"
+        if self.resume and self.init_from != "scratch":
+            yield "--resume continues this script's checkpoint, --init_from PATH starts from switchhead_moe's: give one"
 
 
-def die(msg):
-    """A user error: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False
-    )  # --lr is not --lr_decay_iters
-    parser.error = lambda msg: die(f"{msg} (see --help)")
-    comments = dict(
-        re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M)
-    )  # each field's comment is its help
-    for f in fields(Config):
-        if f.type is bool:
-            default = f"--{'' if f.default else 'no-'}{f.name}"
-            parser.add_argument(
-                f"--{f.name}",
-                action=argparse.BooleanOptionalAction,
-                default=f.default,
-                help=f"{comments[f.name]} (default {default})",
-            )
-        else:
-            parser.add_argument(
-                f"--{f.name}",
-                type=type(f.default),
-                default=f.default,
-                help=f"{comments[f.name]} (default {f.default!r})",
-            )
-    unset = object()  # marks the flags not typed on the command line
-    args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
-    cfg = Config(**{k: v for k, v in args.items() if v is not unset})
-    cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
-    checks = [
-        (
-            cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.block_size >= 1 and cfg.batch_size >= 1,
-            "--n_layer, --n_head, --n_embd, --block_size and --batch_size must be at least 1",
-        ),
-        (
-            cfg.head_size > 0 or cfg.n_experts > 1 or cfg.n_embd % max(cfg.n_head, 1) == 0,
-            f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}, or give --head_size",
-        ),
-        (cfg.head_size >= 0 and cfg.n_experts >= 1, "--head_size must be >= 0 and --n_experts >= 1"),
-        (cfg.gate in ("sigmoid", "softmax"), f"--gate {cfg.gate} is not one of sigmoid, softmax"),
-        (
-            cfg.n_experts == 1 or 1 <= cfg.moe_k <= cfg.n_experts,
-            f"--moe_k {cfg.moe_k} must be between 1 and --n_experts {cfg.n_experts}",
-        ),
-        (
-            cfg.n_experts == 1 or cfg.gate == "sigmoid" or "moe_k" not in cfg.given or cfg.moe_k == 1,
-            f"--gate softmax sends each token to its arg-max expert: leave out --moe_k {cfg.moe_k} (or give 1)",
-        ),
-        (cfg.balance_coef >= 0, f"--balance_coef {cfg.balance_coef} must be >= 0"),
-        (0 <= cfg.expert_dropout < 1, f"--expert_dropout {cfg.expert_dropout} must be in [0, 1)"),
-        (cfg.pos in ("rope", "learned"), f"--pos {cfg.pos} is not one of rope, learned"),
-        (0 < cfg.rope_fraction <= 1, f"--rope_fraction {cfg.rope_fraction} must be in (0, 1]"),
-        (cfg.init in ("switchhead", "gpt2"), f"--init {cfg.init} is not one of switchhead, gpt2"),
-        (0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)"),
-        (
-            cfg.max_iters >= 0 and cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1,
-            "--max_iters must be >= 0 and --eval_interval, --eval_iters, --log_interval >= 1",
-        ),
-        (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-        (cfg.threads >= 0, f"--threads {cfg.threads} must be >= 0 (0: one per core)"),
-        (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be > 0 and --min_lr >= 0"),
-        (
-            cfg.seed >= 0 and cfg.warmup_iters >= 0 and cfg.lr_decay_iters >= 0,
-            "--seed, --warmup_iters and --lr_decay_iters must be >= 0",
-        ),
-        (
-            cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
-            "--weight_decay and --grad_clip must be >= 0, --beta1 and --beta2 in [0, 1)",
-        ),
-        (
-            cfg.temperature >= 0 and cfg.top_k >= 0 and cfg.max_new_tokens >= 0 and cfg.num_samples >= 1,
-            "--temperature, --top_k, --max_new_tokens must be >= 0 and --num_samples >= 1",
-        ),
-        (
-            cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
-            f"--dtype {cfg.dtype} is not one of auto, float32, bfloat16, float16",
-        ),
-        (cfg.seq_len >= 2, f"--seq_len {cfg.seq_len} must be at least 2: a given first token and one sampled"),
-        (
-            cfg.d_embd >= 1 and cfg.d_hidden >= 1 and cfg.gan_batch_size >= 1,
-            "--d_embd, --d_hidden and --gan_batch_size must be at least 1",
-        ),
-        (
-            min(cfg.d_pretrain_iters, cfg.adv_rounds, cfg.g_steps, cfg.d_steps, cfg.rollouts) >= 0,
-            "--d_pretrain_iters, --adv_rounds, --g_steps, --d_steps and --rollouts must be >= 0",
-        ),
-        (
-            cfg.d_learning_rate > 0 and cfg.adv_learning_rate > 0 and cfg.mle_weight >= 0,
-            "--d_learning_rate and --adv_learning_rate must be > 0 and --mle_weight >= 0",
-        ),
-        (0 <= cfg.baseline_decay < 1, f"--baseline_decay {cfg.baseline_decay} must be in [0, 1)"),
-        (
-            cfg.adv_eval_interval >= 1 and cfg.eval_samples >= 2,
-            "--adv_eval_interval must be at least 1 and --eval_samples at least 2 (self-BLEU compares samples)",
-        ),
-        (
-            cfg.oracle_vocab >= 2 and cfg.oracle_embd >= 1 and cfg.oracle_seed >= 0 and cfg.oracle_train >= 10,
-            "--oracle_vocab must be at least 2, --oracle_embd at least 1, --oracle_seed >= 0 and --oracle_train at "
-            "least 10 (a tenth as many are held out)",
-        ),
-        (
-            not (cfg.oracle and (cfg.data or cfg.init_from != "scratch")),
-            "--oracle samples its own data and trains its generator from scratch: leave out --data and --init_from",
-        ),
-        (
-            not (cfg.resume and cfg.init_from != "scratch"),
-            "--resume continues this script's own checkpoint and --init_from PATH starts from switchhead_moe's: give "
-            "one",
-        ),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            die(msg)
-    if cfg.head_size == 0:  # resolved here, so the checkpoint records the width that was used
-        cfg.head_size = (
-            cfg.n_embd // cfg.n_head if cfg.n_experts == 1 else matched_head_size(cfg.n_embd, cfg.n_head, cfg.n_experts)
-        )
-        if cfg.head_size < 1:
-            die(
-                f"--n_head {cfg.n_head} with --n_experts {cfg.n_experts} leaves no head width with the parameters of "
-                f"a dense layer of --n_embd {cfg.n_embd}; give --head_size"
-            )
-    if cfg.pos == "rope" and cfg.head_size < 2:
-        die("--pos rope rotates pairs of channels, which a head of 1 does not have; use --pos learned or --head_size 2")
-    if cfg.gate == "softmax":  # k = 1 is what the softmax gate means; the checkpoint records it
-        cfg.moe_k = 1
-    return cfg
+RESUMED = ("n_layer", "n_head", "n_embd", "block_size", "bias", "data")  # --resume takes these from ckpt.pt
+RESUMED += ("head_size", "n_experts", "moe_k", "gate", "pos", "rope_fraction")  # and SwitchHead's architecture
+GENERATOR = tuple(name for name in RESUMED if name != "data")  # --init_from takes these from switchhead_moe's best.pt
+# and the GAN's: its data (--oracle), where the generator started, the discriminator's architecture
+RESUMED += ("oracle", "oracle_vocab", "oracle_embd", "oracle_seed", "oracle_train", "init_from", "d_embd", "d_hidden")
+KEPT = ("max_iters", "lr_decay_iters", "d_pretrain_iters", "adv_rounds")  # --resume keeps these too, unless typed
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Data
 
 
-def download(url, path):
-    """Fetch url into path with a progress line; a half-finished download never takes path's name."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    print(f"downloading {url} -> {path}")
-    tmp = path + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            total, done = int(r.headers.get("Content-Length") or 0), 0
-            while chunk := r.read(1 << 16):
-                f.write(chunk)
-                done += len(chunk)
-                print(f"\r  {done / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB" if total else ""), end="", flush=True)
-        print()
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        die(
-            f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand or pass --data PATH to a local "
-            "text file"
-        )
-
-
 def load_text(cfg):
+    """The training text: --data, or TinyShakespeare (downloaded into data/ the first time)."""
     path = cfg.data or os.path.join(DATA_DIR, "tinyshakespeare.txt")
-    if cfg.data and os.path.isdir(path):
-        die(f"--data {path} is a folder; give a UTF-8 text file")
     if cfg.data and not os.path.isfile(path):
-        die(f"--data {path}: no such file")
-    if not cfg.data and not os.path.isfile(path):
+        die(f"--data {path}: " + ("a folder; give a UTF-8 text file" if os.path.isdir(path) else "no such file"))
+    if not os.path.isfile(path):
         download(DATA_URL, path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -365,12 +228,8 @@ class CharTokenizer:
         self.stoi = {c: i for i, c in enumerate(self.chars)}
 
     def encode(self, s):
-        bad = sorted(set(s) - self.stoi.keys())
-        if bad:
-            die(
-                f"character(s) {''.join(bad)!r} not in the vocabulary of this model; use only characters from its "
-                "training text"
-            )
+        if bad := sorted(set(s) - self.stoi.keys()):
+            die(f"character(s) {''.join(bad)!r} not in this model's vocabulary; use characters of its training text")
         return [self.stoi[c] for c in s]
 
     def decode(self, ids):
@@ -383,15 +242,9 @@ class DataLoader:
     def __init__(self, ids, cfg, device):
         n = int(0.9 * len(ids))
         self.splits = {"train": ids[:n], "val": ids[n:]}
-        for (
-            split,
-            data,
-        ) in self.splits.items():  # a batch starts at a random offset: each split needs block_size + 1 tokens
+        for split, data in self.splits.items():  # a batch starts at a random offset: block_size + 1 tokens at least
             if len(data) <= cfg.block_size:
-                die(
-                    f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; use a "
-                    "longer text or a smaller --block_size"
-                )
+                die(f"the {split} split has {len(data)} tokens, too few for --block_size {cfg.block_size}; add text")
         self.cfg, self.device = cfg, device
         self.offsets = torch.arange(cfg.block_size + 1)
 
@@ -488,13 +341,28 @@ class OracleTokenizer(CharTokenizer):
     name = "oracle"
 
     def encode(self, s):
-        bad = sorted(set(s.split()) - self.stoi.keys())
-        if bad:
+        if bad := sorted(set(s.split()) - self.stoi.keys()):
             die(f"token(s) {' '.join(bad)} not in the oracle's vocabulary; give numbers 0 to {len(self.chars) - 1}")
         return [self.stoi[w] for w in s.split()]
 
     def decode(self, ids):
         return " ".join(self.chars[i] for i in ids)
+
+
+def oracle_data(cfg, device):
+    """--oracle: the oracle, the loader of its samples and the tokenizer of its tokens 0 .. V - 1."""
+    oracle = Oracle(cfg)
+    loader = OracleData(oracle, cfg, device)
+    oracle.to(device)
+    tok = OracleTokenizer([str(i) for i in range(cfg.oracle_vocab)])
+    train, val = len(loader.splits["train"]), len(loader.splits["val"])
+    entropy, uniform = oracle.nll(loader.splits["val"].to(device)), math.log(cfg.oracle_vocab)
+    print(
+        f"oracle: LSTM of {cfg.oracle_embd}, vocabulary of {cfg.oracle_vocab}, seed {cfg.oracle_seed}; {train:,} "
+        f"training and {val:,} held-out sequences of the start token and {cfg.seq_len} tokens; their NLL-oracle (the "
+        f"oracle's entropy per token) {entropy:.4f}, a uniform generator's NLL of them {uniform:.4f}"
+    )
+    return loader, tok
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -544,8 +412,8 @@ def rotate_first(x, pos, n):
 
 
 class KVCache:
-    """One layer's keys and values during generation, for n_kv_head heads only (so MQA's cache is 1/n_head of MHA's).
-    size slots: block_size, or with a window a rolling buffer of W slots where column c lives in slot c % W."""
+    """One layer's keys and values during generation (ex4's cache): size slots, block_size, filled from the first;
+    GPT.generate starts new caches once they are full."""
 
     def __init__(self, size):
         self.size, self.pos = size, 0  # pos: tokens (columns) seen so far, the column of the next one
@@ -569,9 +437,6 @@ class KVCache:
             return k, v, pos
         n = min(self.pos, self.size)  # slots fill from the first: a new token sees the filled ones (its window)
         return self.k[:, :, :n], self.v[:, :, :n], self.k_pos[:, :n]
-
-    def nbytes(self):
-        return 0 if self.k is None else (self.k.numel() + self.v.numel()) * self.k.element_size()
 
 
 def cached(cache, k, v):
@@ -612,18 +477,17 @@ class CausalSelfAttention(nn.Module):
 
 def expert_matmul(x, w, idx, gates, src, dst, n_dst):
     """Mixture of linear experts: every choice n adds gates[n] * x[src[n]] @ w[idx[n]] into row dst[n] of the result.
-    x (rows, a), w (n_experts, a, b), idx, gates, src, dst (N,) -> (n_dst, b). The choices are grouped by expert
-    with one sort, and each expert multiplies its rows in one matmul: the loop runs over experts, never tokens.
-    An expert that no choice names takes part with zero rows, and gets exactly zero gradient."""
+    x (rows, a), w (n_experts, a, b), idx and gates (N choices, any shape), src, dst (N,) -> (n_dst, b). The choices
+    are grouped by expert with one sort, and each expert multiplies its rows in one matmul: the loop runs over experts,
+    never tokens. An expert that no choice names takes part with zero rows, and gets exactly zero gradient."""
+    idx, gates = idx.flatten(), gates.flatten()
     order = idx.argsort()
     # the group sizes (one wait for the GPU); index_add_ rather than bincount keeps torch.compile in one graph
-    counts = (
-        torch.zeros(w.size(0), dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx)).tolist()
-    )
+    counts = torch.zeros(w.size(0), dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
     rows, g = x[src[order]], gates[order, None]
     if x.size(1) <= w.size(2):  # scale the narrower side by the gates: the same result, fewer multiplications
         rows = rows * g
-    out = torch.cat([r @ w[e] for e, r in enumerate(rows.split(counts))])
+    out = torch.cat([r @ w[e] for e, r in enumerate(rows.split(counts.tolist()))])
     if x.size(1) > w.size(2):
         out = out * g
     return out.new_zeros(n_dst, out.size(1)).index_add(0, dst[order], out)
@@ -662,17 +526,13 @@ class SwitchHeadAttention(nn.Module):
         self.v_router = nn.Linear(C, H * E, bias=False)  # reads a source token: which experts make its value
         self.o_router = nn.Linear(C, H * E, bias=False)  # reads a destination token: which experts project its result
         self.v_experts = nn.Parameter(torch.randn(H, E, C, D) * 0.02)
-        self.o_experts = nn.Parameter(
-            torch.randn(H, E, D, C) * 0.02 / math.sqrt(2 * cfg.n_layer)
-        )  # residual projections, as c_proj
+        # residual projections, as c_proj
+        self.o_experts = nn.Parameter(torch.randn(H, E, D, C) * 0.02 / math.sqrt(2 * cfg.n_layer))
         self.bias = nn.Parameter(torch.zeros(C)) if cfg.bias else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.register_buffer(
-            "usage", torch.zeros(2, H, E, dtype=torch.long), persistent=False
-        )  # choices counted in eval mode
-        self.register_buffer(
-            "first_expert", torch.arange(H).view(1, 1, H, 1) * E, persistent=False
-        )  # head h's experts: h*E ...
+        # the experts' choices, counted in eval mode (value and output routers, per head); head h's experts: h*E ...
+        self.register_buffer("usage", torch.zeros(2, H, E, dtype=torch.long), persistent=False)
+        self.register_buffer("first_expert", torch.arange(H).view(1, 1, H, 1) * E, persistent=False)
         self.aux_loss = 0.0  # the load-balancing loss of the last training forward (--gate softmax)
 
     def route(self, router, x, which):
@@ -708,29 +568,14 @@ class SwitchHeadAttention(nn.Module):
         per_head = torch.arange(B * T * H, device=x.device).repeat_interleave(k)  # its (token, head) pair
         # values: for each source token and head, the gate-weighted sum of its k chosen value experts
         gates, idx = self.route(self.v_router, x, 0)
-        v = expert_matmul(
-            x.reshape(B * T, C),
-            self.v_experts.flatten(0, 1),
-            idx.flatten(),
-            gates.flatten(),
-            per_token,
-            per_head,
-            B * T * H,
-        )
+        v = expert_matmul(x.reshape(B * T, C), self.v_experts.flatten(0, 1), idx, gates, per_token, per_head, B * T * H)
         v = v.view(B, T, H, D).transpose(1, 2)
         key, v, mask = cached(cache, key, v)  # values cached after their experts
         y = attention(q, key, v, mask, self.flash, self.dropout if self.training else 0.0)  # H attention matrices
         # output: for each destination token, every head's result through that token's k chosen output experts, summed
         gates, idx = self.route(self.o_router, x, 1)
-        y = expert_matmul(
-            y.transpose(1, 2).reshape(B * T * H, D),
-            self.o_experts.flatten(0, 1),
-            idx.flatten(),
-            gates.flatten(),
-            per_head,
-            per_token,
-            B * T,
-        )
+        y = y.transpose(1, 2).reshape(B * T * H, D)  # every (token, head) pair's result
+        y = expert_matmul(y, self.o_experts.flatten(0, 1), idx, gates, per_head, per_token, B * T)
         y = y.view(B, T, C)
         if self.bias is not None:
             y = y + self.bias
@@ -772,22 +617,19 @@ def attention_cost(T, d, n_head, head_size, n_experts=1, k=1, xl=False):
 
 def cost_report(cfg, model):
     """The start-up lines: one attention layer of this model, and of the dense model with n_head * n_experts heads."""
-    T, d, H, E = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_experts
+    T, d, H, E, D = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_experts, cfg.head_size
     n = sum(p.numel() for p in model.blocks[0].attn.parameters())
-    macs, mem = attention_cost(T, d, H, cfg.head_size, E, cfg.moe_k)
-    line = (
-        f"attention per layer at T={T} (the paper's accounting): {macs / 1e6:.1f}M MACs, {mem / 1e6:.2f}M floats, "
-        f"{n / 1e3:.1f}k parameters"
-    )
+    macs, mem = attention_cost(T, d, H, D, E, cfg.moe_k)
+    line = f"attention per layer at T={T} (the paper's accounting): {macs / 1e6:.1f}M MACs, {mem / 1e6:.2f}M floats, "
+    line += f"{n / 1e3:.1f}k parameters"
     if E == 1:
-        return f"{line} (dense, {H} heads of {cfg.head_size})"
+        return f"{line} (dense, {H} heads of {D})"
     dense_macs, dense_mem = attention_cost(T, d, H * E, d / (H * E), 1)
     return (
-        f"{line} (SwitchHead, {H} heads of {cfg.head_size}, {E} experts, top-{cfg.moe_k}, {cfg.gate} gate)\n"
+        f"{line} (SwitchHead, {H} heads of {D}, {E} experts, top-{cfg.moe_k}, {cfg.gate} gate)\n"
         f"dense, {H * E} heads of {d / (H * E):g}: {dense_macs / 1e6:.1f}M MACs, {dense_mem / 1e6:.2f}M floats, "
-        f"{4 * d * d / 1e3:.1f}k parameters"
-        f" -> SwitchHead needs {100 * macs / dense_macs:.0f}% of its MACs and {100 * mem / dense_mem:.0f}% of its "
-        "memory"
+        f"{4 * d * d / 1e3:.1f}k parameters -> SwitchHead needs {100 * macs / dense_macs:.0f}% of its MACs and "
+        f"{100 * mem / dense_mem:.0f}% of its memory"
     )
 
 
@@ -860,28 +702,17 @@ class GPT(nn.Module):
     def num_params(self, active=False):
         """Parameters without the position embeddings; active=True: only those one token uses (moe_k of the experts)."""
         n = sum(p.numel() for p in self.parameters()) - (self.wpe.weight.numel() if self.wpe is not None else 0)
-        if active and self.cfg.n_experts > 1:
-            n -= (
-                self.cfg.n_layer
-                * 2
-                * self.cfg.n_head
-                * (self.cfg.n_experts - self.cfg.moe_k)
-                * self.cfg.n_embd
-                * self.cfg.head_size
-            )
+        c = self.cfg
+        if active and c.n_experts > 1:  # less the idle experts: n_experts - moe_k value and output experts per head
+            n -= c.n_layer * 2 * c.n_head * (c.n_experts - c.moe_k) * c.n_embd * c.head_size
         return n
 
     def forward(self, idx, targets=None, caches=None):
         B, T = idx.size()
         start = caches[0].pos if caches else 0  # the position of idx's first token: the tokens already in the cache
-        assert start + T <= self.cfg.block_size, (
-            f"sequence of {start + T} tokens is longer than block_size {self.cfg.block_size}"
-        )
+        assert start + T <= self.cfg.block_size, f"{start + T} tokens are more than block_size {self.cfg.block_size}"
         pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
-        x = self.wte(idx)
-        if self.wpe is not None:
-            x = x + self.wpe(pos)
-        x = self.drop(x)
+        x = self.drop(self.wte(idx) + (self.wpe(pos) if self.wpe is not None else 0))
         for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
             x = block(x, pos, cache)
         logits = self.lm_head(self.ln_f(x))
@@ -891,9 +722,8 @@ class GPT(nn.Module):
             else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         )
         if loss is not None and self.training and self.cfg.n_experts > 1 and self.cfg.gate == "softmax":
-            loss = loss + self.cfg.balance_coef * sum(
-                block.attn.aux_loss for block in self.blocks
-            )  # one per layer, as in Switch
+            # the load-balancing losses, one per layer, as in Switch
+            loss = loss + self.cfg.balance_coef * sum(block.attn.aux_loss for block in self.blocks)
         return logits, loss
 
     def configure_optimizer(self, cfg, device_type):
@@ -1001,9 +831,8 @@ def rollout_rewards(model, disc, seqs, n_rollouts, temperature=1.0):
     all T - 2 prefixes are sampled together, one rollout at a time."""
     B, T = seqs.shape
     given = torch.arange(2, T, device=seqs.device).repeat_interleave(B)  # row j * B + b: x_0 .. x_{j + 1} of sequence b
-    rewards = sum(
-        disc(complete(model, seqs.repeat(T - 2, 1), given, temperature)).view(T - 2, B) for _ in range(n_rollouts)
-    )
+    prefixes = seqs.repeat(T - 2, 1)
+    rewards = sum(disc(complete(model, prefixes, given, temperature)).view(T - 2, B) for _ in range(n_rollouts))
     return torch.cat((rewards.T / n_rollouts, disc(seqs)[:, None]), dim=1)
 
 
@@ -1091,50 +920,18 @@ def self_bleu(samples, n):
 def text_metrics(texts, refs):
     """BLEU-2/3/4 of the texts against refs (References of held-out text) and their self-BLEU-4."""
     hyps = [words(t) for t in texts]
-    return {
-        "bleu2": bleu(hyps, refs, 2),
-        "bleu3": bleu(hyps, refs, 3),
-        "bleu4": bleu(hyps, refs, 4),
-        "self_bleu4": self_bleu(hyps, 4),
-    }
+    return {**{f"bleu{n}": bleu(hyps, refs, n) for n in (2, 3, 4)}, "self_bleu4": self_bleu(hyps, 4)}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training
 
 
-def setup_device(cfg):
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
-    if cfg.threads:  # on a busy machine, fewer threads than cores: they wait less for each other
-        torch.set_num_threads(cfg.threads)
-    if cfg.dtype == "auto":
-        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if cfg.dtype == "float16" and device.type == "cpu":
-        die("--dtype float16 runs many times slower than float32 on the CPU; use float32 or bfloat16")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = getattr(torch, cfg.dtype)
-    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-    return device, autocast
-
-
-def get_lr(it, cfg):
-    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+def reset_usage(model):
+    """Zero every SwitchHead layer's count of its experts' choices (made in eval mode, in route)."""
+    for m in model.modules():
+        if isinstance(m, SwitchHeadAttention):
+            m.usage.zero_()
 
 
 def expert_usage(model):
@@ -1142,9 +939,8 @@ def expert_usage(model):
     lines = []
     for i, block in enumerate(model.blocks):
         if isinstance(block.attn, SwitchHeadAttention):
-            share = (
-                (100 * block.attn.usage / block.attn.usage.sum(-1, keepdim=True).clamp(min=1)).round().long().tolist()
-            )
+            usage = block.attn.usage
+            share = (100 * usage / usage.sum(-1, keepdim=True).clamp(min=1)).round().long().tolist()
             value, output = (" / ".join(" ".join(f"{p:3d}" for p in head) for head in side) for side in share)
             lines.append(f"  layer {i} expert use (% per head, heads split by /) | value {value} | output {output}")
     return lines
@@ -1169,9 +965,7 @@ def estimate_loss(model, loader, cfg, autocast):
     model.eval()
     out = {}
     for split in ("train", "val"):
-        for m in model.modules():  # count the experts' choices afresh: what is left at the end is the val split's
-            if isinstance(m, SwitchHeadAttention):
-                m.usage.zero_()
+        reset_usage(model)  # count the experts' choices afresh: what is left at the end is the val split's
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         losses = torch.zeros(cfg.eval_iters)
         for k in range(cfg.eval_iters):
@@ -1184,146 +978,53 @@ def estimate_loss(model, loader, cfg, autocast):
     return out
 
 
-def load_checkpoint(path, device, scripts=(SCRIPT,)):
-    """A checkpoint written by one of scripts: this one, or the script whose model a later stage starts from."""
-    if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train first (python {scripts[0]}.py), or give the folder or path a run wrote")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
-        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        die(f"{path} was written by {found}, not {' or '.join(scripts)}; use that script, or another --out_dir")
-    return ckpt
+def train(cfg, model, disc, loader, tok, device, autocast, ckpt=None):
+    """Phase 1: MLE pre-training of the generator, switchhead_moe.py's loop; its checkpoints hold D too, untrained."""
+    optimizer = model.configure_optimizer(cfg, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")  # float16 needs its loss scaled
+    gen = torch.Generator().manual_seed(cfg.seed)  # draws the training batches
+    tokens = cfg.gradient_accumulation_steps * cfg.batch_size * (cfg.seq_len if cfg.oracle else cfg.block_size)
 
+    def extra():  # what the checkpoint holds besides Run's: the phase, and D (untrained) as in every phase's
+        return {"tokenizer": tok.name, "vocab": tok.chars, "phase": "mle", "discriminator": disc.state_dict()}
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    log = PhaseLog(cfg, "mle", ckpt["log_rows"] if ckpt else 0)
+    # the bookkeeping around the step (shared section); on --resume it restores the optimizer and the random states
+    run = Run(cfg, model, optimizer, gen, tokens, ckpt, extra, log=log)
+    oracle, real_eval = held_out(loader, tok, cfg) if cfg.oracle else (None, None)
+    if cfg.compile:
+        print("compiling the model (takes a minute)...")
+        torch._dynamo.config.capture_scalar_outputs = True  # the experts' group sizes stay inside the graph
+        model = torch.compile(model)
+    for it in range(run.iter_num, cfg.max_iters + 1):
+        run.stop_if_requested(it)  # Ctrl-C or SIGTERM: save the state at this iteration and exit
+        lr = get_lr(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:  # print, log, save ckpt.pt (best.pt when val improves)
+            # --oracle: NLL-oracle, which val loss does not show (first: the experts' use printed is the val split's)
+            metrics = evaluate_samples(model, None, real_eval, oracle, tok, cfg, autocast)[0] if oracle else {}
+            run.evaluate(it, lr, estimate_loss(model, loader, cfg, autocast), **metrics)
+            for line in expert_usage(model):
+                print(line)
+        if it == cfg.max_iters:
+            break
 
-
-def check_out_dir(out_dir, overwrite):
-    """A run that does not --resume never replaces a checkpoint: this script's only with --overwrite, another
-    script's never."""
-    for name in ("ckpt.pt", "best.pt"):
-        path = os.path.join(out_dir, name)
-        if not os.path.exists(path):
-            continue
-        try:
-            old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            script, what = old["script"], f"{old['script']} at iteration {old['iter_num']}"
-        except Exception:
-            script, what = None, "an unreadable checkpoint"
-        if script not in (None, SCRIPT):
-            die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
-        if not overwrite:
-            die(
-                f"{path} already holds {what}; continue it with --resume, use another --out_dir, or start over with "
-                "--overwrite"
-            )
-
-
-def resume_config(cfg, saved, names):
-    """--resume: these settings come from the checkpoint; a different value typed on the command line is a mistake."""
-    for name in names:
-        if name not in saved:  # written before the flag existed: the setting it had is unknown
-            die(
-                f"the checkpoint has no --{name}: an older version of this script wrote it; resume it with that "
-                "version, or start a new run in another --out_dir"
-            )
-        if name in cfg.given and getattr(cfg, name) != saved[name]:
-            die(
-                f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out to "
-                "resume, or start a new run in another --out_dir"
-            )
-        setattr(cfg, name, saved[name])
-
-
-class StopRequest:
-    """Inside `with STOP:`, Ctrl-C or SIGTERM sets .requested: training saves the latest state at the start of the
-    next iteration and exits. A second signal stops at once, leaving the last saved checkpoint."""
-
-    requested = False
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            f"\n{signal.Signals(signum).name}: saving the latest state after this iteration (again to stop at once)",
-            file=sys.stderr,
-        )
-
-
-STOP = StopRequest()
-
-
-PHASES = ("mle", "d_pretrain", "adversarial")
-
-
-class CSVLog:
-    """out_dir/log.csv: one row per log line (batch loss) and per evaluation (train and val estimates), in every
-    phase (the phase column); GAN rows add D's loss and accuracy, the reward, BLEU and self-BLEU, or with --oracle
-    NLL-oracle (in the MLE phase's evaluations too)."""
-
-    columns = [
-        "iter",
-        "train_loss",
-        "val_loss",
-        "lr",
-        "ms_per_iter",
-        "phase",
-        "d_loss",
-        "reward",
-        "d_acc_real",
-        "d_acc_fake",
-        "bleu2",
-        "bleu3",
-        "bleu4",
-        "self_bleu4",
-        "nll_oracle",
-    ]
-
-    def __init__(self, path, start=None):
-        rows = []
-        if start is not None and os.path.exists(path):  # resuming at (phase, iter): drop rows past the checkpoint
-            order = lambda phase, it: (PHASES.index(phase), int(it))  # noqa: E731
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if order(r["phase"], r["iter"]) < order(*start)]
-        self.f = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.f, self.columns)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
-        self.phase = "mle"  # written into every row
-
-    def write(self, **row):
-        self.writer.writerow({"phase": self.phase, **row})
-        self.f.flush()
-
-
-def checkpoint(cfg, tok, device, phase, it, model, optimizer, disc, d_optimizer, baseline, best_val, gen):
-    """Everything --resume needs to continue at step it of phase: both models, the optimizers of the phase (None: none
-    yet), the baseline, the MLE phase's best val loss and the random states."""
-    return {
-        "script": SCRIPT, "phase": phase, "model": model.state_dict(),
-        "optimizer": None if optimizer is None else optimizer.state_dict(), "discriminator": disc.state_dict(),
-        "d_optimizer": None if d_optimizer is None else d_optimizer.state_dict(), "baseline": baseline,
-        "config": asdict(cfg), "iter_num": it, "best_val_loss": best_val, "tokenizer": tok.name, "vocab": tok.chars,
-        "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-    }  # fmt: skip
+        # forward and backward, gradients summed over the micro-batches
+        for micro in range(cfg.gradient_accumulation_steps):
+            x, y = loader.get_batch("train", gen)  # on a GPU this overlaps with the previous step's kernels
+            with autocast:
+                _, loss = model(x, y)
+            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()  # the sum over micro-batches is the mean
+        # step: clip the gradient norm, update the weights
+        optimizer_step(optimizer, model.parameters(), cfg, scaler)
+        run.log(it, lr, loss)  # every log_interval iterations: a line and a row of log.csv
+    best_val = run.finish()
+    if cfg.n_experts > 1:  # from the last evaluation's count
+        dead, n = dead_experts(model), 2 * cfg.n_layer * cfg.n_head * cfg.n_experts
+        listed = "".join(f" | layer {i} {side} head {h} expert {e} {100 * f:.1f}%" for i, side, h, e, f in dead)
+        print(f"dead experts (chosen by < 5% of the val tokens): {len(dead)} of {n}{listed}")
+    return best_val
 
 
 def optimizer_step(optimizer, params, cfg, scaler=None):
@@ -1335,119 +1036,6 @@ def optimizer_step(optimizer, params, cfg, scaler=None):
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-
-
-def train(cfg, model, disc, loader, tok, device, autocast, log, ckpt=None):
-    """Phase 1: MLE pre-training of the generator, switchhead_moe.py's loop (the checkpoint also holds D, untrained)."""
-    # set up: the optimizer, the batch generator, and on --resume everything the checkpoint restores
-    raw_model = model
-    optimizer = model.configure_optimizer(cfg, device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
-    gen = torch.Generator().manual_seed(cfg.seed)  # drives the training batches
-    iter_num, best_val = 0, float("inf")
-    if ckpt is not None:  # --resume: restore everything that shapes the next step
-        optimizer.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["batch_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        print(f"resuming from iter {iter_num} (best val {best_val:.4f})")
-    if cfg.compile:
-        print("compiling the model (takes a minute)...")
-        torch._dynamo.config.capture_scalar_outputs = True  # the experts' group sizes stay inside the graph
-        model = torch.compile(model)
-    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    if cfg.wandb:
-        try:
-            import wandb
-
-            wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
-        except Exception as e:
-            die(
-                f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log "
-                "locally"
-            )
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * (cfg.seq_len if cfg.oracle else cfg.block_size)
-    print(f"tokens per iteration: {tokens_per_iter:,}")
-    oracle, real_eval = held_out(loader, tok, cfg) if cfg.oracle else (None, None)
-
-    def state(it):  # everything --resume needs to continue at iteration it
-        return checkpoint(cfg, tok, device, "mle", it, raw_model, optimizer, disc, None, None, best_val, gen)
-
-    t0, t_start, dts = time.time(), time.time(), []
-    for it in range(iter_num, cfg.max_iters + 1):
-        if STOP.requested:  # Ctrl-C or SIGTERM: keep everything up to here
-            save_checkpoint(ckpt_path, state(it))
-            print(f"stopped: {ckpt_path} holds iteration {it}; continue with --resume", file=sys.stderr)
-            sys.exit(130)
-        lr = get_lr(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # evaluate and save: ckpt.pt every time, best.pt when val improves
-        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            losses = estimate_loss(model, loader, cfg, autocast)
-            line = f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f}"
-            m = {}
-            if oracle is not None:  # what val loss does not show: the oracle's NLL of fresh samples
-                m, _ = evaluate_samples(raw_model, None, real_eval, oracle, tok, cfg, autocast)
-                line += f" | NLL-oracle {m['nll_oracle']:.4f}"
-            print(f"{line} | {time.time() - t_start:.1f} s")
-            for line in expert_usage(raw_model):
-                print(line)
-            log.write(
-                iter=it,
-                train_loss=f"{losses['train']:.4f}",
-                val_loss=f"{losses['val']:.4f}",
-                lr=f"{lr:.3e}",
-                ms_per_iter="",
-                **{k: f"{v:.4f}" for k, v in m.items()},
-            )
-            if cfg.wandb:
-                wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
-            if losses["val"] < best_val:  # best.pt: the model to sample from, without the optimizer
-                best_val = losses["val"]
-                save_checkpoint(best_path, {k: v for k, v in state(it).items() if k != "optimizer"})
-                print(f"saved {best_path}")
-            save_checkpoint(ckpt_path, state(it))
-            t0 = time.time()  # keep evaluation out of the per-iteration timing
-        if it == cfg.max_iters:
-            break
-
-        # forward and backward, gradients summed over the micro-batches
-        for micro in range(cfg.gradient_accumulation_steps):
-            x, y = loader.get_batch("train", gen)  # on a GPU this overlaps with the previous step's kernels
-            with autocast:
-                _, loss = model(x, y)
-                loss = loss / cfg.gradient_accumulation_steps  # the sum over micro-batches is the mean
-            scaler.scale(loss).backward()
-        # step: clip the gradient norm, update the weights
-        optimizer_step(optimizer, model.parameters(), cfg, scaler)
-
-        # log: the iteration's time, and every log_interval a line and a row of log.csv
-        t1 = time.time()
-        dt, t0 = t1 - t0, t1
-        dts.append(dt)
-        if it % cfg.log_interval == 0:
-            lossf = loss.item() * cfg.gradient_accumulation_steps  # .item() waits for the GPU: only when logging
-            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {tokens_per_iter / dt / 1000:.1f}k tok/s"
-            if device.type == "cuda":
-                line += f" | mfu {100 * raw_model.estimate_mfu(tokens_per_iter / dt, device):.1f}%"
-            print(line)
-            log.write(iter=it, train_loss=f"{lossf:.4f}", val_loss="", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
-    if dts:
-        median = sorted(dts)[len(dts) // 2] * 1000
-        print(
-            f"done: {len(dts)} iterations in {time.time() - t_start:.1f} s, median {median:.1f} ms/iter, best val "
-            f"{best_val:.4f}"
-        )
-    if cfg.n_experts > 1:  # from the last evaluation's count
-        dead, n = dead_experts(raw_model), 2 * cfg.n_layer * cfg.n_head * cfg.n_experts
-        print(
-            f"dead experts (chosen by < 5% of the val tokens): {len(dead)} of {n}"
-            + "".join(f" | layer {i} {side} head {h} expert {e} {100 * f:.1f}%" for i, side, h, e, f in dead)
-        )
-    return best_val
 
 
 def discriminator_step(model, disc, d_optimizer, real, cfg, autocast=nullcontext()):
@@ -1508,142 +1096,93 @@ def held_out(loader, tok, cfg):
     return refs, real
 
 
-def train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ckpt=None):
-    """Phases 2 and 3: discriminator pre-training, then adversarial rounds. An evaluation every adv_eval_interval steps
-    or rounds saves ckpt.pt, the latest state, and best.pt, the latest generator: a GAN has no best model
-    (no one number ranks its generators). Both carry best_val, the MLE phase's best val loss."""
-    # set up: both optimizers, the batch generator, and on --resume everything the checkpoint restores
+def gan_step(run, phase, disc, loader, baseline, autocast, scaler):
+    """A step of phase 2, one discriminator step, or a round of phase 3: g_steps REINFORCE steps of the generator, then
+    d_steps of the discriminator; run holds the generator, both optimizers and the batch generator. Returns D's mean
+    loss, the baseline and the last generator step's mean reward (None in phase 2)."""
+    model, optimizers, gen, cfg = run.model, run.optimizer, run.gen, run.cfg
+    reward = None
+    if phase == "adversarial":
+        for _ in range(cfg.g_steps):
+            mle_batch = loader.get_batch("train", gen) if cfg.mle_weight else None
+            real = loader.get_text("train", cfg.gan_batch_size, gen)
+            g_opt = optimizers.generator
+            baseline, reward = generator_step(model, disc, g_opt, real, cfg, baseline, autocast, scaler, mle_batch)
+    d_losses = []
+    for _ in range(cfg.d_steps if phase == "adversarial" else 1):
+        real = loader.get_text("train", cfg.gan_batch_size, gen)
+        d_losses.append(discriminator_step(model, disc, optimizers.discriminator, real, cfg, autocast))
+    return sum(d_losses) / len(d_losses) if d_losses else float("nan"), baseline, reward
+
+
+def evaluate_gan(run, disc, loader, held, tok, autocast, label, it, lr):
+    """An evaluation of phase 2 or 3 (label: its lines' first word): the generator's NLL, D's accuracy, the samples'
+    quality and diversity against held (held_out's), printed and logged; ckpt.pt and best.pt saved, best.pt the latest
+    generator: a GAN has no best model (no one number ranks its generators)."""
+    model, cfg, phase, (refs, real) = run.model, run.cfg, run.csv.phase, held
+    losses = estimate_loss(model, loader, cfg, autocast)
+    m, _ = evaluate_samples(model, disc, real, refs, tok, cfg, autocast)
+    if cfg.oracle:
+        quality = f"NLL-oracle {m['nll_oracle']:.4f}"
+    else:
+        quality = f"BLEU-2/3/4 {m['bleu2']:.3f} {m['bleu3']:.3f} {m['bleu4']:.3f} | self-BLEU-4 {m['self_bleu4']:.3f}"
+    nll = f"NLL train {losses['train']:.4f} val {losses['val']:.4f}"
+    accuracy = f"D accuracy real {100 * m['d_acc_real']:.1f}% fake {100 * m['d_acc_fake']:.1f}%"
+    print(f"{label} {it} | {nll} | {accuracy} | {quality} | {time.time() - run.t_start:.1f} s")
+    # ckpt.pt and best.pt, before the row as in Run.evaluate: resumed here, the run evaluates again and writes it again
+    run.save(it, best=True)
+    row = {"train_loss": losses["train"], "val_loss": losses["val"], **m}
+    run.csv.write(iter=it, lr=f"{lr:.3e}", **{k: f"{v:.4f}" for k, v in row.items()})
+    if run.wandb:
+        run.wandb.log({f"{phase}/{k}": v for k, v in {"iter": it, "val_nll": losses["val"], **m}.items()})
+
+
+def train_gan(cfg, model, disc, loader, tok, device, autocast, best_val, ckpt=None):
+    """Phases 2 and 3, discriminator pre-training, then adversarial rounds, on one Run, each phase counting its steps
+    from 0. An evaluation every adv_eval_interval steps or rounds saves ckpt.pt and best.pt, both with best_val, the MLE
+    phase's best val loss. ckpt: --resume's, of phase 2 or 3."""
     g_optimizer = model.configure_optimizer(cfg, device.type)
     for group in g_optimizer.param_groups:
         group["lr"] = cfg.adv_learning_rate
-    d_optimizer = disc.configure_optimizer(cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
-    gen = torch.Generator().manual_seed(cfg.seed + 3)  # drives the real sequences and batches of phases 2 and 3
-    phase, start, baseline = "d_pretrain", 0, None
-    if ckpt is not None and ckpt["phase"] != "mle":  # --resume inside phase 2 or 3
-        phase, start, baseline = ckpt["phase"], ckpt["iter_num"], ckpt["baseline"]
-        d_optimizer.load_state_dict(ckpt["d_optimizer"])
-        if ckpt["optimizer"] is not None:
-            g_optimizer.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["batch_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        print(f"resuming {phase} at step {start}")
-    if cfg.wandb:
-        try:
-            import wandb
+    optimizers = Optimizers(g_optimizer, disc.configure_optimizer(cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")  # float16 needs its loss scaled
+    gen = torch.Generator().manual_seed(cfg.seed + 3)  # draws the real sequences and batches of phases 2 and 3
+    phase, baseline = (ckpt["phase"], ckpt["baseline"]) if ckpt else ("d_pretrain", None)
+    # log.csv goes on after the checkpoint's rows, or after all the MLE phase wrote (none with --init_from)
+    log = PhaseLog(cfg, phase, ckpt["log_rows"] if ckpt else None if cfg.init_from == "scratch" else 0)
 
-            if wandb.run is None:  # not started by phase 1
-                wandb.init(project=cfg.wandb_project, name=SCRIPT, config=asdict(cfg))
-        except Exception as e:
-            die(
-                f"--wandb: {str(e).splitlines()[0]}; log in with `wandb login`, or set WANDB_MODE=offline to log "
-                "locally"
-            )
-    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    refs, real_eval = held_out(loader, tok, cfg)
-    reward_kind = f"per token, {cfg.rollouts} rollouts per prefix" if cfg.rollouts else "per sequence, D(x)"
-    print(
-        f"GAN on sequences of {cfg.seq_len} tokens, {cfg.gan_batch_size} real and {cfg.gan_batch_size} fake per step; "
-        f"rewards {reward_kind}"
-    )
+    def extra():  # what the checkpoint holds besides Run's: the phase, D, the baseline
+        gan = {"phase": log.phase, "discriminator": disc.state_dict(), "baseline": baseline}
+        return {"tokenizer": tok.name, "vocab": tok.chars, **gan}
 
-    def state(name, it):  # everything --resume needs to continue at step it of phase name
-        g_opt = g_optimizer if name == "adversarial" else None
-        return checkpoint(cfg, tok, device, name, it, model, g_opt, disc, d_optimizer, baseline, best_val, gen)
-
-    for name in PHASES[PHASES.index(phase) :]:
-        steps, lr = (
-            (cfg.d_pretrain_iters, cfg.d_learning_rate)
-            if name == "d_pretrain"
-            else (cfg.adv_rounds, cfg.adv_learning_rate)
-        )
-        label = "d-pretrain" if name == "d_pretrain" else "round"
-        log.phase = name
-        first = start if name == phase else 0
-        t0, t_start = time.time(), time.time()
-        for it in range(first, steps + 1):
-            if STOP.requested:  # Ctrl-C or SIGTERM: keep everything up to here
-                save_checkpoint(ckpt_path, state(name, it))
-                print(f"stopped: {ckpt_path} holds {name} step {it}; continue with --resume", file=sys.stderr)
-                sys.exit(130)
-            # evaluate and save: ckpt.pt and best.pt (round 0 holds the models of the end of phase 2, evaluated there)
+    run = Run(cfg, model, optimizers, gen, cfg.gan_batch_size * cfg.seq_len, ckpt, extra, log=log)
+    run.best_val = best_val
+    held = held_out(loader, tok, cfg)
+    rewards = f"per token, {cfg.rollouts} rollouts per prefix" if cfg.rollouts else "per sequence, D(x)"
+    batch = f"{cfg.gan_batch_size} real and {cfg.gan_batch_size} fake per step"
+    print(f"GAN on sequences of {cfg.seq_len} tokens, {batch}; rewards {rewards}")
+    # each phase: its name (in log.csv and the checkpoint), its lines' first word, its steps and its learning rate
+    phases = [("d_pretrain", "d-pretrain", cfg.d_pretrain_iters, cfg.d_learning_rate)]
+    phases += [("adversarial", "round", cfg.adv_rounds, cfg.adv_learning_rate)]
+    for name, label, steps, lr in phases[1 if phase == "adversarial" else 0 :]:
+        log.phase, t0 = name, time.time()
+        for it in range(run.iter_num if name == phase else 0, steps + 1):
+            run.stop_if_requested(it)  # Ctrl-C or SIGTERM: save the state at this step and exit
+            # evaluate and save (round 0 holds the models of the end of phase 2, evaluated there)
             if (it == steps or it % cfg.adv_eval_interval == 0) and not (name == "adversarial" and it == 0):
-                losses = estimate_loss(model, loader, cfg, autocast)
-                m, _ = evaluate_samples(model, disc, real_eval, refs, tok, cfg, autocast)
-                quality = (
-                    f"NLL-oracle {m['nll_oracle']:.4f}"
-                    if cfg.oracle
-                    else f"BLEU-2/3/4 {m['bleu2']:.3f} {m['bleu3']:.3f} {m['bleu4']:.3f} | self-BLEU-4 "
-                    f"{m['self_bleu4']:.3f}"
-                )
-                print(
-                    f"{label} {it} | NLL train {losses['train']:.4f} val {losses['val']:.4f} | D accuracy real "
-                    f"{100 * m['d_acc_real']:.1f}% fake {100 * m['d_acc_fake']:.1f}% | {quality} | "
-                    f"{time.time() - t_start:.1f} s"
-                )
-                log.write(
-                    iter=it,
-                    train_loss=f"{losses['train']:.4f}",
-                    val_loss=f"{losses['val']:.4f}",
-                    lr=f"{lr:.3e}",
-                    ms_per_iter="",
-                    **{k: f"{v:.4f}" for k, v in m.items()},
-                )
-                if cfg.wandb:
-                    wandb.log(
-                        {
-                            f"{name}/iter": it,
-                            f"{name}/val_nll": losses["val"],
-                            **{f"{name}/{k}": v for k, v in m.items()},
-                        }
-                    )
-                # best.pt: the generator to sample from, the latest (a GAN has no best model), without the optimizers
-                save_checkpoint(
-                    best_path, {k: v for k, v in state(name, it).items() if k not in ("optimizer", "d_optimizer")}
-                )
-                save_checkpoint(ckpt_path, state(name, it))
-                print(f"saved {ckpt_path} and {best_path}")
+                evaluate_gan(run, disc, loader, held, tok, autocast, label, it, lr)
                 t0 = time.time()  # keep evaluation out of the per-step timing
             if it == steps:
                 break
-
-            # step: the generator's REINFORCE steps (adversarial rounds only), then the discriminator's
-            reward = None
-            if name == "adversarial":
-                for _ in range(cfg.g_steps):
-                    mle_batch = loader.get_batch("train", gen) if cfg.mle_weight else None
-                    real = loader.get_text("train", cfg.gan_batch_size, gen)
-                    baseline, reward = generator_step(
-                        model, disc, g_optimizer, real, cfg, baseline, autocast, scaler, mle_batch
-                    )
-            d_steps = cfg.d_steps if name == "adversarial" else 1
-            d_losses = [
-                discriminator_step(
-                    model, disc, d_optimizer, loader.get_text("train", cfg.gan_batch_size, gen), cfg, autocast
-                )
-                for _ in range(d_steps)
-            ]
-            d_loss = sum(d_losses) / len(d_losses) if d_losses else float("nan")
-
-            # log: the step's time, and every log_interval a line and a row of log.csv
+            d_loss, baseline, reward = gan_step(run, name, disc, loader, baseline, autocast, scaler)
             t1 = time.time()
             dt, t0 = t1 - t0, t1
-            if it % cfg.log_interval == 0:
-                line = f"{label} {it} | D loss {d_loss:.4f}"
-                if reward is not None:
-                    line += f" | reward {reward:.4f} (baseline {baseline:.4f})"
-                print(f"{line} | {dt * 1000:.1f} ms")
-                log.write(
-                    iter=it,
-                    lr=f"{lr:.3e}",
-                    ms_per_iter=f"{dt * 1000:.2f}",
-                    d_loss=f"{d_loss:.4f}",
-                    reward="" if reward is None else f"{reward:.4f}",
-                )
-    if cfg.wandb:
-        wandb.finish()
+            if it % cfg.log_interval == 0:  # a line and a row of log.csv
+                shown = "" if reward is None else f" | reward {reward:.4f} (baseline {baseline:.4f})"
+                print(f"{label} {it} | D loss {d_loss:.4f}{shown} | {dt * 1000:.1f} ms")
+                row = {"d_loss": f"{d_loss:.4f}", "reward": "" if reward is None else f"{reward:.4f}"}
+                log.write(iter=it, lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}", **row)
+    run.finish()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1676,31 +1215,20 @@ def main(argv=None):
     ckpt = init = None
     if cfg.resume:
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
-        resume_config(cfg, ckpt["config"], RESUMED)
+        resume_config(cfg, ckpt["config"], RESUMED, kept=KEPT)
     else:
         check_out_dir(cfg.out_dir, cfg.overwrite)
-        if cfg.init_from != "scratch":  # the generator from switchhead_moe.py: its architecture and vocabulary
+        if cfg.init_from != "scratch":  # the generator of switchhead_moe.py: its architecture and vocabulary
             init = load_checkpoint(cfg.init_from, device, scripts=("switchhead_moe",))
-            for name in RESUMED[: RESUMED.index("data")]:  # the generator's architecture
+            for name in GENERATOR:
                 setattr(cfg, name, init["config"][name])
+            val = init["best_val_loss"]
+            print(f"generator from {cfg.init_from} (iter {init['iter_num']}, val {val:.4f}): no MLE pre-training here")
     if cfg.seq_len > cfg.block_size:
-        die(
-            f"--seq_len {cfg.seq_len} is longer than the generator's --block_size {cfg.block_size}; use at most "
-            f"{cfg.block_size}"
-        )
-    source = ckpt or init
-    if cfg.oracle:  # SeqGAN's synthetic data: sampled from the oracle, tokens 0 .. V - 1
-        oracle = Oracle(cfg)
-        loader = OracleData(oracle, cfg, device)
-        oracle.to(device)
-        tok = OracleTokenizer([str(i) for i in range(cfg.oracle_vocab)])
-        print(
-            f"oracle: LSTM of {cfg.oracle_embd}, vocabulary of {cfg.oracle_vocab}, seed {cfg.oracle_seed}; "
-            f"{len(loader.splits['train']):,} training and {len(loader.splits['val']):,} held-out sequences of the "
-            f"start token and {cfg.seq_len} tokens; their NLL-oracle (the oracle's entropy per token) "
-            f"{oracle.nll(loader.splits['val'].to(device)):.4f}, a uniform generator's NLL of them "
-            f"{math.log(cfg.oracle_vocab):.4f}"
-        )
+        die(f"--seq_len {cfg.seq_len} is longer than the generator's --block_size {cfg.block_size}; use at most that")
+    source = ckpt or init  # the vocabulary, the generator's weights and the MLE phase's best val loss
+    if cfg.oracle:  # SeqGAN's synthetic data: sampled from the oracle
+        loader, tok = oracle_data(cfg, device)
     else:
         text = load_text(cfg)
         tok = CharTokenizer(source["vocab"] if source else sorted(set(text)))
@@ -1714,40 +1242,388 @@ def main(argv=None):
         model.load_state_dict(source["model"])
     if ckpt:
         disc.load_state_dict(ckpt["discriminator"])
-    print(
-        f"{model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M used per token), "
-        f"device {device}, dtype {cfg.dtype}"
-    )
-    print(
-        f"discriminator: {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M parameters (embedding {cfg.d_embd}, "
-        f"LSTM {cfg.d_hidden})"
-    )
+    used = f"{model.num_params(active=True) / 1e6:.2f}M used per token"
+    print(f"{model.num_params() / 1e6:.2f}M parameters ({used}), device {device}, dtype {cfg.dtype}")
+    d_params = sum(p.numel() for p in disc.parameters())
+    print(f"discriminator: {d_params / 1e6:.2f}M parameters (embedding {cfg.d_embd}, LSTM {cfg.d_hidden})")
     print(cost_report(cfg, model))
-    os.makedirs(cfg.out_dir, exist_ok=True)
     phase = ckpt["phase"] if ckpt else "d_pretrain" if init else "mle"
-    log = CSVLog(os.path.join(cfg.out_dir, "log.csv"), (phase, ckpt["iter_num"]) if ckpt else None)
-    try:
-        with STOP:
-            if phase == "mle":
-                best_val = train(cfg, model, disc, loader, tok, device, autocast, log, ckpt)
-            elif init:
-                best_val = init["best_val_loss"]
-                print(
-                    f"generator from {cfg.init_from} (iter {init['iter_num']}, val {best_val:.4f}): no MLE "
-                    "pre-training here"
-                )
-            else:
-                best_val = ckpt["best_val_loss"]
-            if phase != "adversarial":
-                print("samples of the MLE generator, before the adversarial rounds:")
-                sample(model, tok, cfg, device, autocast, tok.chars[0])
-            train_gan(cfg, model, disc, loader, tok, device, autocast, log, best_val, ckpt)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; {cfg.out_dir}/ckpt.pt holds the last saved state", file=sys.stderr)
-        sys.exit(130)
-    log.f.close()
+    with STOP:  # Ctrl-C: save and stop at the next iteration (twice: at once)
+        if phase == "mle":
+            best_val = train(cfg, model, disc, loader, tok, device, autocast, ckpt)
+        else:  # the MLE phase's best val loss, switchhead_moe's or the checkpoint's: every later checkpoint carries it
+            best_val = source["best_val_loss"]
+        if phase != "adversarial":
+            print("samples of the MLE generator, before the adversarial rounds:")
+            sample(model, tok, cfg, device, autocast, tok.chars[0])
+        train_gan(cfg, model, disc, loader, tok, device, autocast, best_val, None if phase == "mle" else ckpt)
     print("samples after the adversarial rounds:")
     sample(model, tok, cfg, device, autocast, tok.chars[0])  # start from the first character: a newline in Shakespeare
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The phases' bookkeeping: one log.csv, two optimizers
+
+
+class PhaseLog:
+    """log.csv of every phase, each row with the phase that wrote it: a CSVLog (its rows and f) to Run, a new one per
+    Run, going on after the rows before it. The GAN phases add D's loss and accuracy, the reward, BLEU and self-BLEU,
+    or with --oracle NLL-oracle (which the MLE phase's evaluations report too)."""
+
+    COLUMNS = "phase d_loss reward d_acc_real d_acc_fake bleu2 bleu3 bleu4 self_bleu4 nll_oracle".split()
+
+    def __init__(self, cfg, phase, keep):
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.csv, self.phase = CSVLog(os.path.join(cfg.out_dir, "log.csv"), keep, self.COLUMNS), phase
+
+    def __getattr__(self, name):  # rows and f, which Run reads: the CSVLog's
+        return getattr(self.csv, name)
+
+    def write(self, **row):
+        self.csv.write(phase=self.phase, **row)
+
+
+class Optimizers:
+    """The GAN phases' two optimizers, the generator's and the discriminator's, as the one that Run saves in ckpt.pt
+    (not in best.pt) and restores on --resume."""
+
+    def __init__(self, generator, discriminator):
+        self.generator, self.discriminator = generator, discriminator
+
+    def state_dict(self):
+        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict()}
+
+    def load_state_dict(self, state):
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Downloading the data
+
+
+def download(url, path):
+    """Fetch url into path with a progress line; a half-finished download never takes path's name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading {url} -> {path}")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(path + ".part", "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0)
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                print(f"\r  {f.tell() / 1e6:.1f} of {total / 1e6:.1f} MB", end="", flush=True)
+    except OSError as e:
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); fetch it by hand, or pass --data PATH")
+    print()
+    os.replace(path + ".part", path)
+
+
+# ==========================================================================================================
+# The shared machinery, word for word the same in every script of the ladder (tests/test_skeleton.py checks),
+# so that a diff between two scripts shows only techniques: flags, devices, checkpoints, stopping, the log.
+# ==========================================================================================================
+
+
+def die(msg):
+    """A user error: one line on stderr, exit status 2, no traceback. Under torchrun rank 0 says it; the others wait
+    first (torchrun ends every process once one exits), so they speak only about a mistake that rank 0 did not meet."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank:
+        time.sleep(10)
+    print(f"error: {msg}" if rank == 0 else f"error (rank {rank}): {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def integer(text):
+    """An integer flag's value: 2000, 2_000 or 2e3, not 2.5."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)
+
+
+def parse_args(argv=None):
+    """Config from the command line: a flag per field, the field's comment its help, a Literal's values its choices.
+    Every mistake ends in one error line: an unknown flag, a negative number, or one of Config.mistakes()."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
+    parser.error = lambda msg: die(f"{msg} (see --help)")  # allow_abbrev=False: --lr is not --lr_decay_iters
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
+    for f in fields(Config):
+        if f.type is bool:  # --flag and --no-flag
+            shown, kind = f"--{'' if f.default else 'no-'}{f.name}", dict(action=argparse.BooleanOptionalAction)
+        else:
+            shown, kind = repr(f.default), dict(type={int: integer, float: float}.get(f.type, str))
+        choices = get_args(f.type) or None  # a Literal's values
+        parser.add_argument(
+            f"--{f.name}", default=f.default, choices=choices, help=f"{comments[f.name]} (default {shown})", **kind
+        )
+    unset = object()  # marks the flags not typed on the command line
+    args = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(Config)})))
+    cfg = Config(**{k: v for k, v in args.items() if v is not unset})
+    cfg.given = {k for k, v in args.items() if v is not unset}  # --resume checks these against the checkpoint
+    for f in fields(Config):
+        if f.type in (int, float) and getattr(cfg, f.name) < 0:
+            die(f"--{f.name} {getattr(cfg, f.name)} must be >= 0")
+    for mistake in cfg.mistakes():
+        die(mistake)
+    return cfg
+
+
+def setup_device(cfg):
+    """The device and the autocast context of cfg.device and cfg.dtype (their "auto" resolved in cfg)."""
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        die(f"--device {cfg.device} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if not {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(device.type, True):
+        die(f"--device {cfg.device}: {device.type.upper()} is not available on this machine; use --device cpu")
+    if not cfg.threads:  # threads that wait for a core other work holds slow every step: take the free ones
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        cfg.threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, min(cores, cores - round(load))))
+        if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+            print(f"threads: {cfg.threads} ({cores} cores, load average {load:.1f}; --threads N to choose)")
+    torch.set_num_threads(cfg.threads)
+    if cfg.dtype == "auto":
+        cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if cfg.dtype == "float16" and device.type == "cpu":
+        die("--dtype float16 runs many times slower than float32 on the CPU; use float32 or bfloat16")
+    if cfg.dtype == "bfloat16" and device.type == "cpu":
+        print("warning: --dtype bfloat16 runs many times slower than float32 on most CPUs", file=sys.stderr)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever still runs in float32
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = getattr(torch, cfg.dtype)
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    return device, autocast
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters, then flat."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def load_checkpoint(path, device, scripts=(SCRIPT,)):
+    """A checkpoint written by one of scripts: this one, or the script whose model a later stage starts from."""
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}; train first (python {scripts[0]}.py), or give the folder or path a run wrote")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
+        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+        die(f"{path} was written by {found}, not {' or '.join(scripts)}; use that script, or another --out_dir")
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint, nor the temporary."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_out_dir(out_dir, overwrite):
+    """A run that does not --resume writes into a folder it can write, and never replaces a checkpoint: this
+    script's only with --overwrite, another script's never."""
+    folder = os.path.abspath(out_dir)
+    while not os.path.isdir(folder):  # the folder, or the one it will be made in
+        if os.path.exists(folder):
+            die(f"--out_dir {out_dir}: {folder} is a file, not a folder")
+        folder = os.path.dirname(folder)
+    if not os.access(folder, os.W_OK):
+        die(f"--out_dir {out_dir}: {folder} is not writable; give a folder this run can write")
+    for name in ("ckpt.pt", "best.pt"):
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            script, what = old["script"], f"{old['script']} at iteration {old['iter_num']}"
+        except Exception:
+            script, what = None, "an unreadable checkpoint"
+        if script not in (None, SCRIPT):
+            die(f"{path} holds a checkpoint of {what}, which {SCRIPT} never overwrites; use another --out_dir")
+        if not overwrite:
+            die(f"{path} already holds {what}; continue it with --resume, use another --out_dir, or --overwrite it")
+
+
+def resume_config(cfg, saved, names, kept=()):
+    """--resume: the settings in names come from the checkpoint (a different value typed is a mistake); those in kept
+    too, unless typed (a resumed run ends where it was to end, or where --max_iters now says)."""
+    for name in names:
+        if name not in saved:  # written before the flag existed: the setting it had is unknown
+            die(f"the checkpoint has no --{name} (an older version wrote it); resume with that version, or start anew")
+        if name in cfg.given and getattr(cfg, name) != saved[name]:
+            die(f"--{name} {getattr(cfg, name)!r} differs from the checkpoint's {saved[name]!r}; leave it out")
+        setattr(cfg, name, saved[name])
+    for name in kept:
+        if name not in cfg.given:
+            setattr(cfg, name, saved[name])
+
+
+class StopRequest:
+    """Inside `with STOP:`, Ctrl-C or SIGTERM during training sets .requested: the loop saves the latest state at the
+    start of the next iteration and exits. Outside a training loop, or a second time, it stops at once."""
+
+    requested = training = False
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, kind, error, traceback):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if kind is KeyboardInterrupt:
+            print("\ninterrupted; the checkpoints saved before are kept (continue with --resume)", file=sys.stderr)
+            sys.exit(130)
+
+    def handle(self, signum, frame):
+        if self.requested or not self.training:
+            raise KeyboardInterrupt
+        self.requested = True
+        name = signal.Signals(signum).name
+        print(f"\n{name}: saving the latest state after this iteration (again to stop at once)", file=sys.stderr)
+
+
+STOP = StopRequest()
+
+
+class CSVLog:
+    """out_dir/log.csv: a row per log line (the batch loss) and per evaluation (the estimates and the script's own
+    metrics, its columns). Resuming, it keeps the first keep rows, those written before the checkpoint (None: all)."""
+
+    def __init__(self, path, keep=0, columns=()):
+        rows = []
+        if keep != 0 and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))[:keep]
+        self.f = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.f, ["iter", "train_loss", "val_loss", "lr", "ms_per_iter", *columns])
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.rows = len(rows)
+
+    def write(self, **row):
+        self.writer.writerow(row)
+        self.f.flush()
+        self.rows += 1
+
+
+class Run:
+    """A training loop's bookkeeping: evaluations that print, log and save ckpt.pt (the latest state) and best.pt (the
+    lowest val loss), log lines, wandb, Ctrl-C, timing. ckpt: --resume's checkpoint, whose optimizer, batch generator
+    and random states it restores; extra: what else a checkpoint holds (a function); log: a CSVLog to go on writing.
+    Under torchrun, rank 0 alone writes files, and MFU is per GPU."""
+
+    def __init__(self, cfg, model, optimizer, gen, tokens, ckpt=None, extra=dict, columns=(), log=None):
+        self.cfg, self.model, self.optimizer, self.gen, self.extra = cfg, model, optimizer, gen, extra
+        self.device, self.tokens = next(model.parameters()).device, tokens
+        self.iter_num, self.best_val = 0, float("inf")
+        if ckpt is not None:  # --resume: restore everything that shapes the next step
+            optimizer.load_state_dict(ckpt["optimizer"])
+            gen.set_state(ckpt["batch_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
+            self.iter_num, self.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+            print(f"resuming from iter {self.iter_num} (best val {self.best_val:.4f})")
+        self.writer, self.world = int(os.environ.get("RANK", 0)) == 0, int(os.environ.get("WORLD_SIZE", 1))
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        path = os.path.join(cfg.out_dir, "log.csv") if self.writer else os.devnull
+        self.csv = log or CSVLog(path, ckpt.get("log_rows") if ckpt else 0, columns)  # older checkpoints: keep all
+        self.wandb = None
+        if cfg.wandb:
+            try:
+                import wandb
+
+                self.wandb = wandb
+                wandb.init(project=cfg.wandb_project, name=cfg.out_dir, config=asdict(cfg))
+            except Exception as e:
+                die(f"--wandb: {str(e).splitlines()[0]}; run `wandb login`, or set WANDB_MODE=offline to log locally")
+        print(f"tokens per iteration: {tokens:,}")
+        self.t0 = self.t_start = time.time()
+        self.dts = []
+        STOP.training = True  # a first Ctrl-C now waits for the end of the iteration
+
+    def state(self, it):
+        """Everything --resume needs to continue at iteration it."""
+        weights = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        progress = {"iter_num": it, "best_val_loss": self.best_val, "log_rows": self.csv.rows}
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        rngs = {"batch_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng}
+        return {"script": SCRIPT, "config": asdict(self.cfg), **weights, **progress, **rngs, **self.extra()}
+
+    def save(self, it, best=False):
+        """ckpt.pt, and with best best.pt (the model to sample from, without the optimizer); rank 0 alone."""
+        path = os.path.join(self.cfg.out_dir, "ckpt.pt")
+        if self.writer:
+            if best:  # written first: killed in between, best.pt may be one evaluation ahead of ckpt.pt
+                best_path = os.path.join(self.cfg.out_dir, "best.pt")
+                save_checkpoint(best_path, {k: v for k, v in self.state(it).items() if k != "optimizer"})
+                print(f"saved {best_path}")
+            save_checkpoint(path, self.state(it))
+        return path
+
+    def stop_if_requested(self, it):
+        """Ctrl-C or SIGTERM (in any process under torchrun): save the state at iteration it and exit."""
+        if STOP.requested:
+            path = self.save(it)
+            print(f"stopped: {path} holds iteration {it}; continue with --resume", file=sys.stderr)
+            sys.exit(130)
+
+    def evaluate(self, it, lr, losses, **metrics):
+        """Print and save the estimates (and the script's metrics); best.pt when val improves; then log them."""
+        seconds = time.time() - self.t_start
+        shown = "".join(f" | {k} {v:.4f}" for k, v in metrics.items())
+        print(f"iter {it} | train {losses['train']:.4f} | val {losses['val']:.4f}{shown} | {seconds:.1f} s")
+        best = losses["val"] < self.best_val
+        self.best_val = min(self.best_val, losses["val"])
+        self.save(it, best)  # before the row: resumed here, the run evaluates again and writes it again
+        row = {"train_loss": losses["train"], "val_loss": losses["val"], **metrics}
+        self.csv.write(iter=it, lr=f"{lr:.3e}", **{k: f"{v:.4f}" for k, v in row.items()})
+        if self.wandb:
+            self.wandb.log({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr, **metrics})
+        self.t0 = time.time()  # keep evaluation out of the per-iteration timing
+
+    def log(self, it, lr, loss):
+        """The iteration's time, and every log_interval iterations a line and a row of log.csv."""
+        t1 = time.time()
+        dt, self.t0 = t1 - self.t0, t1
+        self.dts.append(dt)
+        if it % self.cfg.log_interval == 0:
+            lossf = loss.item()  # waits for the GPU: only when logging
+            line = f"iter {it} | loss {lossf:.4f} | {dt * 1000:.1f} ms | {self.tokens / dt / 1000:.1f}k tok/s"
+            if loss.device.type == "cuda":
+                line += f" | mfu {100 * self.model.estimate_mfu(self.tokens / self.world / dt, loss.device):.1f}%"
+            print(line)
+            self.csv.write(iter=it, train_loss=f"{lossf:.4f}", lr=f"{lr:.3e}", ms_per_iter=f"{dt * 1000:.2f}")
+
+    def finish(self):
+        """The run's summary line; closes log.csv and wandb. Returns the best val loss."""
+        if self.dts:
+            n, median, seconds = len(self.dts), sorted(self.dts)[len(self.dts) // 2] * 1000, time.time() - self.t_start
+            print(f"done: {n} iterations in {seconds:.1f} s, median {median:.1f} ms/iter, best val {self.best_val:.4f}")
+        self.csv.f.close()
+        if self.wandb:
+            self.wandb.finish()
+        STOP.training = False
+        return self.best_val
 
 
 if __name__ == "__main__":
