@@ -28,9 +28,9 @@ Changes from switchhead_moe.py (and --block_size 64, --temperature 1, the distri
 - REINFORCE (--g_steps, --adv_learning_rate, --baseline_decay, --mle_weight: an MLE loss on a real batch added,
   --gan_batch_size): token_logprobs, reinforce_loss, generator_step; --rollouts: rollout_rewards.
 - quality and diversity (--eval_samples, --adv_eval_interval): References, bleu, self_bleu, text_metrics.
-- the phases in one --out_dir, each on the shared Run: PhaseLog (log.csv's phase column), optimizer_step (every
-  phase's update), train_gan (gan_step, evaluate_gan; Optimizers: both as Run's one); main runs them in turn, and
-  --resume keeps --d_pretrain_iters and --adv_rounds as it keeps --max_iters.
+- the phases in one --out_dir, each on the shared Run: PhaseLog (log.csv's phase column), train_gan (gan_step,
+  evaluate_gan, optimizer_step; Optimizers: both as Run's one); main runs them in turn, and --resume keeps
+  --d_pretrain_iters and --adv_rounds as it keeps --max_iters.
 
 Run:     python gan_text.py                      (MLE 2000 iterations, D 200 steps, 150 rounds, all at 64 characters)
 Oracle:  python gan_text.py --oracle --seq_len 20 --block_size 20   (SeqGAN: vocabulary 5,000, LSTM of 32, 10,000 seqs)
@@ -1017,7 +1017,12 @@ def train(cfg, model, disc, loader, tok, device, autocast, ckpt=None):
                 _, loss = model(x, y)
             scaler.scale(loss / cfg.gradient_accumulation_steps).backward()  # the sum over micro-batches is the mean
         # step: clip the gradient norm, update the weights
-        optimizer_step(optimizer, model.parameters(), cfg, scaler)
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
         run.log(it, lr, loss)  # every log_interval iterations: a line and a row of log.csv
     best_val = run.finish()
     if cfg.n_experts > 1:  # from the last evaluation's count
@@ -1028,7 +1033,8 @@ def train(cfg, model, disc, loader, tok, device, autocast, ckpt=None):
 
 
 def optimizer_step(optimizer, params, cfg, scaler=None):
-    """Clip the gradient norm, update the weights, zero the gradients; scaler: the GradScaler that scaled the loss."""
+    """train()'s update for the GAN's steps: clip the gradient norm, update the weights, zero the gradients; scaler:
+    the GradScaler that scaled the loss (None: the loss was not scaled)."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     if cfg.grad_clip:
         scaler.unscale_(optimizer)
