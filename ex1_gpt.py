@@ -469,6 +469,8 @@ def parse_args(argv=None):
     for f in fields(Config):
         if f.type in (int, float) and getattr(cfg, f.name) < 0:
             die(f"--{f.name} {getattr(cfg, f.name)} must be >= 0")
+    if "prompt" in cfg.given and not cfg.prompt.strip():
+        die("--prompt is empty: give what the model should continue, or leave --prompt out to train")
     for mistake in cfg.mistakes():
         die(mistake)
     return cfg
@@ -525,8 +527,8 @@ def load_checkpoint(path, device, scripts=(SCRIPT,)):
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
-        found = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        die(f"{path} was written by {found}, not {' or '.join(scripts)}; use that script, or another --out_dir")
+        found, names = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown", " or ".join(scripts)
+        die(f"{path} holds a checkpoint of {found}, not of {names}; give one that python {scripts[0]}.py wrote")
     return ckpt
 
 

@@ -502,9 +502,11 @@ def test_init_from_a_switchhead_checkpoint(tmp_path, text_file, capsys):
     elsewhere = common + ["--out_dir", str(tmp_path / "other"), "--init_from"]
     other = str(tmp_path / "ex1.pt")
     torch.save({"script": "ex1_gpt"}, other)
-    assert "written by ex1_gpt, not switchhead_moe" in user_error(capsys, gan.main, elsewhere + [other])
+    line = user_error(capsys, gan.main, elsewhere + [other])
+    assert "of ex1_gpt, not of switchhead_moe; give one that python switchhead_moe.py wrote" in line
+    assert "--out_dir" not in line  # the advice is about --init_from's file, not the folder of this run
     own = os.path.join(out_dir, "best.pt")
-    assert "written by gan_text, not switchhead_moe" in user_error(capsys, gan.main, elsewhere + [own])
+    assert "of gan_text, not of switchhead_moe" in user_error(capsys, gan.main, elsewhere + [own])
     assert "no checkpoint" in user_error(capsys, gan.main, elsewhere + [str(tmp_path / "missing.pt")])
 
 

@@ -190,6 +190,7 @@ def test_mistakes_about_flags_and_devices(script, setup, capsys):
     if not torch.backends.mps.is_available():
         assert "MPS" in user_error(capsys, mod.main, argv + data + ["--overwrite", "--device", "mps"])
     assert "invalid integer value: '2.5'" in user_error(capsys, mod.main, argv + data + ["--max_iters", "2.5"])
+    assert "--prompt is empty" in user_error(capsys, mod.main, argv + ["--prompt", ""])  # not a training run
     bad_prompt = SCRIPTS[script][3]
     if bad_prompt:
         user_error(capsys, mod.main, argv + ["--prompt", bad_prompt])
