@@ -7,6 +7,8 @@ import copy
 import inspect
 import math
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -15,6 +17,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields, replace
+from operator import attrgetter
 from types import SimpleNamespace
 
 import numpy as np
@@ -459,6 +462,35 @@ def test_smoke_upcycle_finetune_evaluate_sample_resume(tmp_path, wikitext, gpt2_
     assert "<unk>" not in text
 
 
+def test_a_resumed_run_says_where_its_first_perplexity_was_measured(tmp_path, wikitext, gpt2_cache, capsys):
+    """A resumed run first scores its checkpoint's model, not the model fine-tuning started from: neither its lines nor
+    the closing comparison call that 'before fine-tuning'."""
+    args = TINY + ["--data", wikitext, "--out_dir", str(tmp_path / "o"), "--n_experts", "1", "--eval_interval", "2"]
+    args += ["--no-compare"]
+    fm.main(args + ["--max_iters", "2"])
+    assert "test perplexity before fine-tuning: " in capsys.readouterr().out
+    fm.main(args + ["--max_iters", "4", "--resume"])
+    text = capsys.readouterr().out
+    assert "before fine-tuning" not in text
+    first = float(text.split("test perplexity at iter 2, where this run resumed: ")[1].split()[0])
+    after = float(text.split("test perplexity after fine-tuning (best val checkpoint): ")[1].split()[0])
+    assert f"test perplexity per token: {first:.2f} at iter 2, where this run resumed | {after:.2f} after" in text
+
+
+def test_test_tokens_limits_the_scoring_and_the_quick_try_uses_it(tmp_path, wikitext, gpt2_cache, capsys):
+    """--test_tokens N scores only the first N tokens of the test split: scoring all of it, twice, made a 40-step run
+    take 7 minutes on 2 CPU cores. The docstring's quick try uses it."""
+    line = next(line for line in fm.__doc__.splitlines() if "--max_iters 40" in line)
+    cfg = fm.parse_args(shlex.split(line.split("flash_moe_finetune.py")[1].split("(")[0]))
+    assert cfg.max_iters == 40 and 0 < cfg.test_tokens <= 20000
+    args = TINY + ["--data", wikitext, "--out_dir", str(tmp_path / "o"), "--max_iters", "0", "--n_experts", "1"]
+    scored = []
+    for n in ("300", "0"):
+        fm.main(args + ["--test_tokens", n])
+        scored.append(int(re.search(r"per token \(([\d,]+) tokens\)", capsys.readouterr().out)[1].replace(",", "")))
+    assert scored[0] == 299 and scored[1] > 1000  # the whole test split, about 1,500 tokens
+
+
 def test_zero_shot_and_dense(tmp_path, wikitext, gpt2_cache, capsys):
     fm.main(
         TINY
@@ -506,7 +538,7 @@ def test_user_errors(tmp_path, wikitext, gpt2_cache, capsys, monkeypatch):
     assert "character vocabulary" in user_error(capsys, fm.main, base + ["--init_from", ex3_char])
     for script in ("switchhead_moe", "ex1_gpt"):  # load_checkpoint(path, device, scripts): this script's and ex3's only
         line = user_error(capsys, fm.main, base + ["--init_from", str(ex3_checkpoint(tmp_path, "gpt2", script))])
-        assert f"written by {script}, not flash_moe_finetune or ex3_pretrain_finetune" in line
+        assert f"holds a checkpoint of {script}, not of flash_moe_finetune or ex3_pretrain_finetune" in line
 
 
 def test_data_is_wikitext_and_data_dir_the_downloads(tmp_path, wikitext, gpt2_cache, capsys, monkeypatch):
@@ -628,7 +660,15 @@ def torchrun(worker, args):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
 
 
-GRAD_ACCUM = "--gradient_accumulation_steps 1 counts micro-batches over all 2 processes; make it a multiple of 2"
+def test_ddp_code_is_ex3s():
+    """Distributed data parallel is ex3's, word for word: a diff between the two scripts shows only the technique."""
+    import ex3_pretrain_finetune as ex3
+
+    for name in ("setup_ddp", "stop_together", "local_rank_zero_first", "DataLoader.get_batch"):
+        assert inspect.getsource(attrgetter(name)(fm)) == inspect.getsource(attrgetter(name)(ex3)), name
+
+
+GRAD_ACCUM = "--gradient_accumulation_steps 1 must be a multiple of 2"
 
 
 def test_ddp_flags_are_checked_before_the_process_group(monkeypatch, capsys):

@@ -7,6 +7,7 @@ line, and --lora_merge writes an ordinary checkpoint that samples as the adapter
 
 import copy
 import importlib
+import inspect
 import os
 import shutil
 import signal
@@ -86,6 +87,12 @@ def test_lora_starts_as_the_pretrained_model_exactly(script, targets, adapted):
         assert torch.equal(lora(x)[0], before)
         layers[0].lora_B.weight.normal_()  # the check can see an adapter at work
         assert not torch.allclose(lora(x)[0], before, atol=1e-3)
+
+
+def test_the_lora_code_is_the_same_in_both():
+    """flash_moe_finetune's LoRA is ex3's, word for word; only lora_start (the routers train too) is its own."""
+    for name in ("LoRALinear", "add_lora", "load_adapters", "saved_weights", "lora_note", "save_merged"):
+        assert inspect.getsource(getattr(fm, name)) == inspect.getsource(getattr(ex3, name)), name
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
