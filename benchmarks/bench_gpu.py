@@ -73,6 +73,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -700,8 +701,13 @@ def attention_variants(a, dev, dtype):
             if "flex" not in compiled:  # one compiled function for every length
                 compiled["flex"] = torch.compile(flex_attention)
             f = compiled["flex"]
-        else:
-            f = flex_attention  # the CPU has no backward: time_call falls back to the forward
+        else:  # the CPU has no backward (time_call falls back to the forward) and no fused kernel: eager, as asked
+
+            def f(*args, **kwargs):
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+                    return flex_attention(*args, **kwargs)
+
         return (lambda q, k, v: f(q, k, v, block_mask=block_mask)), qkv(T)
 
     def tiled(T):
