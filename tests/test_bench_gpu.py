@@ -14,6 +14,8 @@ from conftest import ROOT, TEXT
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import bench_gpu  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the whole module: python -m pytest -m 'not slow' leaves it out
+
 PART_TITLES = (
     "## ex1 at nanoGPT's GPU settings",
     "## ex4's defaults at the same model size",

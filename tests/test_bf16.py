@@ -30,6 +30,8 @@ import rnn_lm
 import switchhead_moe as sh
 from conftest import read_log
 
+pytestmark = pytest.mark.slow  # the whole module: python -m pytest -m 'not slow' leaves it out
+
 TOL = 0.1  # nats: the largest difference allowed between a loss logged after bfloat16 training and float32's
 N = 4  # iterations under bfloat16, then N more in float32 after --resume
 WIKI = " = Lobster = \n \n The lobster is a red animal . It 's highly esteemed , and the crab is green .\n"

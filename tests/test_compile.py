@@ -36,6 +36,8 @@ import rnn_lm
 import switchhead_moe as sh
 from conftest import read_log
 
+pytestmark = pytest.mark.slow  # the whole module: python -m pytest -m 'not slow' leaves it out
+
 V = 11  # vocabulary size of the test models
 B, T = 2, 16  # batch and sequence length: block_size of every test model
 

@@ -105,6 +105,7 @@ def test_user_errors(tmp_path, text_file, capsys):
     assert "ex2_addition" in user_error(capsys, ex1.main, ["--out_dir", out, "--prompt", "All"])
 
 
+@pytest.mark.slow
 def test_user_error_from_the_command_line(tmp_path):
     """As a user sees it: one line on stderr, exit status 2, no traceback."""
     p = run_script("ex1_gpt.py", "--data", str(tmp_path / "nope.txt"))

@@ -29,6 +29,7 @@ def test_problem_layout():
     assert cfg.block_size == rows.shape[1] - 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("digits", [1, 3, 5])
 def test_split_is_disjoint(digits):
     data = loader(digits)
@@ -86,6 +87,7 @@ def test_accuracy_decoding():
     assert mistakes == ["05+00=5 (model: 6)", "05+01=6 (model: 7)", "05+02=7 (model: 8)"]
 
 
+@pytest.mark.slow
 def test_one_forward_pass_scores_as_greedy_decoding_does(tmp_path, capsys):
     """A half-trained model (many mistakes, many right answers): accuracy() from one teacher-forced forward pass per
     problem counts exactly the problems that greedy decoding, token by token, answers right."""
@@ -184,6 +186,7 @@ def test_test_problems_and_prompt_that_is_not_a_number(tmp_path, capsys):
 
 
 
+@pytest.mark.slow
 def test_sigint_saves_the_latest_state(tmp_path, capsys, monkeypatch):
     """Ctrl-C between evaluations: ckpt.pt holds the iteration reached, exit status 130; resumed, the losses of a run
     that was never stopped."""

@@ -112,6 +112,7 @@ def test_corpus_encoding_unknown_characters_round_trip_and_reuse(tmp_path, capsy
     assert len(os.listdir(tmp_path / "data")) == 6  # three corpora, each a .bin and its .json; no .part left
 
 
+@pytest.mark.slow
 def test_web_text_unreachable_fails_fast(tmp_path, text_file):
     """Without the Hugging Face offline variables and with no way to the Hub, streaming FineWeb-Edu fails within seconds
     with one line (datasets alone retries for half a minute first)."""
@@ -143,6 +144,7 @@ def test_web_text_unreachable_fails_fast(tmp_path, text_file):
     assert "--pretrain_data" in err[0] and time.time() - t - t_import < 10
 
 
+@pytest.mark.slow
 def test_web_text_offline_names_the_local_fix(tmp_path, text_file, capsys):
     """Without --pretrain_data the corpus is streamed through datasets; offline (HF_DATASETS_OFFLINE=1) that is one
     error line."""
@@ -160,6 +162,7 @@ def test_web_text_offline_names_the_local_fix(tmp_path, text_file, capsys):
 # Stages
 
 
+@pytest.mark.slow
 def test_finetune_starts_from_the_pretrained_weights(tmp_path, text_file, corpus, capsys):
     out = str(tmp_path / "out")
     common = TINY + [
@@ -280,6 +283,7 @@ def test_a_new_run_checks_every_stage_folder_first(tmp_path, text_file, corpus, 
     assert os.listdir(out) == ["scratch"] and open(scratch, "rb").read() == before
 
 
+@pytest.mark.slow
 def test_resume_takes_the_data_flags_from_the_checkpoint(tmp_path, text_file, corpus, capsys):
     """--resume reads the data the run was started with (typing nothing, or the same values), and refuses another."""
     out, other = str(tmp_path / "out"), str(tmp_path / "other.txt")
@@ -322,6 +326,7 @@ def test_gpt2_tokenizer(tmp_path, text_file, corpus, capsys, gpt2_cache):
     assert "--- sample 1 ---\nROMEO:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_user_errors(tmp_path, text_file, corpus, capsys):
     base = TINY + ["--data", text_file, "--data_dir", str(tmp_path / "data")]
     assert "--stage" in user_error(capsys, ex3.main, base + ["--stage", "everything"])
@@ -398,6 +403,7 @@ torch.save(
 """
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path, text_file, corpus):
     """torchrun --nproc_per_node 2 on the CPU (gloo): parameters identical across ranks, the loss curve of one process
     with the same global batch (4 micro-batches: 2 per rank), and one gradient all-reduce per step, not per
@@ -439,6 +445,7 @@ def torchrun_env():
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
+@pytest.mark.slow
 def test_torchrun_mistake_is_one_line(tmp_path, text_file):
     """Under torchrun a bad flag (found before the process group starts) and a missing data file (found after) each give
     one error line, rank 0's, even when rank 0 starts last, and no traceback from the script. torchrun then prints its
@@ -470,6 +477,7 @@ def test_torchrun_mistake_is_one_line(tmp_path, text_file):
         assert "exitcode  : 2" in p.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_sigterm_to_one_process_stops_every_rank(tmp_path, text_file, corpus, capsys):
     """SIGTERM to one process of two: both stop at the top of the same iteration, rank 0 saves it in ckpt.pt, and
     --resume (here in one process) continues to the losses of a run that was never stopped."""

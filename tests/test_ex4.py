@@ -198,6 +198,7 @@ CACHE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", CACHE_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_cached_generation_equals_recomputing(kw):
     """Greedy tokens are the same with and without the cache; each step's logits agree within 1e-5. With RoPE and a
@@ -297,6 +298,7 @@ def test_multiplicative_with_factored_matrix_is_scaled_dot(flash, n_kv_head):
     assert not torch.allclose(mult(idx)[0], dot(idx)[0], atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", [1 << 22, 7 * 4 * 3])  # one block, and 7 queries a block
 def test_additive_scores_equal_a_plain_loop(block, monkeypatch):
     """s(t, j) = w_h . tanh(q_t + k_j) for every head h, query t and key j, and the attention through it, against
@@ -417,6 +419,7 @@ PAD_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("kw", PAD_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_a_padded_batch_gives_what_each_prompt_alone_gives(kw, use_cache):
@@ -522,6 +525,7 @@ def test_smoke_every_switch_on(text_file, tmp_path, capsys):
     assert "no such file" in user_error(capsys, ex4.main, [*greedy, "--prompt_file", str(tmp_path / "none.txt")])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, words",
     [

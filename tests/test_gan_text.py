@@ -337,6 +337,7 @@ ORACLE = ["--oracle", "--oracle_vocab", "30", "--oracle_embd", "8", "--oracle_tr
           "--adv_eval_interval", "2", "--max_new_tokens", "8"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_oracle_run_through_main(tmp_path, capsys):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     gan.main(TINY + ORACLE + ["--out_dir", full, "--adv_rounds", "4", "--rollouts", "1"])
@@ -445,6 +446,7 @@ def interrupt_on_call(monkeypatch, name, n):
     monkeypatch.setattr(gan, name, wrapped)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_every_phase_saves_there_and_resume_continues_exactly(tmp_path, text_file, capsys, monkeypatch):
     """Stopped between evaluations in each phase in turn, the run saves the step it reached; resumed each time, it
     ends with exactly the log of a run that was never stopped."""
@@ -474,6 +476,7 @@ def test_ctrl_c_in_every_phase_saves_there_and_resume_continues_exactly(tmp_path
         assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
 
 
+@pytest.mark.slow
 def test_init_from_a_switchhead_checkpoint(tmp_path, text_file, capsys):
     mle = str(tmp_path / "mle")
     sh.main(["--device", "cpu", "--n_layer", "1", "--n_embd", "32", "--block_size", "16", "--batch_size", "4",
@@ -510,6 +513,7 @@ def test_init_from_a_switchhead_checkpoint(tmp_path, text_file, capsys):
     assert "no checkpoint" in user_error(capsys, gan.main, elsewhere + [str(tmp_path / "missing.pt")])
 
 
+@pytest.mark.slow
 def test_user_errors(tmp_path, text_file, capsys):
     assert "--seq_len 20" in user_error(
         capsys, gan.main, TINY + ["--data", text_file, "--seq_len", "20"]
@@ -531,6 +535,7 @@ BAD_DATA = [("missing", "no such file"), ("folder", "a folder"), ("empty", "trai
             ("binary", "binary"), ("latin-1", "not UTF-8"), ("short", "val split has 15 tokens")]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,expect", BAD_DATA)
 def test_bad_data_file(case, expect, tmp_path, capsys):
     """Each is one line; "short": 150 characters, whose val split holds a GAN sequence (12) but no MLE batch (17)."""

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, SCRIPTS, TEXT
+
+pytestmark = pytest.mark.slow  # the whole module: python -m pytest -m 'not slow' leaves it out
 
 
 def test_tests_pass_beside_a_readers_out_dir(tmp_path):

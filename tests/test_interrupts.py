@@ -15,6 +15,8 @@ import torch
 import ex1_gpt as ex1
 from conftest import ROOT, losses
 
+pytestmark = pytest.mark.slow  # the whole module: python -m pytest -m 'not slow' leaves it out
+
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2",
         "--device", "cpu", "--eval_iters", "1", "--log_interval", "1", "--dropout", "0.1",
         "--max_new_tokens", "4"]  # fmt: skip

@@ -139,6 +139,7 @@ def test_only_the_adapters_train_and_merging_changes_nothing(script, tmp_path):
         assert (plain(x)[0] - unmerged).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_compile_captures_the_adapters_whole():
     """--compile with adapters: one graph, the loss and the gradients of A and B (and of the routers) unchanged."""
     torch.manual_seed(0)
@@ -255,6 +256,7 @@ def samples(text):
     return text[text.index("--- sample 1") :]
 
 
+@pytest.mark.slow
 def test_lora_checkpoints_resume_and_the_trained_model(runs, capsys, monkeypatch):
     """A LoRA run through main: the start-up line says what trains, the optimizer holds only that, the frozen weights
     end bit for bit where they began; ckpt.pt and best.pt hold only what trains, with the pretrained checkpoint's path
@@ -301,6 +303,7 @@ def test_lora_checkpoints_resume_and_the_trained_model(runs, capsys, monkeypatch
     assert losses(runs.folder(part)) == losses(runs.folder(full)) and len(losses(runs.folder(full))) == 9 + 4
 
 
+@pytest.mark.slow
 def test_sampling_merging_and_the_wrong_pretrained_checkpoint(runs, capsys):
     """--prompt samples from a LoRA best.pt; --lora_merge writes merged.pt, which, as another run's best.pt, samples
     the same text through the plain path (no adapters). A LoRA checkpoint on other pretrained weights, or on none, is
@@ -341,6 +344,7 @@ def test_sampling_merging_and_the_wrong_pretrained_checkpoint(runs, capsys):
     assert kept == {n: open(os.path.join(folder, n), "rb").read() for n in ("ckpt.pt", "best.pt")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_lora_flag_mistakes(script, capsys):
     mod = importlib.import_module(script)

@@ -321,6 +321,7 @@ def test_stop_between_evaluations_saves_the_stream_and_resumes_exactly(flags, te
     assert losses(straight) == losses(stopped)
 
 
+@pytest.mark.slow
 def test_ckpt_at_every_evaluation_best_when_val_improves(text_file, tmp_path, monkeypatch, capsys):
     vals = iter([2.0, 1.0, 3.0, 2.0])  # iterations 0, 2, 4: the best is at 2, the latest at 4; then a new run's 0
     monkeypatch.setattr(rnn_lm, "estimate_loss", lambda *a: {"train": 1.0, "val": next(vals)})

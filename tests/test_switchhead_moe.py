@@ -394,6 +394,7 @@ def test_softmax_and_dense_variants_train(tmp_path, text_file, capsys, flags):
     assert float(read_log(out)[-1]["val_loss"]) < float(read_log(out)[0]["val_loss"])
 
 
+@pytest.mark.slow
 def test_user_errors(tmp_path, text_file, capsys):
     assert "--moe_k 5" in user_error(capsys, sh.main, TINY + ["--n_experts", "4", "--moe_k", "5"])
     assert "--moe_k 3" in user_error(capsys, sh.main, TINY + ["--n_experts", "2", "--moe_k", "3"])

@@ -145,6 +145,7 @@ def setup(trained, tmp_path):
     return make
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("case", ["missing", "folder", *BAD_DATA])
 def test_bad_data(script, case, setup, tmp_path, capsys):
@@ -170,6 +171,7 @@ def test_bad_data(script, case, setup, tmp_path, capsys):
     unchanged()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,flag", [(s, f) for s in SCRIPTS for f in numeric_flags(s)])
 def test_numeric_flag_out_of_range(script, flag, setup, capsys):
     mod, argv, data, _, unchanged = setup(script)
@@ -177,6 +179,7 @@ def test_numeric_flag_out_of_range(script, flag, setup, capsys):
     unchanged()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_mistakes_about_flags_and_devices(script, setup, capsys):
     mod, argv, data, _, unchanged = setup(script)
@@ -197,6 +200,7 @@ def test_mistakes_about_flags_and_devices(script, setup, capsys):
     unchanged()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_out_dir_that_cannot_be_one(script, setup, tmp_path, capsys):
     """--out_dir naming a file, or a folder inside a file, ends in one line; nothing is written."""
@@ -216,6 +220,7 @@ def test_checkpoint_already_there(script, setup, capsys):
     unchanged()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_another_scripts_checkpoint(script, setup, capsys):
     mod, argv, data, folder, unchanged = setup(script)
@@ -230,6 +235,7 @@ def test_another_scripts_checkpoint(script, setup, capsys):
     assert before == {n: open(os.path.join(folder, n), "rb").read() for n in ("ckpt.pt", "best.pt")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_truncated_checkpoint(script, setup, capsys):
     mod, argv, data, folder, _ = setup(script)
@@ -246,6 +252,7 @@ def test_truncated_checkpoint(script, setup, capsys):
     assert before == {n: open(os.path.join(folder, n), "rb").read() for n in ("ckpt.pt", "best.pt")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_wandb_without_login(script, setup, tmp_path, monkeypatch, capsys):
     mod, argv, data, _, unchanged = setup(script)
