@@ -10,7 +10,7 @@ Run:     python ex1_gpt.py                          (2000 iterations of a 0.8M-p
 GPU:     python ex1_gpt.py --n_layer 6 --n_head 6 --n_embd 384 --block_size 256 --batch_size 64 \
              --dropout 0.2 --max_iters 5000 --lr_decay_iters 5000 --compile
 Sample:  python ex1_gpt.py --prompt "ROMEO:" --num_samples 3
-Result:  val loss 1.896 after 2000 iterations (3 seeds: 1.900), about 2 minutes on 2 CPU cores (README).
+Result:  val loss 1.896 after 2000 iterations (3 seeds: 1.900), about 2 minutes on 2 CPU cores (RESULTS.md).
 """
 
 import argparse

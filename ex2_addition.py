@@ -15,7 +15,7 @@ Changes from ex1_gpt.py:
 Run:     python ex2_addition.py
 Ask:     python ex2_addition.py --prompt 123+456    (answers from the saved checkpoint)
 Parent:  ex1_gpt.py (diff -u ex1_gpt.py ex2_addition.py)
-Result:  100% exact match on all 100,001 held-out 3-digit problems in about a minute on 2 CPU cores (README, Results).
+Result:  100% exact match on all 100,001 held-out 3-digit problems in about a minute on 2 CPU cores (RESULTS.md).
 """
 
 import argparse

@@ -32,7 +32,7 @@ Web:     python ex3_pretrain_finetune.py               (first streams 100M chara
 LoRA:    python ex3_pretrain_finetune.py --stage finetune --lora_rank 8 --finetune_learning_rate 3e-3 --overwrite
 Sample:  python ex3_pretrain_finetune.py --prompt "ROMEO:" --num_samples 3     (--stage picks the checkpoint)
 Parent:  ex1_gpt.py (diff -u ex1_gpt.py ex3_pretrain_finetune.py)
-Result:  README.md, Results, "ex3_pretrain_finetune.py: pretraining helps" (benchmarks/bench_ex3.py).
+Result:  RESULTS.md, "ex3_pretrain_finetune.py" (benchmarks/bench_ex3.py, benchmarks/bench_lora.py).
 """
 
 import argparse

@@ -36,7 +36,7 @@ Offline:   python flash_moe_finetune.py --init_from out/ex3_pretrain_finetune/pr
                --data ../shared/data/wikitext-2 --train_split valid       (a GPT-2-architecture model of ex3)
 Sample:    python flash_moe_finetune.py --prompt "The castle was built in" --num_samples 2
 Parent:    ex3_pretrain_finetune.py (diff -u ex3_pretrain_finetune.py flash_moe_finetune.py)
-Result:    README.md, Results, "flash_moe_finetune.py: upcycled experts and WikiText-2" (benchmarks/bench_flash_moe.py).
+Result:    RESULTS.md, "flash_moe_finetune.py" (benchmarks/bench_flash_moe_finetune.py).
 """
 
 import argparse

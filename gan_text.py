@@ -35,10 +35,10 @@ Changes from switchhead_moe.py (and --block_size 64, --temperature 1, the distri
 Run:     python gan_text.py                      (MLE 2000 iterations, D 200 steps, 150 rounds, all at 64 characters)
 Oracle:  python gan_text.py --oracle --seq_len 20 --block_size 20   (SeqGAN: vocabulary 5,000, LSTM of 32, 10,000 seqs)
 Init:    python switchhead_moe.py --block_size 64 && python gan_text.py --init_from out/switchhead_moe/best.pt
-Compare: python benchmarks/bench_gan.py          (MLE only vs adversarial, temperature sweep, quality-diversity picture)
-         python benchmarks/bench_gan.py oracle   (NLL-oracle and held-out NLL through MLE and adversarial training)
+Compare: python benchmarks/bench_gan_text.py         (MLE only vs adversarial, temperatures, quality-diversity picture)
+         python benchmarks/bench_gan_text.py oracle  (NLL-oracle and held-out NLL through MLE and the GAN's rounds)
 Sample:  python gan_text.py --prompt "ROMEO:" --num_samples 3
-Result:  no better than temperature-tuned MLE (equal BLEU-4 at equal self-BLEU, worse NLL); 18 min on 1 core (README).
+Result:  no better than temperature-tuned MLE (equal BLEU-4 at equal self-BLEU, worse NLL); 18 min, 1 core (RESULTS.md).
 """
 
 import argparse

@@ -15,7 +15,7 @@ Cells:   python rnn_lm.py --cell elman --n_hidden 832 [--activation tanh]   or  
 Leak:    python rnn_lm.py --bidirectional --out_dir out/rnn_lm_bidirectional
 Sample:  python rnn_lm.py --prompt "ROMEO:" --num_samples 3
 Parent:  ex1_gpt.py (diff -u ex1_gpt.py rnn_lm.py)
-Result:  in 90 s of training on one core, LSTM val 1.594 against 2.186 for ex1's transformer (README, Results).
+Result:  in 90 s of training on one core, LSTM val 1.594 against 2.186 for ex1's transformer (RESULTS.md).
 """
 
 import argparse

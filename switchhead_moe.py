@@ -29,10 +29,10 @@ Changes from ex1_gpt.py (and --block_size 256, where attention's cost shows):
 Run:     python switchhead_moe.py                   (2000 iterations at block 256 on the CPU)
 Dense:   python switchhead_moe.py --n_experts 1 --n_head 8     (the baseline with n_head * n_experts heads)
 Old:     python switchhead_moe.py --pos learned --init gpt2 --no-router_renorm      (the recipe before the official)
-Compare: python benchmarks/bench_switchhead.py --jobs 2   (sigmoid and softmax gates, dense 8- and 2-head; 3 seeds)
-Ablate:  python benchmarks/bench_switchhead.py --ablation   (the official recipe less each piece; --scaling: cost vs T)
+Compare: python benchmarks/bench_switchhead_moe.py --jobs 2  (sigmoid and softmax gates, dense 8- and 2-head; 3 seeds)
+Ablate:  python benchmarks/bench_switchhead_moe.py --ablation  (the official recipe less each piece; --scaling: cost, T)
 Sample:  python switchhead_moe.py --prompt "ROMEO:" --num_samples 3
-Result:  README.md, Results, "switchhead_moe.py" (benchmarks/bench_switchhead.py).
+Result:  RESULTS.md, "switchhead_moe.py" (benchmarks/bench_switchhead_moe.py).
 """
 
 import argparse

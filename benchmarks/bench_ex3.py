@@ -1,5 +1,5 @@
 """
-bench_ex3.py: the numbers behind ex3_pretrain_finetune.py, printed as Markdown tables for the README.
+bench_ex3.py: the numbers behind ex3_pretrain_finetune.py, printed as Markdown tables for RESULTS.md.
 
 Three parts; `all` runs them in turn. Every table starts with the machine (CPU, threads, torch version).
 

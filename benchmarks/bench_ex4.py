@@ -1,5 +1,5 @@
 """
-bench_ex4.py: the numbers behind ex4_mqa_swiglu.py, printed as Markdown tables for the README.
+bench_ex4.py: the numbers behind ex4_mqa_swiglu.py, printed as Markdown tables for RESULTS.md.
 
 Eight parts; `all` runs them in turn. Every table starts with the machine (CPU, threads, torch version).
 

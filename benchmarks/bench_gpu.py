@@ -1,5 +1,5 @@
 """
-bench_gpu.py: every GPU measurement of the README in one command, at --compile --dtype bfloat16 on one H100/H200.
+bench_gpu.py: every GPU measurement of RESULTS.md in one command, at --compile --dtype bfloat16 on one H100/H200.
 
 Prints one Markdown table per part and writes them all, with the GPU's name, the command and the date, to --md
 (default benchmarks/gpu_results.md), rewritten after every part, so a run stopped midway keeps what it measured.

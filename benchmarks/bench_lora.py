@@ -1,5 +1,5 @@
 """
-bench_lora.py: LoRA against the full finetune, printed as Markdown tables for the README, with a picture.
+bench_lora.py: LoRA against the full finetune, printed as Markdown tables for RESULTS.md, with a picture.
 
 Two parts; `all` runs both. Every table starts with the machine (CPU, threads, torch version).
 
@@ -14,12 +14,12 @@ Two parts; `all` runs both. Every table starts with the machine (CPU, threads, t
          least 80% of the gain. Draws val loss against trained parameters into benchmarks/pictures/lora_ex3.png (with
          matplotlib; without it, no picture). Then --lora_merge on the best LoRA run: merged.pt's size, and its val
          loss, scored by ex3's estimate_loss, equal to the adapted model's.
-  flash  flash_moe_finetune.py's offline stand-in (README: "upcycled experts and WikiText-2 (offline stand-in)"): a
-         GPT-2-BPE ex3 model (--flash_base, a best.pt; without it, made as bench_flash_moe.py makes it: 4 layers, 128
-         wide, context 128, 800 iterations on 5M tokens of the books), fine-tuned dense for 300 iterations of 8 x 128
-         tokens on WikiText-2's valid split: every weight (lr 1e-3, bench_flash_moe.py's) against LoRA at
-         --flash_ranks (--flash_lora_lr). Prints the test perplexity (window 128, stride 64) before and after, the
-         parameters that train, ckpt.pt's size and ms/iter.
+  flash  flash_moe_finetune.py's offline stand-in (RESULTS.md: "upcycled experts against a dense fine-tune"): a
+         GPT-2-BPE ex3 model (--flash_base, a best.pt; without it, made as bench_flash_moe_finetune.py makes it: 4
+         layers, 128 wide, context 128, 800 iterations on 5M tokens of the books), fine-tuned dense for 300 iterations
+         of 8 x 128 tokens on WikiText-2's valid split: every weight (lr 1e-3, bench_flash_moe_finetune.py's) against
+         LoRA at --flash_ranks (--flash_lora_lr). Prints the test perplexity (window 128, stride 64) before and after,
+         the parameters that train, ckpt.pt's size and ms/iter.
 
 Run alone on the machine (ms/iter is measured). On 2 CPU cores, 1 thread:
   python benchmarks/bench_lora.py ex3      six finetunes of 2,000 iterations: 8-12 min each on a machine where 4-6
@@ -228,7 +228,7 @@ def flash_part(a):
         size_flags = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "128", "--batch_size", "8"]
         pre_iters, ft_iters, every, evals, tokens = 800, 300, 100, 20, "5000000"
     base = a.flash_base
-    if not base or a.quick:  # bench_flash_moe.py's starting model
+    if not base or a.quick:  # bench_flash_moe_finetune.py's starting model
         base_dir = os.path.join(out, "base")
         run([sys.executable, EX3, "--stage", "pretrain", "--tokenizer", "gpt2", "--out_dir", base_dir, "--overwrite",
              "--pretrain_data", a.books, "--pretrain_tokens", tokens, "--data", a.shakespeare, *size_flags,

@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: a line naming the machine, Markdown tables for the README, running a script and
+"""What the benchmark scripts share: a line naming the machine, Markdown tables for RESULTS.md, running a script and
 reading its log.csv."""
 
 import csv
@@ -11,7 +11,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PICTURES = os.path.join(ROOT, "benchmarks", "pictures")  # every picture the README shows
+PICTURES = os.path.join(ROOT, "benchmarks", "pictures")  # every picture RESULTS.md shows
 
 
 def machine(threads=None):

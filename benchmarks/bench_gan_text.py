@@ -1,23 +1,24 @@
 """
-bench_gan.py: does adversarial training (gan_text.py) beat the MLE generator it starts from on the quality-diversity
-trade-off, or does a temperature-tuned MLE model win, as Caccia et al. (ICLR 2020, "Language GANs falling short") found?
+bench_gan_text.py: does adversarial training (gan_text.py) beat the MLE generator it starts from on the
+quality-diversity trade-off, or does a temperature-tuned MLE model win, as Caccia et al. (ICLR 2020, "Language GANs
+falling short") found?
 
-    python benchmarks/bench_gan.py              the full run on TinyShakespeare: about 20-25 minutes on 2 CPU cores
+    python benchmarks/bench_gan_text.py              the full run on TinyShakespeare: about 20-25 minutes on 2 CPU cores
                                                 (estimated from short runs on a shared machine, not timed end to end:
                                                 MLE about 4 minutes; the GAN's 200 D steps at ~0.5 s, 150 rounds at
                                                 ~2.7 s and 15 evaluations at ~12 s, about 12; evaluation 1-2)
-    python benchmarks/bench_gan.py --quick      a check of the pipeline in under a minute (numbers meaningless)
-    python benchmarks/bench_gan.py --rollouts 1 -- --gan_batch_size 16    one more GAN run, with SeqGAN's per-token
+    python benchmarks/bench_gan_text.py --quick      a check of the pipeline in under a minute (numbers meaningless)
+    python benchmarks/bench_gan_text.py --rollouts 1 -- --gan_batch_size 16    one more GAN run, with SeqGAN's per-token
                                                 rewards from 1 rollout per prefix, beside the other two (about 4 s more
                                                 per round at this batch); flags after -- go to both GAN runs
-    python benchmarks/bench_gan.py oracle       SeqGAN's synthetic-data yardstick (gan_text.py --oracle), below
+    python benchmarks/bench_gan_text.py oracle       SeqGAN's synthetic-data yardstick (gan_text.py --oracle), below
 
-Steps, each a fresh process as a user would run it, with its output under out/bench_gan/:
+Steps, each a fresh process as a user would run it, with its output under out/bench_gan_text/:
   1. The MLE generator: python switchhead_moe.py --block_size 64 (its defaults otherwise: 2 heads x 4 experts,
-     4 layers of 128, 2000 iterations), into out/bench_gan/mle.
-  2. The GAN: python gan_text.py --init_from out/bench_gan/mle/best.pt (its defaults: D pre-trained 200 steps,
+     4 layers of 128, 2000 iterations), into out/bench_gan_text/mle.
+  2. The GAN: python gan_text.py --init_from out/bench_gan_text/mle/best.pt (its defaults: D pre-trained 200 steps,
      150 rounds of 1 generator and 3 discriminator steps, batches of 64 sequences of 64 characters, sequence-level
-     rewards), into out/bench_gan/gan. Its log.csv gives D's accuracy and the metrics over the rounds.
+     rewards), into out/bench_gan_text/gan. Its log.csv gives D's accuracy and the metrics over the rounds.
   3. Here, in this process: both generators measured the same way. NLL: the mean cross-entropy per character on
      --eval_iters held-out batches (the same batches for both). Samples: --samples sequences of 64 characters,
      each started from the first character of a held-out sequence at a fixed offset, the same first characters and
@@ -30,9 +31,9 @@ Steps, each a fresh process as a user would run it, with its output under out/be
      BLEU-4 and BLEU-2 against self-BLEU, one curve per generator over the temperatures, real text as a star. The
      verdict compares each GAN at temperature 1 with the MLE curve at the same self-BLEU-4 (linear interpolation
      between temperatures): the higher BLEU-4 wins.
-It prints markdown tables for the README.
+It prints markdown tables for RESULTS.md.
 
-The oracle part (python benchmarks/bench_gan.py oracle [--rollouts N]) asks the same question where quality can be
+The oracle part (python benchmarks/bench_gan_text.py oracle [--rollouts N]) asks the same question where quality can be
 measured exactly. gan_text.py --oracle: SeqGAN's oracle (an LSTM of 32 with N(0, 1) parameters, vocabulary 5,000) is
 the true distribution; 10,000 sequences of 20 tokens sampled from it are the training data. For each --seeds value a
 fresh process trains the generator by MLE (--mle_iters), pre-trains D, runs the adversarial rounds, and evaluates along
@@ -58,7 +59,7 @@ sys.path.insert(0, ROOT)
 import gan_text as gan  # noqa: E402  (importing it trains nothing)
 from common import PICTURES, machine, read_log, run, table  # noqa: E402
 
-OUT = os.path.join(ROOT, "out", "bench_gan")
+OUT = os.path.join(ROOT, "out", "bench_gan_text")
 
 
 def load_generator(path, script):
@@ -113,7 +114,7 @@ def main():
     parser.add_argument(
         "--quick", action="store_true", help="tiny runs: 20 MLE iterations, 2 D steps, 3 rounds, 32 samples"
     )
-    parser.add_argument("--reuse", action="store_true", help="oracle: read the runs out/bench_gan already holds")
+    parser.add_argument("--reuse", action="store_true", help="oracle: read the runs out/bench_gan_text already holds")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)  # after --: gan_text.py's flags, never the part's name
     args, extra = parser.parse_known_args(argv[:cut])

@@ -2,20 +2,21 @@
 SwitchHead against dense attention at matched parameters: val loss, attention cost, time and peak memory, dead experts;
 the ablation of the official recipe; one attention layer's cost against the context length.
 
-    python benchmarks/bench_switchhead.py --jobs 2         the comparison: SwitchHead (sigmoid and softmax gates) and
+    python benchmarks/bench_switchhead_moe.py --jobs 2       the comparison: SwitchHead (sigmoid and softmax gates) and
                                                            the dense 8-head and 2-head models, 3 seeds x 2000
                                                            iterations at block 256, two runs at a time, one thread each
-    python benchmarks/bench_switchhead.py --ablation --seeds 1337 --max_iters 500 --eval_iters 50 --usage_interval 100
+    python benchmarks/bench_switchhead_moe.py --ablation --seeds 1337 --max_iters 500 --eval_iters 50 \
+        --usage_interval 100
                                                            the official recipe, each of its pieces taken out, the old
                                                            recipe, dense models with both; expert use over training
                                                            (benchmarks/pictures/switchhead_expert_usage.png)
-    python benchmarks/bench_switchhead.py --scaling        one attention layer, forward and backward, explicit
+    python benchmarks/bench_switchhead_moe.py --scaling        one attention layer, forward and backward, explicit
                                                            attention, at T = 256 .. 2048: time and memory
-    python benchmarks/bench_switchhead.py --quick          a check of the pipeline in about a minute (numbers
+    python benchmarks/bench_switchhead_moe.py --quick          a check of the pipeline in about a minute (numbers
                                                            meaningless)
-    python benchmarks/bench_switchhead.py --device cuda -- --compile
+    python benchmarks/bench_switchhead_moe.py --device cuda -- --compile
                                                            on a GPU; flags after -- go to every run
---reuse reads runs already finished under out/bench_switchhead/ with the same flags instead of running them again.
+--reuse reads runs already finished under out/bench_switchhead_moe/ with the same flags instead of running them again.
 
 The models (ex1's CPU settings, 4 layers of width 128, batch 12, 2000 iterations, except block 256, where attention
 is a large part of the cost; at block 64 the projections dominate and the models cannot be told apart); every run
@@ -34,8 +35,8 @@ which matches by choosing d_head, its head size D is chosen to match: switchhead
 largest D with no more parameters than the dense layer, D = 24 here (63.5k against 65.5k per layer, 1% fewer
 parameters in the whole model). MLPs, embeddings and everything else are identical.
 
-Each run is a fresh process of switchhead_moe.py with its own --out_dir under out/bench_switchhead/; the numbers come
-from its log.csv: the val loss of the last evaluation (after max_iters, over --eval_iters batches, the same batches
+Each run is a fresh process of switchhead_moe.py with its own --out_dir under out/bench_switchhead_moe/; the numbers
+come from its log.csv: the val loss of the last evaluation (after max_iters, over --eval_iters batches, the same batches
 for every model and seed) and the median ms per iteration of the logged iterations (evaluations excluded), and from
 its output: the dead experts (chosen by fewer than 5% of the val tokens at the end) and, for --usage_model, the
 expert use of every evaluation. Evaluations run only at the start and the end (--eval_interval = --max_iters), except
@@ -91,7 +92,7 @@ if torch.cuda.is_available():
 
 
 def run_model(name, seed, args, extra, threads):
-    out_dir = os.path.join(ROOT, "out", "bench_switchhead", f"{name.replace(' ', '_')}-{seed}")
+    out_dir = os.path.join(ROOT, "out", "bench_switchhead_moe", f"{name.replace(' ', '_')}-{seed}")
     os.makedirs(out_dir, exist_ok=True)
     # evaluations do not change a run (their batches have their own generator): the usage picture's run has more
     every = args.usage_interval if name == args.usage_model and args.usage_interval else max(1, args.max_iters)
@@ -255,7 +256,7 @@ def main():
     parser.add_argument("--usage_interval", type=int, default=0, help="evaluate --usage_model every this many "
                         "iterations and draw its expert use over training (the picture; 0: no picture)")  # fmt: skip
     parser.add_argument("--usage_model", default="switchhead", choices=list(MODELS))
-    parser.add_argument("--reuse", action="store_true", help="read a run that out/bench_switchhead already holds, "
+    parser.add_argument("--reuse", action="store_true", help="read a run that out/bench_switchhead_moe already holds, "
                         "finished with the same flags, instead of running it again (to complete an interrupted "
                         "benchmark, or print its table again)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores / jobs torch threads")
@@ -367,7 +368,7 @@ def main():
             )
     if args.usage_interval and args.usage_model in results:
         usage = results[args.usage_model][0]["usage"]
-        path = os.path.join(ROOT, "out", "bench_switchhead") if args.quick else PICTURES
+        path = os.path.join(ROOT, "out", "bench_switchhead_moe") if args.quick else PICTURES
         usage_picture(usage, summary[args.usage_model]["cfg"], os.path.join(path, "switchhead_expert_usage.png"))
 
 

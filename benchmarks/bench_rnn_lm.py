@@ -1,5 +1,5 @@
 """
-bench_rnn.py: rnn_lm.py's cells against ex1_gpt.py's transformer on TinyShakespeare, at the same parameter count and
+bench_rnn_lm.py: rnn_lm.py's cells against ex1_gpt.py's transformer on TinyShakespeare, at the same parameter count and
 the same wall-clock training budget on the CPU; then the bidirectional LSTM's collapsing loss next to the LSTM's.
 
 Every model is a subprocess of its script with its own flags, as a user would run it:
@@ -12,13 +12,13 @@ Every model is a subprocess of its script with its own flags, as a user would ru
      batches for every model) and sampling are outside it, and shown in the wall-time column.
   4. rnn_lm.py --bidirectional with the LSTM's settings and iterations: its train and val loss next to the LSTM's,
      and a sample of each.
-Results come from each run's out_dir/log.csv and its printed sample; runs go to out/bench_rnn/<name>.
+Results come from each run's out_dir/log.csv and its printed sample; runs go to out/bench_rnn_lm/<name>.
 
-Run:    python benchmarks/bench_rnn.py                 (budget 90 s per model: about 15 minutes on 2 CPU cores)
-        python benchmarks/bench_rnn.py --budget 60     (shorter)   --threads 2   (pin the threads of every run)
-Check:  python benchmarks/bench_rnn.py --quick         (3 s budgets, tiny evaluations: checks the plumbing,
+Run:    python benchmarks/bench_rnn_lm.py                 (budget 90 s per model: about 15 minutes on 2 CPU cores)
+        python benchmarks/bench_rnn_lm.py --budget 60     (shorter)   --threads 2   (pin the threads of every run)
+Check:  python benchmarks/bench_rnn_lm.py --quick         (3 s budgets, tiny evaluations: checks the plumbing,
                                                        about 1-2 minutes)
-It prints a markdown table for the README.
+It prints a markdown table for RESULTS.md.
 """
 
 import argparse
@@ -54,7 +54,7 @@ def parse_args():
         default=os.path.join(ROOT, "data", "tinyshakespeare.txt"),
         help="the text file (default data/tinyshakespeare.txt)",
     )
-    p.add_argument("--out", default=os.path.join(ROOT, "out", "bench_rnn"), help="parent of every run's out_dir")
+    p.add_argument("--out", default=os.path.join(ROOT, "out", "bench_rnn_lm"), help="parent of every run's out_dir")
     p.add_argument(
         "--quick",
         action="store_true",

@@ -1,5 +1,5 @@
 """
-bench_flash_moe.py: the numbers behind flash_moe_finetune.py, printed as Markdown tables for the README.
+bench_flash_moe_finetune.py: the numbers behind flash_moe_finetune.py, printed as Markdown tables for RESULTS.md.
 
 Two parts; `all` runs both. Every table starts with the machine (CPU, threads, torch version).
 
@@ -20,15 +20,15 @@ Two parts; `all` runs both. Every table starts with the machine (CPU, threads, t
              explicit softmax(QK^T)V. About half a minute.
 
 Run on a quiet machine. On 2 CPU cores:
-  python benchmarks/bench_flash_moe.py all          about 20-25 minutes, estimated (not yet run whole) from 1-thread
+  python benchmarks/bench_flash_moe_finetune.py all      about 20-25 minutes, estimated (not run whole) from 1-thread
                                                     timings on a busy 2-core machine (1.35 s/iter dense, 2.1 s/iter MoE,
                                                     1.7k test tokens/s there) divided by 2-2.5: pretraining ~8 min, MoE
                                                     fine-tune ~7 min, dense ~6 min (each with two test perplexities of
                                                     ~1 min), attention ~0.5 min
-  python benchmarks/bench_flash_moe.py quality      (--books, --wikitext, --shakespeare PATH; flags after -- go to both
-                                                    fine-tunes)
-  python benchmarks/bench_flash_moe.py attention
-  python benchmarks/bench_flash_moe.py all --quick  a check of the script itself: tiny sizes, under a minute
+  python benchmarks/bench_flash_moe_finetune.py quality  (--books, --wikitext, --shakespeare PATH; flags after -- go to
+                                                    both fine-tunes)
+  python benchmarks/bench_flash_moe_finetune.py attention
+  python benchmarks/bench_flash_moe_finetune.py all --quick  a check of the script itself: tiny sizes, under a minute
 
 With real GPT-2 weights (a machine that can download them; not measured here):
   python flash_moe_finetune.py --n_experts 1 --max_iters 0   zero-shot GPT-2 small on wikitext-2-raw-v1's test split
@@ -47,7 +47,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
-OUT = os.path.join(ROOT, "out", "bench_flash_moe")
+OUT = os.path.join(ROOT, "out", "bench_flash_moe_finetune")
 
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
@@ -128,7 +128,8 @@ def quality(a):
         f"WikiText-2{' (--quick)' if a.quick else ''}\n"
     )
     print(
-        f"Machine: {machine()}. Command: python benchmarks/bench_flash_moe.py quality{' --quick' if a.quick else ''}."
+        f"Machine: {machine()}. Command: python benchmarks/bench_flash_moe_finetune.py quality"
+        + (" --quick." if a.quick else ".")
     )
     print(
         f"Starting model: {size[1]} layers, {size[3]} heads, {size[5]} wide, context {size[7]}, GPT-2's BPE; "
