@@ -76,7 +76,7 @@ class Config:
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 (else float16) on cuda, float32
     compile: bool = False  # torch.compile the model (worth it on a GPU)
-    threads: int = 0  # CPU threads (torch.set_num_threads); 0: OMP_NUM_THREADS if set, else the cores free at the start
+    threads: int = 0  # CPU threads (torch.set_num_threads); 0: OMP_NUM_THREADS if set, else the cores idle at the start
     # sampling
     prompt: str = ""  # if set, skip training: load out_dir/best.pt and answer this problem, e.g. 123+456
     test_problems: int = 0  # held-out problems scored at the end; 0 for all of them
@@ -530,11 +530,14 @@ def setup_device(cfg):
     if not {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(device.type, True):
         die(f"--device {cfg.device}: {device.type.upper()} is not available on this machine; use --device cpu")
     if not cfg.threads:  # threads that wait for a core other work holds slow every step: take the free ones
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        cfg.threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, min(cores, cores - round(load))))
-        if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-            print(f"threads: {cfg.threads} ({cores} cores, load average {load:.1f}; --threads N to choose)")
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        if os.environ.get("OMP_NUM_THREADS"):
+            cfg.threads = int(os.environ["OMP_NUM_THREADS"])
+        else:
+            busy = busy_cores(cpus)
+            cfg.threads = max(1, len(cpus) - round(busy))
+            if device.type == "cpu":
+                print(f"threads: {cfg.threads} ({len(cpus)} cores, {busy:.1f} of them busy; --threads N to choose)")
     torch.set_num_threads(cfg.threads)
     if cfg.dtype == "auto":
         cfg.dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -548,6 +551,25 @@ def setup_device(cfg):
     dtype = getattr(torch, cfg.dtype)
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     return device, autocast
+
+
+def busy_cores(cpus, seconds=0.2):
+    """How many of the cores cpus other work keeps busy: their idle time in /proc/stat over a moment (Linux); elsewhere
+    the load average, which still counts a run that ended a minute ago."""
+
+    def idle_and_total():
+        with open("/proc/stat") as f:
+            rows = [line.split() for line in f if line[:3] == "cpu" and line[3].isdigit()]
+        ticks = [[int(t) for t in row[1:]] for row in rows if int(row[0][3:]) in cpus]
+        return sum(t[3] + t[4] for t in ticks), sum(sum(t) for t in ticks)  # idle and iowait, all
+
+    try:
+        idle, total = idle_and_total()
+        time.sleep(seconds)
+        idle2, total2 = idle_and_total()
+        return len(cpus) * (1 - (idle2 - idle) / max(1, total2 - total))
+    except OSError:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
 def get_lr(it, cfg):

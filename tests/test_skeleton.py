@@ -6,6 +6,8 @@ import ast
 import importlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import MISSING, fields
 
@@ -80,20 +82,31 @@ def test_defined_once_and_functions_short(script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_threads_typed_or_from_the_free_cores(script, monkeypatch, capsys):
-    """--threads N sets N; 0 takes OMP_NUM_THREADS, else the cores the load average leaves free (at least one)."""
+    """--threads N sets N; 0 takes OMP_NUM_THREADS, else the cores other work leaves idle (at least one)."""
     mod = importlib.import_module(script)
     before = torch.get_num_threads()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     try:
-        for threads, omp, load, expect in [(3, "", 0.0, 3), (0, "2", 0.0, 2), (0, "", 1.4, 3), (0, "", 9.0, 1)]:
+        for threads, omp, busy, expect in [(3, "", 0.0, 3), (0, "2", 0.0, 2), (0, "", 1.4, 3), (0, "", 3.8, 1)]:
             monkeypatch.setenv("OMP_NUM_THREADS", omp)
-            monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+            monkeypatch.setattr(mod, "busy_cores", lambda cpus: busy if cpus == {0, 1, 2, 3} else None)
             mod.setup_device(mod.Config(device="cpu", threads=threads))
             assert torch.get_num_threads() == expect
-            said = capsys.readouterr().out  # the start-up line, where the load decided
-            assert (f"threads: {expect} (4 cores, load average {load:.1f}" in said) == (not threads and not omp)
+            said = capsys.readouterr().out  # the start-up line, where the idle cores decided
+            assert (f"threads: {expect} (4 cores, {busy:.1f} of them busy" in said) == (not threads and not omp)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_spinning_process_is_a_busy_core():
+    cpus = os.sched_getaffinity(0)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = importlib.import_module("ex1_gpt").busy_cores(cpus, seconds=0.5)
+    finally:
+        spinner.kill()
+    assert 0.7 <= busy <= len(cpus) + 0.01
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
