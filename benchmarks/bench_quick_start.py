@@ -4,10 +4,10 @@ spinning on a core, as another user's job would), where it runs with both thread
 and this repository's before --threads 0 took the free cores) and with --threads 0 (the default: the cores the load
 average leaves free).
 
-    python benchmarks/bench_quick_start.py --rounds 2          about 15 minutes on 2 CPU cores
+    python benchmarks/bench_quick_start.py --rounds 2          about 12 minutes on 2 CPU cores
 
-Each round: the busy runs in turns, --threads 2 then the default; then the idle run (the spinner stopped, and a wait
-for the load average to settle). Start it on an idle machine. Prints each run's wall time, its median ms per
+Each round: the busy runs in turns, --threads 2 then the default; then the idle run, the spinner stopped. Start it on an
+idle machine. Prints each run's wall time, its median ms per
 iteration, the threads it took and its held-out exact match, then the ratios to the idle run.
 """
 
@@ -39,16 +39,9 @@ def quick_start(out_dir, flags):
     return seconds, float(median), threads[1] if threads else flags[-1], match
 
 
-def settle(seconds):
-    """Wait for the 1-minute load average to follow what runs now."""
-    print(f"waiting {seconds} s for the load average (now {os.getloadavg()[0]:.2f})", flush=True)
-    time.sleep(seconds)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--settle", type=int, default=75, help="seconds to wait after starting or stopping the spinner")
     args = parser.parse_args()
     print(machine(2) + "\n", flush=True)
     rows, idle, busy = [], [], {"--threads 2": [], "default": []}
@@ -56,14 +49,13 @@ def main():
         for r in range(args.rounds):
             spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
             try:
-                settle(args.settle)
+                time.sleep(1)  # under way before the run looks for idle cores
                 for name, flags in (("--threads 2", ["--threads", "2"]), ("default", [])):
                     result = quick_start(os.path.join(tmp, f"busy{r}-{len(rows)}"), flags)
                     busy[name].append(result[0])
                     rows.append((r + 1, "half-busy", name, *result))
             finally:
                 spinner.kill()
-            settle(args.settle)
             result = quick_start(os.path.join(tmp, f"idle{r}"), [])
             idle.append(result[0])
             rows.append((r + 1, "idle", "default", *result))
