@@ -350,6 +350,7 @@ def test_lora_flag_mistakes(script, capsys):
     mod = importlib.import_module(script)
     assert "--lora_targets" in user_error(capsys, mod.parse_args, ["--lora_targets", "attn,ffn"])
     assert "--lora_targets" in user_error(capsys, mod.parse_args, ["--lora_targets", ""])
+    assert "--lora_targets" in user_error(capsys, mod.parse_args, ["--lora_targets", "attn,attn"])  # not a traceback
     for flag in ("--lora_rank", "--lora_alpha", "--lora_dropout"):
         assert flag in user_error(capsys, mod.parse_args, [flag, "-1"])
     assert "--lora_alpha" in user_error(capsys, mod.parse_args, ["--lora_alpha", "0"])
