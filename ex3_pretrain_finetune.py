@@ -47,6 +47,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -1096,8 +1097,10 @@ def check_out_dir(out_dir, overwrite):
         if os.path.exists(folder):
             die(f"--out_dir {out_dir}: {folder} is a file, not a folder")
         folder = os.path.dirname(folder)
-    if not os.access(folder, os.W_OK):
-        die(f"--out_dir {out_dir}: {folder} is not writable; give a folder this run can write")
+    try:  # a file written and removed: permissions, a read-only disk and the like all answer
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        die(f"--out_dir {out_dir}: {folder} is not writable ({e.strerror}); give a folder this run can write")
     for name in ("ckpt.pt", "best.pt"):
         path = os.path.join(out_dir, name)
         if not os.path.exists(path):

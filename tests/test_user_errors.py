@@ -203,12 +203,14 @@ def test_mistakes_about_flags_and_devices(script, setup, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_out_dir_that_cannot_be_one(script, setup, tmp_path, capsys):
-    """--out_dir naming a file, or a folder inside a file, ends in one line; nothing is written."""
+    """--out_dir naming a file, a folder inside a file, or one where nothing can be written ends in one line."""
     mod, argv, data, _, _ = setup(script)
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     for out in (a_file, a_file / "sub"):
         assert "is a file, not a folder" in user_error(capsys, mod.main, argv + data + ["--out_dir", str(out)])
+    if os.path.isdir("/proc/self"):  # a folder nobody can write in, not even root
+        assert "is not writable" in user_error(capsys, mod.main, argv + data + ["--out_dir", "/proc/self/out"])
     assert a_file.read_text() == "not a folder"
 
 
