@@ -236,10 +236,12 @@ def test_stage_all_smoke_stop_and_resume(tmp_path, text_file, corpus, capsys, mo
 
     # resumed without the iteration counts, a finished run stays finished: every stage ends where it was to end
     logs = {stage: read_log(os.path.join(full, stage)) for stage in ex3.STAGES}
+    bests = {stage: open(os.path.join(full, stage, "best.pt"), "rb").read() for stage in ex3.STAGES}
     ex3.main(uncounted + ["--out_dir", full, "--resume"])
     out = capsys.readouterr().out
     assert "resuming from iter 20" in out and out.count("resuming from iter 10") == 2
     assert logs == {stage: read_log(os.path.join(full, stage)) for stage in ex3.STAGES}
+    assert bests == {stage: open(os.path.join(full, stage, "best.pt"), "rb").read() for stage in ex3.STAGES}
 
     # SIGTERM during pretraining: ckpt.pt keeps the iteration reached, the later stages never start
     get_lr = ex3.get_lr
