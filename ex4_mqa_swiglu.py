@@ -23,6 +23,7 @@ One at a time: ex1's architecture, then add one switch (--n_kv_head 1, --pos rop
          python ex4_mqa_swiglu.py --n_kv_head 4 --pos learned --mlp gelu
 Sample:  python ex4_mqa_swiglu.py --prompt "ROMEO:" --prompt "JULIET:" --num_samples 2 [--no-kv_cache]
 Bench:   python benchmarks/bench_ex4.py --help     (attention time/memory, KV cache, training curves against ex1)
+Parent:  ex1_gpt.py (diff -u ex1_gpt.py ex4_mqa_swiglu.py)
 Result:  RESULTS.md, "ex4_mqa_swiglu.py" (benchmarks/bench_ex4.py).
 """
 

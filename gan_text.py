@@ -38,6 +38,7 @@ Init:    python switchhead_moe.py --block_size 64 && python gan_text.py --init_f
 Compare: python benchmarks/bench_gan_text.py         (MLE only vs adversarial, temperatures, quality-diversity picture)
          python benchmarks/bench_gan_text.py oracle  (NLL-oracle and held-out NLL through MLE and the GAN's rounds)
 Sample:  python gan_text.py --prompt "ROMEO:" --num_samples 3
+Parent:  switchhead_moe.py (diff -u switchhead_moe.py gan_text.py)
 Result:  no better than temperature-tuned MLE (equal BLEU-4 at equal self-BLEU, worse NLL); 18 min, 1 core (RESULTS.md).
 """
 

@@ -32,6 +32,7 @@ Old:     python switchhead_moe.py --pos learned --init gpt2 --no-router_renorm  
 Compare: python benchmarks/bench_switchhead_moe.py --jobs 2  (sigmoid and softmax gates, dense 8- and 2-head; 3 seeds)
 Ablate:  python benchmarks/bench_switchhead_moe.py --ablation  (the official recipe less each piece; --scaling: cost, T)
 Sample:  python switchhead_moe.py --prompt "ROMEO:" --num_samples 3
+Parent:  ex1_gpt.py (diff -u ex1_gpt.py switchhead_moe.py)
 Result:  RESULTS.md, "switchhead_moe.py" (benchmarks/bench_switchhead_moe.py).
 """
 
