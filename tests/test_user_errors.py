@@ -24,6 +24,12 @@ SCRIPTS = {
         "",
         "1x+2",
     ),
+    "ex5_chain_of_thought": (
+        "--n_layer 1 --n_head 2 --n_embd 16 --batch_size 8 --train_digits 1 --test_digits 1 --test_problems 3".split(),
+        None,
+        "",
+        "1x+2",
+    ),
     "ex3_pretrain_finetune": (GPT + ["--stage", "scratch", "--finetune_iters", "1"], "--data", "scratch", "Zounds"),
     "ex4_mqa_swiglu": (GPT + ["--n_kv_head", "1"], "--data", "", "Zounds"),
     "rnn_lm": (

@@ -1,0 +1,160 @@
+"""
+bench_ex5.py: ex5_chain_of_thought.py's two measurements, each configuration a run of the script as a user would start
+it, with the same wall-clock training budget as the others it is compared with.
+
+  1. Chain of thought where it matters: multiplication of 3x3 and 4x4 digits, --format direct, reversed and cot,
+     exact match on 10,000 held-out problems.
+  2. Length generalisation: addition trained on 1-8 digit operands, scored at every length 1-24 (1,000 held-out
+     problems each): --pos abacus, learned, rope and none, --format reversed and cot.
+
+The budget counts training steps only: a short calibration run (30 iterations) measures each configuration's median
+ms/iter, and the real run gets the --max_iters that fill the budget (evaluations are outside it). Runs go two at a
+time, one thread each (--jobs, --threads), into out/bench_ex5/<name>; the script's own report gives the figures.
+
+Run:    python benchmarks/bench_ex5.py                  (about 85 minutes on 2 CPU cores)
+        python benchmarks/bench_ex5.py --only mul       (the first measurement alone: about 40 minutes)
+Check:  python benchmarks/bench_ex5.py --quick          (2 s budgets, tiny scoring: checks the plumbing)
+It prints markdown tables for RESULTS.md and draws benchmarks/pictures/ex5_length.png.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from common import PICTURES, ROOT, machine, run, table
+
+SCRIPT = os.path.join(ROOT, "ex5_chain_of_thought.py")
+MUL = [  # name, flags, budget in seconds
+    (f"mul{n}-{fmt}", ["--task", "mul", "--train_digits", str(n), "--test_digits", str(n), "--format", fmt], budget)
+    for n, budget in ((3, 300), (4, 1200))
+    for fmt in ("direct", "reversed", "cot")
+]
+MUL_MODEL = ["--n_layer", "4", "--n_embd", "128", "--batch_size", "128", "--test_problems", "10000"]
+LENGTH = [
+    (
+        f"add-{pos}-{fmt}",
+        ["--task", "add", "--train_digits", "1-8", "--test_digits", "1-24", "--pos", pos, "--format", fmt],
+        900,
+    )
+    for pos, fmt in (("abacus", "reversed"), ("abacus", "cot"), ("learned", "reversed"), ("learned", "cot"))
+    + (("rope", "reversed"), ("none", "reversed"))
+]
+LENGTH_MODEL = ["--n_layer", "4", "--n_embd", "64", "--batch_size", "128", "--test_problems", "1000"]
+
+
+def start(name, flags, out, threads, extra=()):
+    cmd = [sys.executable, SCRIPT, "--out_dir", os.path.join(out, name), "--overwrite", *flags, *extra]
+    text, seconds, _ = run(cmd, threads=threads, log_path=os.path.join(out, name + ".txt"))
+    return text, seconds
+
+
+def ms_per_iter(text):
+    return float(re.search(r"median ([\d.]+) ms/iter", text)[1])
+
+
+def scores(text):
+    """{digits: (exact match %, problems, where wrong)} from the script's report."""
+    found = re.findall(r"digits +(\d+): +([\d.]+)% of ([\d,]+)(?: \| first wrong: (.*))?", text)
+    return {int(n): (float(acc), int(count.replace(",", "")), where) for n, acc, count, where in found}
+
+
+def measure(configs, model, args, out):
+    """Calibrate, then run every configuration for its budget; returns {name: result}."""
+    calib = ["--max_iters", "30", "--eval_interval", "1000", "--test_problems", "10", "--eval_problems", "10"]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        timed = pool.map(lambda c: start(c[0] + "-calib", c[1] + model, out, args.threads, calib), configs)
+        speeds = [ms_per_iter(text) for text, _ in timed]
+        plans = []
+        for (name, flags, budget), ms in zip(configs, speeds):
+            budget = 2 if args.quick else budget
+            iters = max(10, int(budget * 1000 / ms))
+            extra = ["--max_iters", str(iters), "--eval_interval", str(max(10, iters // 5))]
+            extra += ["--test_problems", "20", "--eval_problems", "5"] if args.quick else []
+            plans.append((name, flags + model + extra, budget, iters, ms))
+        runs = pool.map(lambda p: start(p[0], p[1], out, args.threads), plans)
+        return {
+            name: dict(
+                flags=flags,
+                budget=budget,
+                iters=iters,
+                calib_ms=ms,
+                ms=ms_per_iter(text),
+                wall=seconds,
+                scores=scores(text),
+            )  # fmt: skip
+            for (name, flags, budget, iters, ms), (text, seconds) in zip(plans, runs)
+        }
+
+
+def mul_table(results):
+    rows = []
+    for name, r in results.items():
+        (acc, count, where), = r["scores"].values()  # fmt: skip
+        rows.append([f"`{name}`", r["iters"], f"{r['ms']:.0f}", f"{r['budget'] / 60:.0f}", f"{acc:.2f}%", count, where])
+    table(
+        ["run", "iterations", "ms/iter", "budget (min)", "exact match", "problems", "where wrong ones go wrong"], rows
+    )
+
+
+def length_table(results):
+    lengths = sorted(next(iter(results.values()))["scores"])
+    shown = [n for n in lengths if n in (1, 4, 8, 9, 12, 16, 18, 20, 24)]
+    rows = [[f"`{name}`", r["iters"]] + [f"{r['scores'][n][0]:.1f}" for n in shown] for name, r in results.items()]
+    table(["run", "iterations"] + [f"{n} digits" for n in shown], rows)
+    for name, r in results.items():
+        holds = [n for n in lengths if all(r["scores"][m][0] >= 99 for m in lengths if m <= n)]
+        print(f"{name}: at least 99% up to {max(holds, default=0)} digits")
+
+
+def picture(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, r in results.items():
+        lengths = sorted(r["scores"])
+        ax.plot(lengths, [r["scores"][n][0] for n in lengths], marker="o", ms=3, label=name.removeprefix("add-"))
+    ax.axvspan(0.5, 8.5, color="0.92", label="trained lengths")
+    ax.set_xlabel("digits in each operand")
+    ax.set_ylabel("exact match on held-out problems (%)")
+    ax.set_title("Addition trained on 1-8 digit operands: accuracy by length")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=["mul", "length"], help="one measurement alone")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
+    parser.add_argument("--quick", action="store_true", help="2 s budgets and tiny scoring: checks the plumbing")
+    args = parser.parse_args()
+    out = os.path.join(ROOT, "out", "bench_ex5" + ("_quick" if args.quick else ""))
+    os.makedirs(out, exist_ok=True)
+    print(f"machine: {machine(args.threads)}; {args.jobs} runs at once")
+    results = {}
+    if args.only != "length":
+        results["mul"] = measure(MUL, MUL_MODEL, args, out)
+    if args.only != "mul":
+        results["length"] = measure(LENGTH, LENGTH_MODEL, args, out)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    if "mul" in results:
+        mul_table(results["mul"])
+    if "length" in results:
+        length_table(results["length"])
+        picture(results["length"], os.path.join(out if args.quick else PICTURES, "ex5_length.png"))
+    ms = [r["ms"] / r["calib_ms"] for part in results.values() for r in part.values()]
+    print(f"real runs' ms/iter over their calibration's: median {statistics.median(ms):.2f}")
+
+
+if __name__ == "__main__":
+    main()
