@@ -18,7 +18,8 @@ Changes from ex2_addition.py:
 - Positions that generalise (--pos, GPT.forward): learned, ex2's table; none; rope, ex4's rotate(); abacus (McLeish et
   al. 2024, places()): a digit's index is 1 + the power of ten it stands for, so digits that are added together share
   it, and in training every index is shifted by a random offset (--abacus_offset) so that indices past the trained
-  lengths have been trained too.
+  lengths have been trained too; in the work, a token also gets its slot within its step, which tells apart the
+  tokens of a step (they share its index).
 - Exact match by operand length, teacher-forced (accuracy(), equal to greedy decoding, tested), at every evaluation
   (log.csv's acc_N columns) and at the end (report()), with, for cot, the step where wrong answers first go wrong.
 - Tracing (--prompt 4572*168, trace()): the model's work greedy-decoded step by step, each step marked right or
@@ -60,11 +61,11 @@ class Config:
     out_dir: str = f"out/{SCRIPT}"  # checkpoint and log.csv go here
     task: Literal["add", "mul"] = "mul"  # addition or multiplication
     format: Literal["direct", "reversed", "cot"] = "cot"  # answer first digit first, last digit first, or work first
-    train_digits: str = "1-3"  # operand lengths trained on: a digit count (3) or a range (1-8)
-    test_digits: str = "1-3"  # operand lengths scored (both operands this long), may reach past train_digits
+    train_digits: str = "4"  # operand lengths trained on: a digit count (3) or a range (1-8)
+    test_digits: str = "4"  # operand lengths scored (both operands this long), may reach past train_digits
     resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state
     overwrite: bool = False  # start over in an out_dir holding this script's checkpoint (replaces ckpt.pt and best.pt)
-    eval_interval: int = 500  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
+    eval_interval: int = 250  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 10  # batches per split in each evaluation
     log_interval: int = 100  # print and log the training loss every this many iterations
     wandb: bool = False  # also log to Weights & Biases
@@ -82,7 +83,7 @@ class Config:
     seed: int = 1337  # seeds the weights, the batches, dropout and sampling
     batch_size: int = 128  # sequences per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    max_iters: int = 3000  # optimizer steps
+    max_iters: int = 1500  # optimizer steps
     learning_rate: float = 3e-3  # peak learning rate
     min_lr: float = 3e-4  # learning rate at the end of the cosine decay
     warmup_iters: int = 100  # linear warmup steps

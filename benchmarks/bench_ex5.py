@@ -5,13 +5,14 @@ it, with the same wall-clock training budget as the others it is compared with.
   1. Chain of thought where it matters: multiplication of 3x3 and 4x4 digits, --format direct, reversed and cot,
      exact match on 10,000 held-out problems.
   2. Length generalisation: addition trained on 1-8 digit operands, scored at every length 1-24 (1,000 held-out
-     problems each): --pos abacus, learned, rope and none, --format reversed and cot.
+     problems each): --pos abacus and learned, --format reversed and cot.
 
 The budget counts training steps only: a short calibration run (30 iterations) measures each configuration's median
 ms/iter, and the real run gets the --max_iters that fill the budget (evaluations are outside it). Runs go two at a
 time, one thread each (--jobs, --threads), into out/bench_ex5/<name>; the script's own report gives the figures.
 
 Run:    python benchmarks/bench_ex5.py                  (about 85 minutes on 2 CPU cores)
+        python benchmarks/bench_ex5.py --collect        (the tables again, from the runs' saved output)
         python benchmarks/bench_ex5.py --only mul       (the first measurement alone: about 40 minutes)
 Check:  python benchmarks/bench_ex5.py --quick          (2 s budgets, tiny scoring: checks the plumbing)
 It prints markdown tables for RESULTS.md and draws benchmarks/pictures/ex5_length.png.
@@ -41,7 +42,6 @@ LENGTH = [
         900,
     )
     for pos, fmt in (("abacus", "reversed"), ("abacus", "cot"), ("learned", "reversed"), ("learned", "cot"))
-    + (("rope", "reversed"), ("none", "reversed"))
 ]
 LENGTH_MODEL = ["--n_layer", "4", "--n_embd", "64", "--batch_size", "128", "--test_problems", "1000"]
 
@@ -63,31 +63,33 @@ def scores(text):
 
 
 def measure(configs, model, args, out):
-    """Calibrate, then run every configuration for its budget; returns {name: result}."""
+    """Calibrate, then run every configuration for its budget."""
     calib = ["--max_iters", "30", "--eval_interval", "1000", "--test_problems", "10", "--eval_problems", "10"]
     with ThreadPoolExecutor(args.jobs) as pool:
         timed = pool.map(lambda c: start(c[0] + "-calib", c[1] + model, out, args.threads, calib), configs)
-        speeds = [ms_per_iter(text) for text, _ in timed]
         plans = []
-        for (name, flags, budget), ms in zip(configs, speeds):
-            budget = 2 if args.quick else budget
-            iters = max(10, int(budget * 1000 / ms))
+        for (name, flags, budget), (text, _) in zip(configs, timed):
+            iters = max(10, int((2 if args.quick else budget) * 1000 / ms_per_iter(text)))
             extra = ["--max_iters", str(iters), "--eval_interval", str(max(10, iters // 5))]
             extra += ["--test_problems", "20", "--eval_problems", "5"] if args.quick else []
-            plans.append((name, flags + model + extra, budget, iters, ms))
-        runs = pool.map(lambda p: start(p[0], p[1], out, args.threads), plans)
-        return {
-            name: dict(
-                flags=flags,
-                budget=budget,
-                iters=iters,
-                calib_ms=ms,
-                ms=ms_per_iter(text),
-                wall=seconds,
-                scores=scores(text),
-            )  # fmt: skip
-            for (name, flags, budget, iters, ms), (text, seconds) in zip(plans, runs)
-        }
+            plans.append((name, flags + model + extra))
+        list(pool.map(lambda p: start(p[0], p[1], out, args.threads), plans))
+
+
+def collect(configs, out, quick):
+    """{name: result} read back from each run's output and its calibration's."""
+    results = {}
+    for name, flags, budget in configs:
+        with open(os.path.join(out, name + ".txt")) as f:
+            text = f.read()
+        with open(os.path.join(out, name + "-calib.txt")) as f:
+            calib_ms = ms_per_iter(f.read())
+        iters = int(re.search(r"done: (\d+) iterations", text)[1])
+        results[name] = dict(
+            flags=flags, budget=2 if quick else budget, iters=iters, calib_ms=calib_ms, ms=ms_per_iter(text),
+            scores=scores(text),
+        )  # fmt: skip
+    return results
 
 
 def mul_table(results):
@@ -136,15 +138,17 @@ def main():
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     parser.add_argument("--quick", action="store_true", help="2 s budgets and tiny scoring: checks the plumbing")
+    parser.add_argument("--collect", action="store_true", help="no runs: the tables from the runs' saved output")
     args = parser.parse_args()
     out = os.path.join(ROOT, "out", "bench_ex5" + ("_quick" if args.quick else ""))
     os.makedirs(out, exist_ok=True)
     print(f"machine: {machine(args.threads)}; {args.jobs} runs at once")
     results = {}
-    if args.only != "length":
-        results["mul"] = measure(MUL, MUL_MODEL, args, out)
-    if args.only != "mul":
-        results["length"] = measure(LENGTH, LENGTH_MODEL, args, out)
+    for part, configs, model in (("mul", MUL, MUL_MODEL), ("length", LENGTH, LENGTH_MODEL)):
+        if args.only in (None, part):
+            if not args.collect:
+                measure(configs, model, args, out)
+            results[part] = collect(configs, out, args.quick)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     if "mul" in results:

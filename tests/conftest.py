@@ -21,7 +21,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # the ladder, base first; a test over every script takes its names from here
 SCRIPTS = ["ex1_gpt", "ex2_addition", "ex3_pretrain_finetune", "ex4_mqa_swiglu", "rnn_lm", "switchhead_moe", "gan_text"]
-SCRIPTS += ["flash_moe_finetune", "ex5_chain_of_thought"]
+SCRIPTS += ["flash_moe_finetune", "ex5_chain_of_thought", "ex6_modern_gpt"]
 
 TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"

@@ -30,6 +30,7 @@ import ex1_gpt as ex1
 import ex2_addition as ex2
 import ex3_pretrain_finetune as ex3
 import ex4_mqa_swiglu as ex4
+import ex5_chain_of_thought as ex5
 import flash_moe_finetune as fm
 import gan_text as gan
 import rnn_lm
@@ -174,6 +175,14 @@ def test_ex2_masked_targets(flash):
     x, y = (torch.randint(len(ex2.VOCAB), (B, cfg.block_size)) for _ in "xy")
     y[:, : cfg.answer_start - 1] = -1  # the prompt is not scored
     assert_compiles_whole(lambda: ex2.GPT(cfg, len(ex2.VOCAB)), (x, y))
+
+
+@pytest.mark.parametrize("pos", ["abacus", "rope", "learned", "none"])
+def test_ex5_positions(pos):
+    cfg = ex5.Config(task="add", format="cot", train_digits="1-2", n_layer=2, n_head=2, n_embd=16, dropout=0.1, pos=pos)
+    loader = ex5.DataLoader(cfg, ex5.CharTokenizer(ex5.VOCAB), torch.device("cpu"))
+    x, y, places = loader.get_batch("train", torch.Generator().manual_seed(0))
+    assert_compiles_whole(lambda: ex5.GPT(cfg, len(ex5.VOCAB)), (x, y), dict(places=places))
 
 
 @pytest.mark.parametrize("vocab_size,flash", [(V, True), (V, False), (50257, True)],

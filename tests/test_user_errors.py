@@ -32,6 +32,7 @@ SCRIPTS = {
     ),
     "ex3_pretrain_finetune": (GPT + ["--stage", "scratch", "--finetune_iters", "1"], "--data", "scratch", "Zounds"),
     "ex4_mqa_swiglu": (GPT + ["--n_kv_head", "1"], "--data", "", "Zounds"),
+    "ex6_modern_gpt": (GPT + ["--n_kv_head", "1"], "--data", "", "Zounds"),
     "rnn_lm": (
         "--n_layer 1 --n_embd 8 --n_hidden 16 --block_size 16 --batch_size 2 --max_new_tokens 4".split(),
         "--data",
