@@ -501,8 +501,12 @@ def train(cfg, model, loader, tok, device, autocast, ckpt=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:  # print, log, save ckpt.pt (best.pt when val improves)
-            accs = {f"acc_{n}": acc for n, (acc, _) in scores(model, loader, cfg, autocast, cfg.eval_problems).items()}
+            scored = scores(model, loader, cfg, autocast, cfg.eval_problems)  # {n: (exact match, wrong problems)}
+            accs = {f"acc_{n}": acc for n, (acc, _) in scored.items()}
             run.evaluate(it, lr, estimate_loss(model, loader, cfg, autocast), **accs)
+            wrong = [step for _, wrong_at in scored.values() for step in wrong_at.values()]
+            if cfg.format == "cot" and wrong:  # where the work first goes wrong, over every length
+                print(f"  first wrong: {where_wrong(wrong)}")
         if it == cfg.max_iters:
             break
 

@@ -205,7 +205,7 @@ def test_train_trace_resume(tmp_path, capsys):
     ex5.main(args + ["--max_iters", "30", "--eval_interval", "15", "--out_dir", full, "--test_problems", "20"])
     text = capsys.readouterr().out
     assert re.search(r"digits   3: +[\d.]+% of 20 \| first wrong: step 1", text)
-    assert "a wrong answer, traced:" in text
+    assert "a wrong answer, traced:" in text and re.search(r"\n  first wrong: step 1 \d+%", text)  # at evaluations
     assert [r["acc_3"] for r in read_log(full) if r["acc_3"]] == ["0.0000"] * 3  # every evaluation, every length
     assert torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)["iter_num"] == 30
 
