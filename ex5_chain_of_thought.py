@@ -562,7 +562,8 @@ def scores(model, loader, cfg, autocast, count):
 def where_wrong(steps_wrong):
     """'step 3 40%, step 7 20%, answer 40%': where the wrong answers first went wrong."""
     counts = {k: steps_wrong.count(k) for k in sorted(set(steps_wrong), key=lambda k: k or math.inf)}
-    return ", ".join(f"{f'step {k}' if k else 'answer'} {100 * c / len(steps_wrong):.0f}%" for k, c in counts.items())
+    shares = {k: 100 * c / len(steps_wrong) for k, c in counts.items()}
+    return ", ".join(f"{f'step {k}' if k else 'answer'} {p:.{0 if p >= 1 else 1}f}%" for k, p in shares.items())
 
 
 def report(model, loader, tok, cfg, device, autocast):

@@ -11,9 +11,9 @@ The budget counts training steps only: a short calibration run (30 iterations) m
 ms/iter, and the real run gets the --max_iters that fill the budget (evaluations are outside it). Runs go two at a
 time, one thread each (--jobs, --threads), into out/bench_ex5/<name>; the script's own report gives the figures.
 
-Run:    python benchmarks/bench_ex5.py                  (about 85 minutes on 2 CPU cores)
+Run:    python benchmarks/bench_ex5.py                  (about 90 minutes on 2 CPU cores)
         python benchmarks/bench_ex5.py --collect        (the tables again, from the runs' saved output)
-        python benchmarks/bench_ex5.py --only mul       (the first measurement alone: about 40 minutes)
+        python benchmarks/bench_ex5.py --only mul       (the first measurement alone: about 45 minutes)
 Check:  python benchmarks/bench_ex5.py --quick          (2 s budgets, tiny scoring: checks the plumbing)
 It prints markdown tables for RESULTS.md and draws benchmarks/pictures/ex5_length.png.
 """
@@ -39,7 +39,7 @@ LENGTH = [
     (
         f"add-{pos}-{fmt}",
         ["--task", "add", "--train_digits", "1-8", "--test_digits", "1-24", "--pos", pos, "--format", fmt],
-        900,
+        1200,
     )
     for pos, fmt in (("abacus", "reversed"), ("abacus", "cot"), ("learned", "reversed"), ("learned", "cot"))
 ]
@@ -84,10 +84,10 @@ def collect(configs, out, quick):
             text = f.read()
         with open(os.path.join(out, name + "-calib.txt")) as f:
             calib_ms = ms_per_iter(f.read())
-        iters = int(re.search(r"done: (\d+) iterations", text)[1])
+        iters, seconds = re.search(r"done: (\d+) iterations in ([\d.]+) s", text).groups()
         results[name] = dict(
-            flags=flags, budget=2 if quick else budget, iters=iters, calib_ms=calib_ms, ms=ms_per_iter(text),
-            scores=scores(text),
+            flags=flags, budget=2 if quick else budget, iters=int(iters), calib_ms=calib_ms, ms=ms_per_iter(text),
+            seconds=float(seconds), scores=scores(text),
         )  # fmt: skip
     return results
 
@@ -96,17 +96,19 @@ def mul_table(results):
     rows = []
     for name, r in results.items():
         (acc, count, where), = r["scores"].values()  # fmt: skip
-        rows.append([f"`{name}`", r["iters"], f"{r['ms']:.0f}", f"{r['budget'] / 60:.0f}", f"{acc:.2f}%", count, where])
-    table(
-        ["run", "iterations", "ms/iter", "budget (min)", "exact match", "problems", "where wrong ones go wrong"], rows
-    )
+        budget = f"{r['budget'] / 60:.0f} min = {r['iters']} x {r['calib_ms']:.0f} ms"
+        rows.append([f"`{name}`", budget, f"{r['seconds']:.0f} s", f"{acc:.2f}% of {count:,}", where or "-"])
+    table(["run", "budget = iterations x calibrated ms", "training took", "exact match", "first wrong step"], rows)
 
 
 def length_table(results):
     lengths = sorted(next(iter(results.values()))["scores"])
     shown = [n for n in lengths if n in (1, 4, 8, 9, 12, 16, 18, 20, 24)]
-    rows = [[f"`{name}`", r["iters"]] + [f"{r['scores'][n][0]:.1f}" for n in shown] for name, r in results.items()]
-    table(["run", "iterations"] + [f"{n} digits" for n in shown], rows)
+    rows = [
+        [f"`{name}`", f"{r['iters']} x {r['calib_ms']:.0f} ms"] + [f"{r['scores'][n][0]:.1f}" for n in shown]
+        for name, r in results.items()
+    ]
+    table(["run", "iterations x calibrated ms"] + [f"{n} digits" for n in shown], rows)
     for name, r in results.items():
         holds = [n for n in lengths if all(r["scores"][m][0] >= 99 for m in lengths if m <= n)]
         print(f"{name}: at least 99% up to {max(holds, default=0)} digits")
