@@ -26,17 +26,17 @@ torch.cuda.max_memory_allocated at exit; the numbers come from the scripts' own 
              wide: SwitchHead (2 heads x 4 experts, top 2) against the dense 8-head layer. CUDA-event time (the best
              of up to 5 calls after a warm-up call) and peak memory above the inputs; OOM is caught and reported.
   scripts    Every script at a GPU-sized config for 30 iterations, not compiled and compiled: ms/iter, tokens/s, MFU
-             (medians from iteration 10 on), peak GPU memory and the process's wall time. Configs: ex1, ex4,
-             switchhead_moe and gan_text at nanoGPT's size, ex2 at that width with batch 512, rnn_lm a 2-layer LSTM
-             of 1024, ex3 and flash_moe_finetune (from scratch, 4 experts in odd layers) at GPT-2 small. The compiled
-             rows of ex1, ex4 and ex3 are the runs of parts ex1, ex4 and gpt2 when those ran in the same command
-             (the same configs). The other five compiled runs first fill inductor's caches on disk, one iteration
-             each, all at once (--warm; started with the attention part, whose timings are GPU kernels), so the
-             measured runs compile from the caches.
+             (medians from iteration 10 on), peak GPU memory and the process's wall time. Configs: ex1, ex4, ex6
+             (its whole recipe, Muon included), switchhead_moe and gan_text at nanoGPT's size, ex2 at that width with
+             batch 512, rnn_lm a 2-layer LSTM of 1024, ex3 and flash_moe_finetune (from scratch, 4 experts in odd
+             layers) at GPT-2 small. The compiled rows of ex1, ex4 and ex3 are the runs of parts ex1, ex4 and gpt2
+             when those ran in the same command (the same configs). The other six compiled runs first fill
+             inductor's caches on disk, one iteration each, all at once (--warm; started with the attention part,
+             whose timings are GPU kernels), so the measured runs compile from the caches.
 
 Expected times on one H100 (estimates from nanoGPT's published times and typical compile times, not yet measured):
 ex1 about 150 s, ex4 about 100 s, gpt2 about 85 s, attention about 60 s (FlexAttention compiles twice), scripts
-about 150 s (16 runs, of 8 to 20 s each, after the warm-up): about 9 minutes. Each part stops at its budget
+about 165 s (18 runs, of 8 to 20 s each, after the warm-up): about 9 minutes. Each part stops at its budget
 (--budget_ex1 210, --budget_ex4 120, --budget_gpt2 100, --budget_attention 90; scripts gets what is left), and all
 of them at --time_limit (480 s): a run still going is stopped (SIGTERM, then SIGKILL) and reported as such, a run
 that cannot start in time is listed as skipped, so the last scripts rows may be missing after 8 minutes; rerun
@@ -495,6 +495,7 @@ def script_configs(a):
              "--test_problems 10".split()),
             ("ex3", "ex3_pretrain_finetune.py", gpt2_flags(a)),
             ("ex4", "ex4_mqa_swiglu.py", TINY + d),
+            ("ex6", "ex6_modern_gpt.py", TINY + d),
             ("rnn_lm", "rnn_lm.py", "--n_embd 16 --n_hidden 32 --block_size 32 --batch_size 4".split() + d),
             ("switchhead_moe", "switchhead_moe.py", TINY + d),
             ("gan_text", "gan_text.py", TINY + d + "--seq_len 16 --d_embd 8 --d_hidden 16 --gan_batch_size 4 "
@@ -507,6 +508,7 @@ def script_configs(a):
         ("ex2", "ex2_addition.py", "--n_layer 6 --n_head 6 --n_embd 384 --batch_size 512 --test_problems 500".split()),
         ("ex3", "ex3_pretrain_finetune.py", gpt2_flags(a)),
         ("ex4", "ex4_mqa_swiglu.py", NANO + d),
+        ("ex6", "ex6_modern_gpt.py", NANO + d),
         ("rnn_lm", "rnn_lm.py", "--n_layer 2 --n_embd 384 --n_hidden 1024 --block_size 256 --batch_size 64 "
          "--dropout 0.2".split() + d),
         ("switchhead_moe", "switchhead_moe.py", NANO + d),

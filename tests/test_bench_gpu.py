@@ -57,7 +57,7 @@ def test_tiny_run_writes_every_table(tmp_path, gpt2_cache):
     assert "| ex4_mqa_swiglu.py (MQA, SwiGLU, RoPE) | stopped at target |" in report
     assert "Target val <= 10.0: met" in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and ".py" in line.split("|")[1]]
-    assert len(rows) == 3 + 16  # ex1, ex4, ex3 at GPT-2 size, and every script compiled and not
+    assert len(rows) == 3 + 18  # ex1, ex4, ex3 at GPT-2 size, and every script compiled and not
     print(f"bench_gpu.py --tiny took {time.time() - t0:.0f} s")
 
 
@@ -90,7 +90,7 @@ def gpu_args(tmp_path, monkeypatch):
 
 def test_scripts_part_on_a_gpu(gpu_args):
     """Without --tiny: every script runs uncompiled; the compiled rows of ex1, ex4 and ex3 are the runs of parts ex1,
-    ex4 and gpt2; the other five first run one compiled iteration each (the compile warm-up), then are measured."""
+    ex4 and gpt2; the other six first run one compiled iteration each (the compile warm-up), then are measured."""
     a, calls = gpu_args
     ctx = {part: bench_gpu.Run(part, "", text=fake_text(part, True), wall=60.0) for part in ("ex1", "ex4", "gpt2")}
     report = bench_gpu.Report(a.md, "# test\n")
@@ -98,20 +98,20 @@ def test_scripts_part_on_a_gpu(gpu_args):
     eager = [c for c in calls if "--compile" not in c[2]]
     warm = [c for c in calls if c[0].endswith("warm-up")]
     measured = [c for c in calls if "--compile" in c[2] and not c[0].endswith("warm-up")]
-    assert len(eager) == 8 and all("--device" in c[2] and "cuda" in c[2] and "bfloat16" in c[2] for c in calls)
-    cold = ["ex2", "rnn_lm", "switchhead_moe", "gan_text", "flash_moe_finetune"]
+    assert len(eager) == 9 and all("--device" in c[2] and "cuda" in c[2] and "bfloat16" in c[2] for c in calls)
+    cold = ["ex2", "ex6", "rnn_lm", "switchhead_moe", "gan_text", "flash_moe_finetune"]
     assert sorted(c[0] for c in measured) == sorted(cold)
     assert sorted(c[0].split()[0] for c in warm) == sorted(cold)
     assert all(bench_gpu.flag(c[2], "--max_iters", None) == "1" for c in warm)
     assert all(bench_gpu.flag(c[2], "--max_iters", None) == "30" for c in eager + measured)
     table = open(a.md).read()
     rows = [line for line in table.splitlines() if line.startswith("| ") and ".py" in line]
-    assert len(rows) == 16
+    assert len(rows) == 18
     assert sum("the run of part" in r for r in rows) == 3
     compiled = [r for r in rows if "| yes |" in r and "the run of part" not in r]
     assert all("| 10.0 | 100.0k | 30.0% | 2.00 GB | 5 s |" in r for r in compiled), compiled
     assert "adversarial round 50 ms" in table
-    assert "The compile warm-up (5 runs of one iteration each, in parallel) took 0 s." in table
+    assert "The compile warm-up (6 runs of one iteration each, in parallel) took 0 s." in table
     gan = [c[2] for c in warm if c[0].startswith("gan_text")][0]
     assert bench_gpu.flag(gan, "--adv_rounds", None) == "0"  # the warm-up only compiles
 
@@ -123,7 +123,7 @@ def test_warmup_alongside_the_attention_part(gpu_args):
     ctx["warmup"] = bench_gpu.start_warmup(a, ctx, time.time() + 1000)
     time.sleep(1.5)  # the attention part
     bench_gpu.part_scripts(a, ctx, bench_gpu.Report(a.md, "# test\n"), time.time() + 1000)
-    assert len([c for c in calls if c[0].endswith("warm-up")]) == 8  # nothing reused: no other part ran
+    assert len([c for c in calls if c[0].endswith("warm-up")]) == 9  # nothing reused: no other part ran
     assert "the first 2 s alongside the attention part." in open(a.md).read()
 
 
@@ -134,7 +134,7 @@ def test_scripts_part_out_of_time(gpu_args):
     bench_gpu.part_scripts(a, {}, report, time.time() - 1)
     assert calls == []
     rows = [line for line in open(a.md).read().splitlines() if line.startswith("| ") and ".py" in line]
-    assert len(rows) == 16 and all("skipped: time budget" in r for r in rows)
+    assert len(rows) == 18 and all("skipped: time budget" in r for r in rows)
 
 
 def test_part_ex1_and_gpt2_report_targets(gpu_args, monkeypatch):
@@ -235,7 +235,7 @@ def test_gpu_flags_parse_in_every_script(gpu_args):
     for module, flags in commands:
         cfg = importlib.import_module(module).parse_args(flags + bench_gpu.device_flags(a) + ["--out_dir", "x"])
         assert cfg.device == "cuda" and cfg.dtype == "bfloat16", module
-    assert len(commands) == 3 + 16
+    assert len(commands) == 3 + 18
 
 
 def test_pack_copies_what_the_gpu_run_reads(tmp_path):
