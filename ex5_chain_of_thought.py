@@ -568,13 +568,13 @@ def where_wrong(steps_wrong):
 
 def report(model, loader, tok, cfg, device, autocast):
     """Exact match at every --test_digits length on --test_problems held-out problems each; for cot, where the wrong
-    ones first went wrong; and a wrong answer at the longest length with one, traced."""
+    ones first went wrong; and a wrong answer at the shortest length with one, traced."""
     t, traced = time.time(), None
     print(f"exact match on held-out problems by operand length (trained on {cfg.train_digits} digits):")
     for n, (acc, wrong_at) in scores(model, loader, cfg, autocast, cfg.test_problems).items():
         where = f" | first wrong: {where_wrong(list(wrong_at.values()))}" if wrong_at and cfg.format == "cot" else ""
         print(f"  digits {n:3d}: {100 * acc:7.3f}% of {len(loader.test_problems(n, cfg.test_problems)):,}{where}")
-        traced = next(iter(wrong_at), traced)
+        traced = traced or next(iter(wrong_at), None)  # at the shortest length with a mistake: where it breaks
     print(f"scored in {time.time() - t:.1f} s")
     if traced:
         print("a wrong answer, traced:")
@@ -613,7 +613,10 @@ def trace(model, tok, cfg, device, autocast, a, b):
     start = len(str(a)) + len(str(b)) + 2
     true, written = write(a, b, cfg.task, cfg.format)[start:], complete(model, tok, cfg, device, autocast, a, b)
     print(f"{a}{'+' if cfg.task == 'add' else '*'}{b}={written}")
-    (work, answer), (true_work, true_answer) = (s.rpartition("|")[::2] for s in (written, true))
+    # the work before '|' and the answer after it (without a '|', all of a cot completion is work)
+    (work, answer), (true_work, true_answer) = (
+        s.partition("|")[::2] if cfg.format == "cot" else ("", s) for s in (written, true)
+    )
     mine, theirs = (w.split(",") if w else [] for w in (work, true_work))
     width = max(map(len, mine + theirs), default=0)
     for k in range(max(len(mine), len(theirs))):

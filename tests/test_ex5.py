@@ -152,6 +152,10 @@ def test_trace_marks_the_corrupted_step(capsys):
     ex5.trace(Scripted(true.replace("|6908670", "|6908671")), TOK, cfg, CPU, NO_AUTOCAST, 4572, 168)
     lines = capsys.readouterr().out.splitlines()
     assert all(line.endswith("right") for line in lines[1:4]) and "wrong: should be 768096" in lines[4]
+    ex5.trace(Scripted("8:67563>67563,6:02347"), TOK, cfg, CPU, NO_AUTOCAST, 4572, 168)  # stopped in step 2, no '|'
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("right") and "6:02347 " in lines[2] and "should be 6:023472>698013" in lines[2]
+    assert "should be 1:0027540>6908670" in lines[3] and "wrong: should be 768096" in lines[4]
 
 
 ARGS = "--eval_iters 2 --log_interval 10 --batch_size 32 --n_layer 2 --n_embd 32 --device cpu".split()  # fmt: skip
