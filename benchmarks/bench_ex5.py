@@ -103,15 +103,15 @@ def mul_table(results):
 
 def length_table(results):
     lengths = sorted(next(iter(results.values()))["scores"])
-    shown = [n for n in lengths if n in (1, 4, 8, 9, 12, 16, 18, 20, 24)]
+    shown = [n for n in lengths if n in (1, 2, 4, 8, 9, 10, 11, 12, 16, 20, 24)]
     rows = [
         [f"`{name}`", f"{r['iters']} x {r['calib_ms']:.0f} ms"] + [f"{r['scores'][n][0]:.1f}" for n in shown]
         for name, r in results.items()
     ]
     table(["run", "iterations x calibrated ms"] + [f"{n} digits" for n in shown], rows)
     for name, r in results.items():
-        holds = [n for n in lengths if all(r["scores"][m][0] >= 99 for m in lengths if m <= n)]
-        print(f"{name}: at least 99% up to {max(holds, default=0)} digits")
+        holds = [n for n in lengths if all(r["scores"][m][0] >= 99 for m in lengths if 2 <= m <= n)]
+        print(f"{name}: at least 99% from 2 up to {max(holds, default=1)} digits (1 digit: 10 problems)")
 
 
 def picture(results, path):
