@@ -187,6 +187,11 @@ def write(a, b, task, fmt):
     return f"{a}{op}{b}={work}{answer}."
 
 
+def prompt_length(a, b):
+    """Tokens in the prompt 'a+b=': where the completion starts."""
+    return len(str(a)) + len(str(b)) + 2
+
+
 @functools.lru_cache(maxsize=None)
 def places(la, lb, task, fmt):
     """The abacus positions of a problem with la- and lb-digit operands, (index, slot) for each token; the layout
@@ -280,7 +285,7 @@ class DataLoader:
         pos = torch.zeros((len(texts), T, 2), dtype=torch.long)
         y = torch.full((len(texts), T - 1), -1)
         for i, ((a, b), text) in enumerate(zip(problems, texts)):
-            start = len(str(a)) + len(str(b)) + 2  # the prompt, masked from the loss
+            start = prompt_length(a, b)  # the prompt, masked from the loss
             ids[i, : len(text)] = torch.tensor(self.tok.encode(text))
             pos[i, : len(text)] = torch.tensor(places(len(str(a)), len(str(b)), self.cfg.task, self.cfg.format))
             y[i, start - 1 : len(text) - 1] = ids[i, start : len(text)]  # after the closing '.': padding, no loss
@@ -585,7 +590,7 @@ def report(model, loader, tok, cfg, device, autocast):
 def complete(model, tok, cfg, device, autocast, a, b):
     """What the model writes after a's and b's prompt, greedy-decoded token by token, up to its '.'."""
     text = write(a, b, cfg.task, cfg.format)
-    start, la, lb = len(str(a)) + len(str(b)) + 2, len(str(a)), len(str(b))
+    start, la, lb = prompt_length(a, b), len(str(a)), len(str(b))
     idx = torch.tensor([tok.encode(text[:start])], device=device)
     model.eval()
     with autocast:
@@ -611,7 +616,7 @@ def explain(step, task):
 
 def trace(model, tok, cfg, device, autocast, a, b):
     """The model's work on a problem, step by step, each marked right or shown beside the true one; then the answer."""
-    start = len(str(a)) + len(str(b)) + 2
+    start = prompt_length(a, b)
     true, written = write(a, b, cfg.task, cfg.format)[start:], complete(model, tok, cfg, device, autocast, a, b)
     print(f"{a}{'+' if cfg.task == 'add' else '*'}{b}={written}")
     # the work before '|' and the answer after it (without a '|', all of a cot completion is work)
