@@ -14,12 +14,16 @@ Changes from ex4_mqa_swiglu.py:
 - Muon for the blocks' matrices, AdamW for the rest (--optimizer, --muon_lr): newton_schulz() in float32, Muon,
   MuonWithAdamW, GPT.configure_optimizer, train() (each group's lr_scale).
 - A warmup, stable, decay schedule (--schedule wsd, --decay_frac): wsd_lr(), chosen in train().
+- Settings for the CPU speedrun (benchmarks/bench_ex6.py), the fastest to val 1.90 found: 2 layers (ex4: 4), batch 24
+  (12), 200 iterations (700), warmup 20 (100), learning rate 1e-2 to 1e-3 (3e-3 to 3e-4), evaluation every 50 (250).
 
 Run:     python ex6_modern_gpt.py                   (the whole recipe)
 One at a time: take one piece out (--norm layernorm, --no-qk_norm, --mlp swiglu, --no-residual_scale, --no-zero_init,
-         --no-untied_head, --softcap 0, --optimizer adamw, --schedule cosine); every piece out is ex4:
+         --no-untied_head, --softcap 0, --optimizer adamw, --schedule cosine); all out, at ex4's settings, is ex4:
          python ex6_modern_gpt.py --norm layernorm --no-qk_norm --mlp swiglu --no-residual_scale --no-zero_init \
-             --no-untied_head --softcap 0 --optimizer adamw --schedule cosine
+             --no-untied_head --softcap 0 --optimizer adamw --schedule cosine \
+             --n_layer 4 --batch_size 12 --max_iters 700 --warmup_iters 100 --learning_rate 3e-3 --min_lr 3e-4 \
+             --eval_interval 250
 Sample:  python ex6_modern_gpt.py --prompt "ROMEO:"
 Parent:  ex4_mqa_swiglu.py (diff -u ex4_mqa_swiglu.py ex6_modern_gpt.py)
 Result:  RESULTS.md, "ex6_modern_gpt.py".
@@ -57,13 +61,13 @@ class Config:
     data: str = ""  # a local UTF-8 text file to train on; empty: TinyShakespeare, downloaded into data/
     resume: bool = False  # continue training from out_dir/ckpt.pt, the latest saved state
     overwrite: bool = False  # start over in an out_dir holding this script's checkpoint (replaces ckpt.pt and best.pt)
-    eval_interval: int = 250  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
+    eval_interval: int = 50  # evaluate and save ckpt.pt every this many iterations (best.pt when val improves)
     eval_iters: int = 200  # batches per split in each evaluation
     log_interval: int = 10  # print and log the training loss every this many iterations
     wandb: bool = False  # also log to Weights & Biases
     wandb_project: str = "gpt-ladder"  # wandb project name
     # model
-    n_layer: int = 4  # transformer blocks
+    n_layer: int = 2  # transformer blocks
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # embedding width
     block_size: int = 64  # context length in tokens
@@ -84,12 +88,12 @@ class Config:
     softcap: float = 15.0  # logits = softcap * tanh(logits / softcap), within +-softcap; 0: logits as they are
     # training
     seed: int = 1337  # seeds the weights, the batches, dropout and sampling
-    batch_size: int = 12  # sequences per micro-batch
+    batch_size: int = 24  # sequences per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    max_iters: int = 700  # optimizer steps
-    learning_rate: float = 3e-3  # peak learning rate
-    min_lr: float = 3e-4  # learning rate at the end of the decay
-    warmup_iters: int = 100  # linear warmup steps
+    max_iters: int = 200  # optimizer steps
+    learning_rate: float = 1e-2  # peak learning rate
+    min_lr: float = 1e-3  # learning rate at the end of the decay
+    warmup_iters: int = 20  # linear warmup steps
     lr_decay_iters: int = 0  # the decay ends here (cosine: its length); 0 means max_iters
     weight_decay: float = 0.1  # AdamW's and Muon's weight decay, applied to matrices only
     beta1: float = 0.9  # AdamW beta1

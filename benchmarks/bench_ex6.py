@@ -6,14 +6,15 @@ The work is fixed: TinyShakespeare (--data), ex1's split, val loss as ex1 estima
 target 1.90 (--target). Everything else about ex6 is free: its defaults, or --ex6_flags "..." to tune them. Every run
 is the script as a user starts it, in its own process (bench_gpu's launch()), in --out_dir/NAME_seedS (default
 out/bench_ex6; its stdout.txt, log.csv and status.json; checkpoints deleted), on the CPU, one run at a time, with
---threads 2 (and OMP_NUM_THREADS), --log_interval 1 and an evaluation every --eval_interval iterations (ex1, 2000
-iterations long: every --ex1_eval_interval). The runs go round-robin over the configurations, seed by seed, the order
-reversed every other seed, so that a change of load hits all of them alike.
+--threads 2 (and OMP_NUM_THREADS), --log_interval 1 and an evaluation every --eval_interval iterations for ex6 (200
+iterations long), every --ex4_eval_interval for ex4 (700) and every --ex1_eval_interval for ex1 (2000). The runs go
+round-robin over the configurations, seed by seed, the order reversed every other seed, so that a change of load hits
+all of them alike.
 
 Time comes from each run's own log.csv, as bench_ex4's train part counts it: the sum of the per-iteration times
 (ms_per_iter; evaluations and checkpoints excluded) up to the first evaluation with val <= 1.90, so it is rounded up
 to an evaluation. ex1 and ex4 are stopped there (SIGTERM: the script saves and exits). ex6's runs train on to their
-last iteration: its val loss is the record table's fixed budget (ex6's 700 iterations, the end of its schedule), and
+last iteration: its val loss is the record table's fixed budget (ex6's 200 iterations, the end of its schedule), and
 the table also gives the val loss at a fixed time, the full recipe's median time to 1.90 (--budget_s). Every run is
 stopped at --cap_s seconds of wall time at most.
 
@@ -23,9 +24,9 @@ then each piece out: time to 1.90 and val loss at the fixed budgets, median and 
 loss against training seconds, ex1, ex4 and ex6 together, into benchmarks/pictures/ex6_speedrun.png (matplotlib).
 
   python benchmarks/bench_ex6.py --data ../shared/data/tinyshakespeare.txt      12 configurations x 3 seeds: about
-        100 minutes on 2 idle cores, four fifths of it evaluations (ex1 about 3 minutes a run, ex4 2, ex6 3)
+        45 minutes on 2 idle cores, most of it evaluations (ex1 about 4 minutes a run, ex4 3, ex6 1)
   python benchmarks/bench_ex6.py --configs ex1,ex4,ex6                           the headline alone: about 25 min
-  python benchmarks/bench_ex6.py --ex6_flags "--learning_rate 4e-3 --max_iters 500"   ex6 tuned (every ex6 run)
+  python benchmarks/bench_ex6.py --ex6_flags "--learning_rate 2e-2 --max_iters 150"   ex6 tuned (every ex6 run)
   python benchmarks/bench_ex6.py --collect                  no runs: the tables and picture from the runs' output
   python benchmarks/bench_ex6.py --quick                    tiny models, 2 seeds, 8 runs on 1 thread, about 30 s:
                                                             a check of this script, the numbers mean nothing
@@ -70,10 +71,10 @@ STOPPED_AT_TARGET = ("ex1", "ex4")  # the references; ex6's runs go on to their 
 # --quick: tiny models that move within 30 iterations (a short warmup), in every script
 QUICK = "--n_layer 1 --n_head 2 --n_embd 32 --block_size 16 --batch_size 4 --max_iters 30 --warmup_iters 2".split()
 # the benchmark's defaults, then --quick's
-DEFAULTS = dict(seeds="1337,1338,1339", configs=",".join(CONFIGS), eval_interval=25, ex1_eval_interval=100,
-                eval_iters=200, target=1.90, threads=2, cap_s=1200)  # fmt: skip
-QUICK_DEFAULTS = dict(seeds="1,2", configs="ex1,ex4,ex6,ex6-optimizer", eval_interval=5, ex1_eval_interval=5,
-                      eval_iters=2, target=3.8, threads=1, cap_s=60)  # fmt: skip
+DEFAULTS = dict(seeds="1337,1338,1339", configs=",".join(CONFIGS), eval_interval=10, ex4_eval_interval=25,
+                ex1_eval_interval=100, eval_iters=200, target=1.90, threads=2, cap_s=1200)  # fmt: skip
+QUICK_DEFAULTS = dict(seeds="1,2", configs="ex1,ex4,ex6,ex6-optimizer", eval_interval=5, ex4_eval_interval=5,
+                      ex1_eval_interval=5, eval_iters=2, target=3.8, threads=1, cap_s=60)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,7 +103,8 @@ def run_flags(a, name, seed):
     evaluation interval and the flags every run has."""
     script, flags = CONFIGS[name]
     tuned = a.ex6_flags if script == "ex6_modern_gpt.py" else []
-    interval = a.ex1_eval_interval if script == "ex1_gpt.py" else a.eval_interval
+    intervals = {"ex1_gpt.py": a.ex1_eval_interval, "ex4_mqa_swiglu.py": a.ex4_eval_interval}
+    interval = intervals.get(script, a.eval_interval)
     return [*tuned, *flags, *(QUICK if a.quick else []), "--eval_interval", str(interval), *fixed_flags(a, seed)]
 
 
@@ -219,9 +221,9 @@ def headline(a, results):
     if not rows:
         return
     print(f"### ex1, ex4 and ex6 side by side\n\nTraining seconds (the sum of log.csv's ms_per_iter: evaluations "
-          f"excluded) to the first evaluation with val <= {a.target}, each seed, and their median (min to max). ex1 "
-          "and ex4 stop there; best val: the lowest evaluation of each run, mean over the seeds.\n")  # fmt: skip
-    table(["run", f"training s to val <= {a.target}, each seed", "median (min to max)", "of ex4's median",
+          f"excluded) to the first evaluation with val <= {a.target:.2f}, each seed, and their median (min to max). "
+          "ex1 and ex4 stop there; best val: the lowest evaluation of each run, mean over the seeds.\n")  # fmt: skip
+    table(["run", f"training s to val <= {a.target:.2f}, each seed", "median (min to max)", "of ex4's median",
            "best val", "ms/iter (median)", "runs"], rows)  # fmt: skip
     print(verdict(a, results) + "\n")
 
@@ -232,9 +234,9 @@ def verdict(a, results):
     if not ex4 or not ex6:
         return "Target (ex6 in at most half of ex4's time): not measured, it needs runs of both"
     t4, t6 = median_seconds(ex4, a.target), median_seconds(ex6, a.target)
-    said = f"Target: ex6 reaches val {a.target} in at most half of ex4's time (medians over the seeds): "
+    said = f"Target: ex6 reaches val {a.target:.2f} in at most half of ex4's time (medians over the seeds): "
     if math.isinf(t6):
-        return said + f"NOT met: ex6 did not reach {a.target} in most seeds"
+        return said + f"NOT met: ex6 did not reach {a.target:.2f} in most seeds"
     if math.isinf(t4):  # ex4 had not got there after all of its training: its time is at least that
         t4 = statistics.median(r["evals"][-1][2] for r in ex4.values())
         ok = t6 <= t4 / 2
@@ -280,10 +282,10 @@ def record(a, results):
     full_s = median_seconds(results.get("ex6", {}), a.target)
     rows = [record_row(a, name, results[name], full_s, budget_s) for name in names]
     print(f"### The record: ex6's recipe, each piece taken out alone\n\nTime: training seconds (evaluations excluded) "
-          f"to the first evaluation with val <= {a.target}; seeds {', '.join(map(str, a.seeds))}: median (min to max). "
-          f"Fixed budgets: each run's last iteration (the end of its schedule) and {budget_s:.1f} s of training "
+          f"to the first evaluation with val <= {a.target:.2f}; seeds {', '.join(map(str, a.seeds))}: median (min to "
+          f"max). Fixed budgets: each run's last iteration (the end of its schedule) and {budget_s:.1f} s of training "
           f"({what}).\n")  # fmt: skip
-    table(["run", f"time to val <= {a.target}", "x the whole recipe's", "val at the last iteration",
+    table(["run", f"time to val <= {a.target:.2f}", "x the whole recipe's", "val at the last iteration",
            f"val at {budget_s:.1f} s", "ms/iter", "runs"], rows)  # fmt: skip
 
 
@@ -328,7 +330,8 @@ def parse(argv=None):
         "--ex6_flags", default="", help='flags for every ex6 run, before the piece taken out ("--max_iters 500")'
     )
     p.add_argument("--target", type=float, help="the val loss to reach; default 1.90")
-    p.add_argument("--eval_interval", type=int, help="evaluate every this many iterations (ex4, ex6); default 25")
+    p.add_argument("--eval_interval", type=int, help="ex6's evaluation interval; default 10")
+    p.add_argument("--ex4_eval_interval", type=int, help="ex4's evaluation interval; default 25")
     p.add_argument("--ex1_eval_interval", type=int, help="ex1's evaluation interval; default 100")
     p.add_argument("--eval_iters", type=int, help="batches per evaluation and split; default 200 (ex1's)")
     p.add_argument("--threads", type=int, help="torch threads of each run; default 2")
@@ -367,10 +370,10 @@ def header(a):
     quick = " (--quick: the numbers mean nothing)" if a.quick else ""
     every = " ".join(fixed_flags(a, "S"))
     out = os.path.relpath(a.out_dir, ROOT) if a.out_dir.startswith(ROOT + os.sep) else a.out_dir
-    text = (f"## ex6: the speedrun to val {a.target} on TinyShakespeare{quick}\n\nmachine: {machine(a.threads)}, "
+    text = (f"## ex6: the speedrun to val {a.target:.2f} on TinyShakespeare{quick}\n\nmachine: {machine(a.threads)}, "
             f"{load()}; {datetime.date.today():%B %Y}\n\n`{a.command}`\n\nEvery run, one at a time: `python SCRIPT "
-            f"FLAGS --eval_interval {a.eval_interval} {every} --out_dir {out}/NAME_seedS "
-            f"--overwrite` (ex1: --eval_interval {a.ex1_eval_interval}; ex6: FLAGS start with --ex6_flags: "
+            f"FLAGS --eval_interval N {every} --out_dir {out}/NAME_seedS --overwrite` (N: ex6 {a.eval_interval}, "
+            f"ex4 {a.ex4_eval_interval}, ex1 {a.ex1_eval_interval}; ex6: FLAGS start with --ex6_flags: "
             f"{' '.join(a.ex6_flags) or 'none'}).\n")  # fmt: skip
     if not a.collect:
         os.makedirs(a.out_dir, exist_ok=True)

@@ -35,7 +35,7 @@ def test_every_run_parses_and_each_piece_changes_one_field(quick):
     a = bench_ex6.parse(quick + ["--data", "x.txt", "--ex6_flags", "--max_iters 500"])
     full = parsed(a, "ex6")
     assert full["max_iters"] == (30 if quick else 500) and full["data"] == os.path.abspath("x.txt")
-    assert full["eval_iters"] == (2 if quick else 200) and full["eval_interval"] == (5 if quick else 25)
+    assert full["eval_iters"] == (2 if quick else 200) and full["eval_interval"] == (5 if quick else 10)
     for name in bench_ex6.CONFIGS:
         cfg = parsed(a, name)
         assert cfg["device"] == "cpu" and cfg["threads"] == (1 if quick else 2) and cfg["max_new_tokens"] == 0
@@ -44,6 +44,7 @@ def test_every_run_parses_and_each_piece_changes_one_field(quick):
             assert {k for k in cfg if cfg[k] != full[k]} == {piece}, name
             assert cfg[piece] == EX4[piece]
     assert parsed(a, "ex1")["eval_interval"] == (5 if quick else 100) and parsed(a, "ex1")["max_iters"] != 500
+    assert parsed(a, "ex4")["eval_interval"] == (5 if quick else 25)
     assert set(EX4) == set(bench_ex6.PIECES)
 
 
@@ -81,7 +82,7 @@ def test_tables_and_verdict(capsys):
     bench_ex6.headline(a, results)
     bench_ex6.record(a, results)
     out = capsys.readouterr().out
-    verdict = "Target: ex6 reaches val 1.9 in at most half of ex4's time (medians over the seeds): met: 1.5 s against "
+    verdict = "Target: ex6 reaches val 1.90 in at most half of ex4's time (medians over the seeds): met: 1.5 s against "
     assert verdict + "4.0 s, 38% (seed 1 25%, seed 2 50%)" in out
     assert "| ex1_gpt.py (defaults) | 1: not reached; 2: 1.0 s (iter 10) | not reached (1.0 s to not reached)" in out
     assert "| ok 1, stopped at target 1 |" in out

@@ -2,6 +2,8 @@
 the soft-cap, Muon, the WSD schedule) does what it claims, and with every piece off the script is ex4."""
 
 import os
+import shlex
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -16,8 +18,10 @@ SIZE = dict(n_layer=2, n_head=4, n_embd=32, block_size=32)
 # every piece of the recipe off: ex4's model, optimizer and schedule (mlp: ex4's default, SwiGLU)
 OFF = dict(norm="layernorm", qk_norm=False, mlp="swiglu", residual_scale=False, zero_init=False, untied_head=False,
            softcap=0.0, optimizer="adamw", schedule="cosine")  # fmt: skip
-OFF_FLAGS = ["--norm", "layernorm", "--no-qk_norm", "--mlp", "swiglu", "--no-residual_scale", "--no-zero_init",
-             "--no-untied_head", "--softcap", "0", "--optimizer", "adamw", "--schedule", "cosine"]  # fmt: skip
+# the docstring's command with every piece out at ex4's settings (its lines after "is ex4:"), less "python ex6..."
+OFF_FLAGS = shlex.split(ex6.__doc__.split("is ex4:\n")[1].split("\nSample:")[0].replace("\\\n", " "))[2:]
+# ex4's defaults where ex6's differ (the speedrun's settings; OFF and SIZE go over them)
+EX4 = {k: v for k, v in asdict(ex4.Config()).items() if k != "out_dir" and getattr(ex6.Config(), k) != v}
 
 
 def tiny(**kw):
@@ -50,7 +54,7 @@ def test_every_piece_off_is_ex4(arch):
     torch.manual_seed(0)
     ref = ex4.GPT(ex4.Config(**{**SIZE, **arch}), V).train()
     torch.manual_seed(0)
-    ours = ex6.GPT(tiny(**{**OFF, **arch}), V).train()
+    ours = ex6.GPT(tiny(**{**EX4, **OFF, **SIZE, **arch}), V).train()
     a, b = ref.state_dict(), ours.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     start = a["lm_head.weight"].clone()
@@ -78,13 +82,19 @@ def test_every_piece_off_is_ex4(arch):
     assert not torch.equal(start, ref.lm_head.weight)  # the steps moved the weights
 
 
+def test_the_docstrings_every_piece_out_is_ex4s_config():
+    ours, ref = asdict(ex6.parse_args(OFF_FLAGS)), asdict(ex4.Config())
+    del ours["out_dir"], ref["out_dir"]
+    assert {k: ours[k] for k in ref} == ref and {k: ours[k] for k in OFF} == OFF
+
+
 def test_every_flag_off_trains_and_samples_as_ex4(text_file, tmp_path, capsys):
     """Through main, with the flags the docstring gives: ex4's log (losses and learning rates), weights and sample."""
     args = [*SMALL, "--data", text_file, "--max_iters", "8", "--warmup_iters", "2", "--max_new_tokens", "30"]
     runs = {}
     for name, mod, flags in (("ex4", ex4, []), ("ex6", ex6, OFF_FLAGS)):
         out = str(tmp_path / name)
-        mod.main([*args, *flags, "--out_dir", out])
+        mod.main([*flags, *args, "--out_dir", out])  # the test's sizes and lengths over the docstring's
         sample = capsys.readouterr().out.split("--- sample 1 ---\n")[1]
         log = [{k: v for k, v in row.items() if k != "ms_per_iter"} for row in read_log(out)]
         runs[name] = log, sample, torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
@@ -264,8 +274,8 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert sorted({names[i].split(".", 2)[2] for i in muon}) == [
         "attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"]  # fmt: skip
     assert {"wte.weight", "lm_head.weight", "blocks.0.lambdas", "ln_f.weight"} <= {names[i] for i in adamw}
-    assert [g["lr"] for g in opt.param_groups] == [0.02, 3e-3, 3e-3]
-    assert opt.param_groups[0]["lr_scale"] == pytest.approx(0.02 / 3e-3)
+    assert [g["lr"] for g in opt.param_groups] == [0.02, 1e-2, 1e-2]
+    assert opt.param_groups[0]["lr_scale"] == pytest.approx(0.02 / 1e-2)
 
 
 def test_wsd_schedule():
@@ -276,7 +286,7 @@ def test_wsd_schedule():
     assert lrs[85] == pytest.approx(1.0 - 0.9 / 2) and lrs[100] == 0.1  # then linear down to min_lr
     assert all(a > b for a, b in zip(lrs[70:], lrs[71:]))
     assert ex6.wsd_lr(120, cfg) == 0.1
-    assert ex6.wsd_lr(99, tiny(max_iters=100, warmup_iters=10, decay_frac=0.0)) == 3e-3  # no decay at all
+    assert ex6.wsd_lr(99, tiny(max_iters=100, warmup_iters=10, decay_frac=0.0)) == 1e-2  # no decay at all
 
 
 # ----------------------------------------------------------------------------------------------------------
