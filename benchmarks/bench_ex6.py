@@ -24,7 +24,7 @@ then each piece out: time to 1.90 and val loss at the fixed budgets, median and 
 loss against training seconds, ex1, ex4 and ex6 together, into benchmarks/pictures/ex6_speedrun.png (matplotlib).
 
   python benchmarks/bench_ex6.py --data ../shared/data/tinyshakespeare.txt      12 configurations x 3 seeds: about
-        45 minutes on 2 idle cores, most of it evaluations (ex1 about 4 minutes a run, ex4 3, ex6 1)
+        80 minutes on 2 idle cores, most of it evaluations (ex1 about 3 minutes a run, ex4 3, ex6 2)
   python benchmarks/bench_ex6.py --configs ex1,ex4,ex6                           the headline alone: about 25 min
   python benchmarks/bench_ex6.py --ex6_flags "--learning_rate 2e-2 --max_iters 150"   ex6 tuned (every ex6 run)
   python benchmarks/bench_ex6.py --collect                  no runs: the tables and picture from the runs' output

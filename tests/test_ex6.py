@@ -21,7 +21,7 @@ OFF = dict(norm="layernorm", qk_norm=False, mlp="swiglu", residual_scale=False, 
 # the docstring's command with every piece out at ex4's settings (its lines after "is ex4:"), less "python ex6..."
 OFF_FLAGS = shlex.split(ex6.__doc__.split("is ex4:\n")[1].split("\nSample:")[0].replace("\\\n", " "))[2:]
 # ex4's defaults where ex6's differ (the speedrun's settings; OFF and SIZE go over them)
-EX4 = {k: v for k, v in asdict(ex4.Config()).items() if k != "out_dir" and getattr(ex6.Config(), k) != v}
+EX4_SETTINGS = {k: v for k, v in asdict(ex4.Config()).items() if k != "out_dir" and getattr(ex6.Config(), k) != v}
 
 
 def tiny(**kw):
@@ -54,7 +54,7 @@ def test_every_piece_off_is_ex4(arch):
     torch.manual_seed(0)
     ref = ex4.GPT(ex4.Config(**{**SIZE, **arch}), V).train()
     torch.manual_seed(0)
-    ours = ex6.GPT(tiny(**{**EX4, **OFF, **SIZE, **arch}), V).train()
+    ours = ex6.GPT(tiny(**{**EX4_SETTINGS, **OFF, **SIZE, **arch}), V).train()
     a, b = ref.state_dict(), ours.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     start = a["lm_head.weight"].clone()
